@@ -1,0 +1,55 @@
+// casmig::hash — BLAKE3-256 digests of uncompressed content, streamed over fixed buffers.
+// An object's name is the lowercase hex of this digest (64 characters).
+#pragma once
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+
+namespace casmig::hash {
+
+struct Digest {
+    std::array<std::uint8_t, 32> bytes{};
+    std::string hex() const;
+    /// Parses 64 lowercase or uppercase hex digits; nullopt otherwise.
+    static std::optional<Digest> from_hex(std::string_view hex);
+    std::string_view raw() const { return {reinterpret_cast<const char*>(bytes.data()), bytes.size()}; }
+    static Digest from_raw(std::string_view raw); // raw.size() must be 32
+    bool operator==(const Digest&) const = default;
+    auto operator<=>(const Digest&) const = default;
+};
+
+struct DigestHash {
+    size_t operator()(const Digest& d) const noexcept {
+        size_t h;
+        static_assert(sizeof h <= 32);
+        __builtin_memcpy(&h, d.bytes.data(), sizeof h); // the digest is already uniformly distributed
+        return h;
+    }
+};
+
+/// Incremental BLAKE3 hasher (wraps the official C implementation, SIMD dispatched at run time).
+class Hasher {
+public:
+    Hasher();
+    ~Hasher();
+    Hasher(Hasher&&) noexcept;
+    Hasher& operator=(Hasher&&) noexcept;
+    void update(const void* data, size_t len);
+    Digest finish() const;
+
+private:
+    struct Impl;
+    std::unique_ptr<Impl> m_impl;
+};
+
+/// Digest of an in-memory buffer.
+Digest hash_bytes(std::string_view data);
+/// Streams an open file from its current offset to EOF through a fixed buffer. Throws SystemError.
+/// `bytes_read` receives the count.
+Digest hash_fd(int fd, const std::string& display, std::uint64_t* bytes_read = nullptr);
+
+} // namespace casmig::hash

@@ -1,0 +1,34 @@
+// casmig::migrate — reading one legacy file: open safely, hash, optionally store, detect change.
+#pragma once
+#include <cstdint>
+
+#include "casmig/cas/object_store.hpp"
+#include "casmig/hash/blake3.hpp"
+#include "casmig/util/rate_limiter.hpp"
+#include "casmig/walk/walker.hpp"
+
+namespace casmig::migrate {
+
+enum class StoreObject { no, yes };
+
+struct IngestResult {
+    hash::Digest digest;
+    std::uint64_t size = 0;
+    bool new_object = false; // staged by this call
+};
+
+/// Opens item.name relative to item.parent with O_NOFOLLOW, checks it is the inode the walker saw,
+/// streams it through BLAKE3 in fixed buffers and — with StoreObject::yes — into a temp file that is
+/// staged in `objects` under its digest unless the object exists. The bytes hashed are exactly the
+/// bytes stored. Size, mtime and ctime are compared before and after the read: a file that changed
+/// throws walk::PackageError naming the path, as does any read error.
+/// `pkg_display` prefixes nothing; the caller adds the package. Thread-safe.
+IngestResult ingest_file(const walk::Item& item, cas::ObjectStore* objects, StoreObject store,
+                         util::RateLimiter* limiter);
+
+/// Same open/hash/change-detection, hash only (verify, plan).
+inline IngestResult hash_file(const walk::Item& item, util::RateLimiter* limiter = nullptr) {
+    return ingest_file(item, nullptr, StoreObject::no, limiter);
+}
+
+} // namespace casmig::migrate

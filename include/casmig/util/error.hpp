@@ -1,0 +1,46 @@
+// casmig::util — error types. Exceptions are for failures; normal outcomes (a file vanished, an object
+// already exists) are return values. util depends on nothing specific to casmig.
+#pragma once
+#include <stdexcept>
+#include <string>
+
+namespace casmig::util {
+
+/// Base of every casmig failure. what() is one line: what, where, what to do.
+class Error : public std::runtime_error {
+public:
+    explicit Error(const std::string& msg) : std::runtime_error(msg) {}
+};
+
+/// A failed system call; records errno. Message: "<what>: <path>: <strerror>".
+class SystemError : public Error {
+public:
+    SystemError(const std::string& what, const std::string& path, int err);
+    int code() const noexcept { return m_errno; }
+
+private:
+    int m_errno;
+};
+
+/// Bad input from the user (unknown package, bad option value, missing store): exit code 2.
+class UsageError : public Error {
+public:
+    using Error::Error;
+};
+
+/// A precondition of the command does not hold; the store is unchanged: exit code 3.
+class RefusedError : public Error {
+public:
+    using Error::Error;
+};
+
+/// Another casmig holds the store lock: exit code 4.
+class BusyError : public Error {
+public:
+    using Error::Error;
+};
+
+/// Throws SystemError(what, path, errno) — the one place a failed syscall becomes an exception.
+[[noreturn]] void throw_errno(const std::string& what, const std::string& path);
+
+} // namespace casmig::util

@@ -1,0 +1,66 @@
+// casmig::util — an owned file descriptor, and small helpers around *at() system calls.
+#pragma once
+#include <string>
+#include <string_view>
+#include <sys/stat.h>
+#include <utility>
+#include <vector>
+
+namespace casmig::util {
+
+/// Move-only owner of a file descriptor; closes it in the destructor (errors there are ignored on
+/// purpose: a close() failure on a read-only or already-synced fd has nothing left to report).
+class Fd {
+public:
+    Fd() = default;
+    explicit Fd(int fd) noexcept : m_fd(fd) {}
+    Fd(Fd&& o) noexcept : m_fd(std::exchange(o.m_fd, -1)) {}
+    Fd& operator=(Fd&& o) noexcept {
+        if (this != &o) {
+            reset();
+            m_fd = std::exchange(o.m_fd, -1);
+        }
+        return *this;
+    }
+    Fd(const Fd&) = delete;
+    Fd& operator=(const Fd&) = delete;
+    ~Fd() { reset(); }
+
+    int get() const noexcept { return m_fd; }
+    explicit operator bool() const noexcept { return m_fd >= 0; }
+    int release() noexcept { return std::exchange(m_fd, -1); }
+    void reset() noexcept;
+
+private:
+    int m_fd = -1;
+};
+
+enum class MustExist { no, yes };
+
+/// Opens a directory relative to dirfd without following a symlink in the last component.
+/// Throws SystemError naming `display` on failure.
+Fd open_dir_at(int dirfd, const std::string& name, const std::string& display);
+/// Opens a directory by absolute or relative path (follows symlinks: for the store root only).
+Fd open_dir(const std::string& path);
+/// fsync(fd); throws SystemError naming `display`.
+void fsync_fd(int fd, const std::string& display);
+/// Writes all of buf; throws on a short write.
+void write_all(int fd, const void* buf, size_t len, const std::string& display);
+/// lstat relative to dirfd; returns false if it does not exist (ENOENT), throws otherwise.
+bool lstat_at(int dirfd, const std::string& name, struct stat& st, const std::string& display);
+/// Reads a symlink's target bytes verbatim.
+std::string read_link_at(int dirfd, const std::string& name, const std::string& display);
+/// Names in the directory open as fd (without "." and ".."), unsorted. The fd's offset is not
+/// disturbed (a dup shares it, so the listing rewinds first). Throws SystemError naming `display`.
+std::vector<std::string> list_dir(int fd, const std::string& display);
+/// Removes a tree relative to dirfd (no symlink is followed; read-only directories are made writable
+/// first). A missing tree is fine. Returns the bytes of regular files removed.
+unsigned long long remove_tree_at(int dirfd, const std::string& name, const std::string& display);
+/// Creates a directory if missing.
+void ensure_dir(const std::string& path, mode_t mode = 0755);
+/// Raises the soft RLIMIT_NOFILE to the hard limit (deep trees keep one fd per level).
+void raise_fd_limit();
+/// Printable form of a byte path: non-printable and non-UTF-8 bytes as \xNN, so one error stays one line.
+std::string printable(std::string_view bytes);
+
+} // namespace casmig::util

@@ -1,0 +1,42 @@
+// casmig::verify — compares migrated packages with their legacy trees, and objects with their names.
+//
+// Locking: both functions require the store lock (they record package states and quarantine corrupt
+// objects into migration/corrupt/).
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "casmig/progress.hpp"
+#include "casmig/store/store.hpp"
+
+namespace casmig::verify {
+
+enum class RecordState { no, yes };
+
+struct Options {
+    unsigned threads = 0;
+    RecordState record = RecordState::yes; // set verified / failed from the outcome
+};
+
+struct Result {
+    std::uint64_t packages = 0, ok = 0, mismatched = 0;
+    std::uint64_t objects_checked = 0, objects_bad = 0;
+};
+
+/// Checks each package against its manifest: with its legacy tree present, the path set, types,
+/// modes, symlink targets and content digests (legacy files re-hashed), and that every object the
+/// manifest needs exists with the right size; with the tree removed, only the objects. Each problem
+/// goes to `problems` (at most 20 per package). With RecordState::yes a clean package becomes
+/// `verified` and a mismatching one `failed` (not in file-level mode, where the manifest is the truth).
+Result verify_packages(store::Store& store, const std::vector<catalog::Package>& packages, const Options& opts,
+                       const ProgressSink& progress, const ProblemSink& problems);
+
+/// fsck: re-hashes every file under objects/ against its name and checks every catalogued object is
+/// present. A corrupt object is moved to migration/corrupt/ (so that a later migrate rewrites it from a
+/// legacy tree) and the packages that need it are named.
+Result verify_objects(store::Store& store, const Options& opts, const ProgressSink& progress,
+                      const ProblemSink& problems);
+
+} // namespace casmig::verify

@@ -1,0 +1,196 @@
+#include "casmig/cas/object_store.hpp"
+
+#include "casmig/util/error.hpp"
+
+#include <cctype>
+#include <cerrno>
+#include <cstdio>
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace casmig::cas {
+
+std::string object_relpath(const hash::Digest& d) {
+    std::string h = d.hex();
+    return h.substr(0, 2) + "/" + h.substr(2);
+}
+
+TempFile::TempFile(TempFile&& o) noexcept
+    : m_dirfd(o.m_dirfd), m_name(std::exchange(o.m_name, {})), m_fd(std::move(o.m_fd)) {}
+
+TempFile& TempFile::operator=(TempFile&& o) noexcept {
+    if (this != &o) {
+        this->~TempFile();
+        m_dirfd = o.m_dirfd;
+        m_name = std::exchange(o.m_name, {});
+        m_fd = std::move(o.m_fd);
+    }
+    return *this;
+}
+
+TempFile::~TempFile() {
+    m_fd.reset();
+    // Destructors never throw: a temp file we fail to unlink is removed by the next run's
+    // remove_stale_temp().
+    if (!m_name.empty()) ::unlinkat(m_dirfd, m_name.c_str(), 0);
+}
+
+std::string TempFile::release() {
+    m_fd.reset();
+    return std::exchange(m_name, {});
+}
+
+void sync_filesystem(int fd, const std::string& display) {
+    if (::syncfs(fd) != 0) util::throw_errno("syncfs failed", display);
+}
+
+ObjectStore::ObjectStore(const std::string& objects_dir, const std::string& temp_dir)
+    : m_objects_path(objects_dir), m_temp_path(temp_dir), m_objects(util::open_dir(objects_dir)),
+      m_temp(util::open_dir(temp_dir)) {}
+
+bool ObjectStore::on_disk(const hash::Digest& d, std::uint64_t* size) const {
+    struct stat st {};
+    std::string rel = object_relpath(d);
+    if (::fstatat(m_objects.get(), rel.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
+        if (errno == ENOENT) return false;
+        util::throw_errno("cannot stat object", m_objects_path + "/" + rel);
+    }
+    if (size) *size = static_cast<std::uint64_t>(st.st_size);
+    return S_ISREG(st.st_mode);
+}
+
+bool ObjectStore::exists(const hash::Digest& d) const {
+    {
+        std::lock_guard lk(m_mutex);
+        if (m_staged.count(d)) return true;
+    }
+    return on_disk(d);
+}
+
+TempFile ObjectStore::create_temp() {
+    std::uint64_t n;
+    {
+        std::lock_guard lk(m_mutex);
+        n = ++m_counter;
+    }
+    std::string name = std::string(k_temp_marker) + std::to_string(::getpid()) + "-" + std::to_string(n);
+    int fd = ::openat(m_temp.get(), name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (fd < 0) util::throw_errno("cannot create temp file", m_temp_path + "/" + name);
+    return TempFile(m_temp.get(), std::move(name), util::Fd(fd));
+}
+
+StageResult ObjectStore::stage(const hash::Digest& d, TempFile&& tmp, std::uint64_t size) {
+    // Objects are never writable: fchmod before the file gets its final name.
+    if (::fchmod(tmp.fd(), 0444) != 0) util::throw_errno("cannot chmod temp file", m_temp_path + "/" + tmp.name());
+    {
+        std::lock_guard lk(m_mutex);
+        if (m_staged.count(d)) return StageResult::already_present; // tmp's destructor unlinks it
+    }
+    if (on_disk(d)) return StageResult::already_present;
+    std::lock_guard lk(m_mutex);
+    // Re-check under the lock: another thread may have staged the same content meanwhile.
+    if (m_staged.count(d)) return StageResult::already_present;
+    m_staged.emplace(d, tmp.release());
+    m_staged_bytes += size;
+    return StageResult::staged;
+}
+
+StageResult ObjectStore::stage_bytes(const hash::Digest& d, std::string_view data) {
+    if (exists(d)) return StageResult::already_present;
+    TempFile t = create_temp();
+    util::write_all(t.fd(), data.data(), data.size(), m_temp_path + "/" + t.name());
+    return stage(d, std::move(t), data.size());
+}
+
+size_t ObjectStore::staged_count() const {
+    std::lock_guard lk(m_mutex);
+    return m_staged.size();
+}
+
+PublishStats ObjectStore::publish() {
+    std::unordered_map<hash::Digest, std::string, hash::DigestHash> batch;
+    std::uint64_t bytes;
+    {
+        std::lock_guard lk(m_mutex);
+        batch.swap(m_staged);
+        bytes = std::exchange(m_staged_bytes, 0);
+    }
+    PublishStats stats;
+    if (batch.empty()) return stats;
+    // Step 2: every staged file's data reaches the disk before any of them gets an object name.
+    sync_filesystem(m_temp.get(), m_temp_path);
+    for (auto& [digest, tmpname] : batch) {
+        std::string rel = object_relpath(digest);
+        int rc = ::renameat2(m_temp.get(), tmpname.c_str(), m_objects.get(), rel.c_str(), RENAME_NOREPLACE);
+        if (rc != 0 && errno == EINVAL) {
+            // Filesystems without RENAME_NOREPLACE: link() never replaces either.
+            rc = ::linkat(m_temp.get(), tmpname.c_str(), m_objects.get(), rel.c_str(), 0);
+            if (rc == 0) ::unlinkat(m_temp.get(), tmpname.c_str(), 0);
+        }
+        if (rc != 0) {
+            if (errno == EEXIST) {
+                ::unlinkat(m_temp.get(), tmpname.c_str(), 0);
+                continue;
+            }
+            if (errno == ENOENT) {
+                // The fan-out directory is missing (deleted by hand): recreate it and retry once.
+                ::mkdirat(m_objects.get(), rel.substr(0, 2).c_str(), 0755);
+                if (::renameat2(m_temp.get(), tmpname.c_str(), m_objects.get(), rel.c_str(), RENAME_NOREPLACE) == 0) {
+                    ++stats.objects;
+                    continue;
+                }
+                if (errno == EEXIST) {
+                    ::unlinkat(m_temp.get(), tmpname.c_str(), 0);
+                    continue;
+                }
+            }
+            util::throw_errno("cannot place object", m_objects_path + "/" + rel);
+        }
+        ++stats.objects;
+    }
+    stats.bytes = bytes;
+    // Step 4: the new directory entries are durable before the catalog refers to them.
+    sync_filesystem(m_objects.get(), m_objects_path);
+    return stats;
+}
+
+util::Fd ObjectStore::open(const hash::Digest& d) const {
+    std::string rel = object_relpath(d);
+    int fd = ::openat(m_objects.get(), rel.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) util::throw_errno("cannot open object", m_objects_path + "/" + rel);
+    return util::Fd(fd);
+}
+
+void ObjectStore::remove_stale_temp() {
+    std::vector<std::string> names = util::list_dir(m_temp.get(), m_temp_path);
+    // Everything in temp/ belongs to a run that is over: we hold the store lock.
+    for (const auto& n : names) util::remove_tree_at(m_temp.get(), n, m_temp_path + "/" + util::printable(n));
+}
+
+std::vector<std::string> ObjectStore::list_files() const {
+    std::vector<std::string> out;
+    std::vector<std::string> fan;
+    for (const auto& n : util::list_dir(m_objects.get(), m_objects_path)) {
+        if (n.size() == 2 && std::isxdigit(static_cast<unsigned char>(n[0])) && std::isxdigit(static_cast<unsigned char>(n[1])))
+            fan.push_back(n);
+    }
+    for (const auto& f : fan) {
+        int fd = ::openat(m_objects.get(), f.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0) continue;
+        DIR* d = ::fdopendir(fd);
+        if (!d) {
+            ::close(fd);
+            continue;
+        }
+        while (dirent* e = ::readdir(d)) {
+            std::string n = e->d_name;
+            if (n != "." && n != "..") out.push_back(f + "/" + n);
+        }
+        ::closedir(d);
+    }
+    return out;
+}
+
+} // namespace casmig::cas

@@ -1,0 +1,309 @@
+#include "casmig/catalog/catalog.hpp"
+
+#include "schema.hpp"
+
+#include <chrono>
+#include <ctime>
+#include <pwd.h>
+#include <unistd.h>
+
+namespace casmig::catalog {
+
+const char* to_string(PackageState s) {
+    switch (s) {
+    case PackageState::pending: return "pending";
+    case PackageState::in_progress: return "in_progress";
+    case PackageState::migrated: return "migrated";
+    case PackageState::verified: return "verified";
+    case PackageState::failed: return "failed";
+    case PackageState::rolled_back: return "rolled_back";
+    }
+    return "?";
+}
+const char* to_string(TreeState s) {
+    switch (s) {
+    case TreeState::present: return "present";
+    case TreeState::marked: return "marked";
+    case TreeState::removed: return "removed";
+    }
+    return "?";
+}
+const char* to_string(StoreMode m) {
+    switch (m) {
+    case StoreMode::legacy: return "legacy";
+    case StoreMode::dual: return "dual";
+    case StoreMode::file_level: return "file-level";
+    }
+    return "?";
+}
+PackageState package_state_from(const std::string& s) {
+    for (auto v : {PackageState::pending, PackageState::in_progress, PackageState::migrated, PackageState::verified,
+                   PackageState::failed, PackageState::rolled_back})
+        if (s == to_string(v)) return v;
+    throw util::Error("catalog holds an unknown package state '" + s + "': the catalog is newer than this casmig");
+}
+TreeState tree_state_from(const std::string& s) {
+    for (auto v : {TreeState::present, TreeState::marked, TreeState::removed})
+        if (s == to_string(v)) return v;
+    throw util::Error("catalog holds an unknown tree state '" + s + "': the catalog is newer than this casmig");
+}
+StoreMode store_mode_from(const std::string& s) {
+    for (auto v : {StoreMode::legacy, StoreMode::dual, StoreMode::file_level})
+        if (s == to_string(v)) return v;
+    throw util::Error("catalog holds an unknown store mode '" + s + "': the catalog is newer than this casmig");
+}
+
+int schema_version() { return static_cast<int>(detail::migrations().size()); }
+
+static std::int64_t now_ns() {
+    return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch())
+        .count();
+}
+
+static int user_version(Db& db) {
+    Stmt s(db, "PRAGMA user_version");
+    s.step();
+    return static_cast<int>(s.i64(0));
+}
+
+static void migrate_schema(Db& db) {
+    const auto& ms = detail::migrations();
+    for (;;) {
+        Transaction tx(db); // BEGIN IMMEDIATE: two processes never apply the same migration twice
+        int v = user_version(db);
+        if (v > static_cast<int>(ms.size()))
+            throw util::Error("catalog " + db.path() + " has schema version " + std::to_string(v) +
+                              ", newer than this casmig understands (" + std::to_string(ms.size()) +
+                              "): upgrade casmig");
+        if (v == static_cast<int>(ms.size())) return;
+        db.exec(ms[static_cast<size_t>(v)].sql);
+        Stmt ins(db, "INSERT INTO schema_migrations(version, name, applied_at) VALUES (?, ?, ?)");
+        ins.bind(1, v + 1).bind(2, std::string_view(ms[static_cast<size_t>(v)].name)).bind(3, std::int64_t(::time(nullptr)));
+        ins.run();
+        db.exec("PRAGMA user_version=" + std::to_string(v + 1));
+        tx.commit();
+    }
+}
+
+struct Catalog::Stmts {
+    explicit Stmts(Db& db)
+        : get_mode(db, "SELECT value FROM settings WHERE key='mode'"),
+          set_mode(db, "INSERT INTO settings(key, value) VALUES ('mode', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value"),
+          packages(db, "SELECT id, name, state, tree, has_manifest, files, bytes, COALESCE(error,'') FROM packages ORDER BY name"),
+          package(db, "SELECT id, name, state, tree, has_manifest, files, bytes, COALESCE(error,'') FROM packages WHERE name=?"),
+          add_package(db, "INSERT INTO packages(name, state, updated_at) VALUES (?, 'pending', ?)"),
+          set_state(db, "UPDATE packages SET state=?, error=?, updated_at=? WHERE id=?"),
+          set_tree(db, "UPDATE packages SET tree=?, updated_at=? WHERE id=?"),
+          del_package(db, "DELETE FROM packages WHERE id=?"),
+          del_entries(db, "DELETE FROM entries WHERE package=?"),
+          ins_entry(db, "INSERT INTO entries(package, path, type, mode, size, digest, target, mtime_ns, link_to, uid, gid) VALUES (?,?,?,?,?,?,?,?,?,?,?)"),
+          set_manifest(db, "UPDATE packages SET has_manifest=1, files=?, bytes=?, updated_at=? WHERE id=?"),
+          clear_manifest(db, "UPDATE packages SET has_manifest=0, files=0, bytes=0 WHERE id=?"),
+          manifest(db, "SELECT path, type, mode, size, digest, target, mtime_ns, link_to, uid, gid FROM entries WHERE package=? ORDER BY path"),
+          add_object(db, "INSERT OR IGNORE INTO objects(digest, size, stored_size) VALUES (?,?,?)"),
+          has_object(db, "SELECT 1 FROM objects WHERE digest=?"),
+          objects(db, "SELECT digest, size, stored_size FROM objects"),
+          del_object(db, "DELETE FROM objects WHERE digest=?"),
+          unreferenced(db, "SELECT o.digest, o.size, o.stored_size FROM objects o WHERE NOT EXISTS (SELECT 1 FROM entries e WHERE e.digest = o.digest)"),
+          totals(db, "SELECT (SELECT COALESCE(SUM(files),0) FROM packages WHERE has_manifest=1), "
+                     "(SELECT COALESCE(SUM(bytes),0) FROM packages WHERE has_manifest=1), "
+                     "(SELECT COUNT(*) FROM objects), (SELECT COALESCE(SUM(stored_size),0) FROM objects)"),
+          journal(db, "INSERT INTO journal(at_ns, who, command, package, from_state, to_state, detail) VALUES (?,?,?,?,?,?,?)"),
+          journal_tail(db, "SELECT at_ns, who, command, COALESCE(package,''), COALESCE(from_state,''), COALESCE(to_state,''), COALESCE(detail,'') FROM journal ORDER BY id DESC LIMIT ?") {}
+    Stmt get_mode, set_mode, packages, package, add_package, set_state, set_tree, del_package, del_entries, ins_entry,
+        set_manifest, clear_manifest, manifest, add_object, has_object, objects, del_object, unreferenced, totals, journal, journal_tail;
+};
+
+static std::string who_am_i() {
+    std::string user = "uid" + std::to_string(::getuid());
+    if (passwd* pw = ::getpwuid(::getuid())) user = pw->pw_name;
+    char host[256] = "";
+    ::gethostname(host, sizeof host - 1);
+    return user + "@" + host + " pid " + std::to_string(::getpid());
+}
+
+Catalog::Catalog(const std::string& path, OpenMode mode) : m_db(path, mode), m_who(who_am_i()) {
+    if (mode == OpenMode::read_write) migrate_schema(m_db);
+    else if (user_version(m_db) != schema_version())
+        throw util::Error("catalog " + path + " has schema version " + std::to_string(user_version(m_db)) +
+                          ", expected " + std::to_string(schema_version()) + ": run 'casmig migrate' to upgrade it");
+    m_s = std::make_unique<Stmts>(m_db);
+}
+
+Catalog::~Catalog() = default;
+
+StoreMode Catalog::mode() {
+    auto& s = m_s->get_mode;
+    StoreMode m = StoreMode::legacy;
+    if (s.step()) m = store_mode_from(s.str(0));
+    s.reset();
+    return m;
+}
+
+void Catalog::set_mode(StoreMode m) { m_s->set_mode.bind(1, std::string_view(to_string(m))).run(); }
+
+static Package read_package(Stmt& s) {
+    Package p;
+    p.id = s.i64(0);
+    p.name = s.str(1);
+    p.state = package_state_from(s.str(2));
+    p.tree = tree_state_from(s.str(3));
+    p.has_manifest = s.i64(4) != 0;
+    p.files = s.i64(5);
+    p.bytes = s.i64(6);
+    p.error = s.str(7);
+    return p;
+}
+
+std::vector<Package> Catalog::packages() {
+    std::vector<Package> out;
+    auto& s = m_s->packages;
+    while (s.step()) out.push_back(read_package(s));
+    s.reset();
+    return out;
+}
+
+std::optional<Package> Catalog::package(const std::string& name) {
+    auto& s = m_s->package;
+    s.bind_blob(1, name);
+    std::optional<Package> p;
+    if (s.step()) p = read_package(s);
+    s.reset();
+    return p;
+}
+
+std::int64_t Catalog::add_package(const std::string& name) {
+    m_s->add_package.bind_blob(1, name).bind(2, now_ns()).run();
+    return sqlite3_last_insert_rowid(m_db.handle());
+}
+
+void Catalog::set_state(std::int64_t id, PackageState s, const std::string& error) {
+    auto& st = m_s->set_state;
+    st.bind(1, std::string_view(to_string(s)));
+    if (error.empty()) st.bind_null(2);
+    else st.bind(2, std::string_view(error));
+    st.bind(3, now_ns()).bind(4, id).run();
+}
+
+void Catalog::set_tree(std::int64_t id, TreeState t) {
+    m_s->set_tree.bind(1, std::string_view(to_string(t))).bind(2, now_ns()).bind(3, id).run();
+}
+
+void Catalog::delete_package(std::int64_t id) {
+    m_s->del_entries.bind(1, id).run();
+    m_s->del_package.bind(1, id).run();
+}
+
+void Catalog::put_manifest(std::int64_t id, const std::vector<Entry>& entries) {
+    m_s->del_entries.bind(1, id).run();
+    std::int64_t files = 0, bytes = 0;
+    auto& ins = m_s->ins_entry;
+    for (const auto& e : entries) {
+        ins.bind(1, id).bind_blob(2, e.path).bind(3, static_cast<std::int64_t>(e.type)).bind(4, e.mode)
+            .bind(5, static_cast<std::int64_t>(e.size));
+        if (e.digest) ins.bind_blob(6, e.digest->raw());
+        else ins.bind_null(6);
+        if (e.type == EntryType::symlink) ins.bind_blob(7, e.target);
+        else ins.bind_null(7);
+        ins.bind(8, e.mtime_ns);
+        if (e.link_to) ins.bind_blob(9, *e.link_to);
+        else ins.bind_null(9);
+        ins.bind(10, static_cast<std::int64_t>(e.uid)).bind(11, static_cast<std::int64_t>(e.gid));
+        ins.run();
+        if (e.type == EntryType::file) {
+            ++files;
+            bytes += static_cast<std::int64_t>(e.size);
+        }
+    }
+    m_s->set_manifest.bind(1, files).bind(2, bytes).bind(3, now_ns()).bind(4, id).run();
+}
+
+void Catalog::clear_manifest(std::int64_t id) {
+    m_s->del_entries.bind(1, id).run();
+    m_s->clear_manifest.bind(1, id).run();
+}
+
+std::vector<Entry> Catalog::manifest(std::int64_t id) {
+    std::vector<Entry> out;
+    auto& s = m_s->manifest;
+    s.bind(1, id);
+    while (s.step()) {
+        Entry e;
+        e.path = s.str(0);
+        e.type = static_cast<EntryType>(s.i64(1));
+        e.mode = static_cast<std::uint32_t>(s.i64(2));
+        e.size = static_cast<std::uint64_t>(s.i64(3));
+        if (!s.is_null(4)) e.digest = hash::Digest::from_raw(s.str(4));
+        if (!s.is_null(5)) e.target = s.str(5);
+        e.mtime_ns = s.i64(6);
+        e.link_to = s.opt_str(7);
+        e.uid = static_cast<std::uint32_t>(s.i64(8));
+        e.gid = static_cast<std::uint32_t>(s.i64(9));
+        out.push_back(std::move(e));
+    }
+    s.reset();
+    return out;
+}
+
+void Catalog::add_object(const ObjectRow& o) {
+    m_s->add_object.bind_blob(1, o.digest.raw()).bind(2, o.size).bind(3, o.stored_size).run();
+}
+
+bool Catalog::has_object(const hash::Digest& d) {
+    auto& s = m_s->has_object;
+    s.bind_blob(1, d.raw());
+    bool r = s.step();
+    s.reset();
+    return r;
+}
+
+static std::vector<ObjectRow> read_objects(Stmt& s) {
+    std::vector<ObjectRow> out;
+    while (s.step()) out.push_back({hash::Digest::from_raw(s.str(0)), s.i64(1), s.i64(2)});
+    s.reset();
+    return out;
+}
+
+std::vector<ObjectRow> Catalog::objects() { return read_objects(m_s->objects); }
+std::vector<ObjectRow> Catalog::unreferenced_objects() { return read_objects(m_s->unreferenced); }
+
+void Catalog::delete_object(const hash::Digest& d) { m_s->del_object.bind_blob(1, d.raw()).run(); }
+
+Totals Catalog::totals() {
+    auto& s = m_s->totals;
+    Totals t;
+    if (s.step()) {
+        t.files = s.i64(0);
+        t.logical_bytes = s.i64(1);
+        t.objects = s.i64(2);
+        t.stored_bytes = s.i64(3);
+    }
+    s.reset();
+    return t;
+}
+
+void Catalog::journal(const std::string& command, const std::string& package, const std::string& from,
+                      const std::string& to, const std::string& detail) {
+    auto& s = m_s->journal;
+    s.bind(1, now_ns()).bind(2, std::string_view(m_who)).bind(3, std::string_view(command));
+    auto opt = [&](int i, const std::string& v) {
+        if (v.empty()) s.bind_null(i);
+        else s.bind(i, std::string_view(v));
+    };
+    opt(4, package);
+    opt(5, from);
+    opt(6, to);
+    opt(7, detail);
+    s.run();
+}
+
+std::vector<Catalog::JournalRow> Catalog::journal_tail(int n) {
+    std::vector<JournalRow> out;
+    auto& s = m_s->journal_tail;
+    s.bind(1, n);
+    while (s.step()) out.push_back({s.i64(0), s.str(1), s.str(2), s.str(3), s.str(4), s.str(5), s.str(6)});
+    s.reset();
+    return out;
+}
+
+} // namespace casmig::catalog

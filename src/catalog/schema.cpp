@@ -1,0 +1,65 @@
+#include "schema.hpp"
+
+namespace casmig::catalog::detail {
+
+const std::vector<Migration>& migrations() {
+    static const std::vector<Migration> k_migrations = {
+        {"0001-initial", R"SQL(
+CREATE TABLE schema_migrations (
+    version     INTEGER PRIMARY KEY,
+    name        TEXT NOT NULL,
+    applied_at  INTEGER NOT NULL          -- unix seconds
+);
+CREATE TABLE settings (
+    key         TEXT PRIMARY KEY,
+    value       TEXT NOT NULL
+);
+INSERT INTO settings(key, value) VALUES ('mode', 'legacy');
+CREATE TABLE packages (
+    id          INTEGER PRIMARY KEY,
+    name        BLOB NOT NULL UNIQUE,     -- legacy directory name, bytes
+    state       TEXT NOT NULL DEFAULT 'pending'
+                CHECK (state IN ('pending','in_progress','migrated','verified','failed','rolled_back')),
+    tree        TEXT NOT NULL DEFAULT 'present' CHECK (tree IN ('present','marked','removed')),
+    has_manifest INTEGER NOT NULL DEFAULT 0,
+    files       INTEGER NOT NULL DEFAULT 0,
+    bytes       INTEGER NOT NULL DEFAULT 0,
+    error       TEXT,
+    updated_at  INTEGER NOT NULL DEFAULT 0 -- unix ns
+);
+CREATE TABLE entries (
+    package     INTEGER NOT NULL REFERENCES packages(id) ON DELETE CASCADE,
+    path        BLOB NOT NULL,            -- relative to the package root; '' is the root
+    type        INTEGER NOT NULL CHECK (type IN (1, 2, 3)),  -- 1 file, 2 dir, 3 symlink
+    mode        INTEGER NOT NULL,         -- 07777 bits
+    size        INTEGER NOT NULL,
+    digest      BLOB,                     -- 32 bytes BLAKE3-256, files only
+    target      BLOB,                     -- symlinks only
+    mtime_ns    INTEGER NOT NULL,
+    uid         INTEGER NOT NULL DEFAULT 0,
+    gid         INTEGER NOT NULL DEFAULT 0,
+    link_to     BLOB,                     -- files only: earlier path of the same inode in this package
+    PRIMARY KEY (package, path)
+) WITHOUT ROWID;
+CREATE INDEX entries_digest ON entries(digest) WHERE digest IS NOT NULL;
+CREATE TABLE objects (
+    digest      BLOB PRIMARY KEY,         -- 32 bytes
+    size        INTEGER NOT NULL,         -- uncompressed bytes
+    stored_size INTEGER NOT NULL          -- bytes on disk under objects/
+) WITHOUT ROWID;
+CREATE TABLE journal (
+    id          INTEGER PRIMARY KEY,
+    at_ns       INTEGER NOT NULL,
+    who         TEXT NOT NULL,            -- user@host pid N
+    command     TEXT NOT NULL,
+    package     TEXT,
+    from_state  TEXT,
+    to_state    TEXT,
+    detail      TEXT
+);
+)SQL"},
+    };
+    return k_migrations;
+}
+
+} // namespace casmig::catalog::detail

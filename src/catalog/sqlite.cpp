@@ -1,0 +1,114 @@
+#include "casmig/catalog/sqlite.hpp"
+
+namespace casmig::catalog {
+
+Db::Db(const std::string& path, OpenMode mode) : m_path(path) {
+    int flags = mode == OpenMode::read_only ? SQLITE_OPEN_READONLY : (SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE);
+    flags |= SQLITE_OPEN_FULLMUTEX;
+    int rc = sqlite3_open_v2(path.c_str(), &m_db, flags, nullptr);
+    if (rc != SQLITE_OK) {
+        std::string msg = m_db ? sqlite3_errmsg(m_db) : sqlite3_errstr(rc);
+        sqlite3_close(m_db);
+        m_db = nullptr;
+        throw DbError("cannot open catalog " + path + ": " + msg + " (check the path and its permissions)", rc);
+    }
+    sqlite3_extended_result_codes(m_db, 1);
+    // 60 s: a writer waits this long for another connection's transaction (readers never block in WAL).
+    sqlite3_busy_timeout(m_db, 60'000);
+    if (mode == OpenMode::read_write) {
+        // WAL: status and other readers never block the migrating writer and vice versa.
+        // synchronous=NORMAL: in WAL mode a power loss can only drop the newest transactions, never
+        // corrupt the file; every state change is written after the data it describes is durable,
+        // so a dropped transaction just means the work is redone.
+        exec("PRAGMA journal_mode=WAL");
+        exec("PRAGMA synchronous=NORMAL");
+    }
+    exec("PRAGMA foreign_keys=ON");
+    exec("PRAGMA temp_store=MEMORY");
+    exec("PRAGMA cache_size=-16384"); // 16 MiB page cache
+}
+
+Db::~Db() { sqlite3_close_v2(m_db); }
+
+void Db::fail(const std::string& what, int rc, std::string_view sql) const {
+    std::string msg = what + " in catalog " + m_path + ": " + sqlite3_errmsg(m_db);
+    if (!sql.empty()) msg += " (SQL: " + std::string(sql.substr(0, 80)) + ")";
+    throw DbError(msg, rc);
+}
+
+void Db::exec(const std::string& sql) {
+    char* err = nullptr;
+    int rc = sqlite3_exec(m_db, sql.c_str(), nullptr, nullptr, &err);
+    if (rc != SQLITE_OK) {
+        std::string msg = err ? err : sqlite3_errstr(rc);
+        sqlite3_free(err);
+        throw DbError("catalog " + m_path + ": " + msg + " (SQL: " + sql.substr(0, 80) + ")", rc);
+    }
+}
+
+Stmt::Stmt(Db& db, const std::string& sql) : m_db(db), m_sql(sql) {
+    int rc = sqlite3_prepare_v3(db.handle(), sql.c_str(), static_cast<int>(sql.size()), SQLITE_PREPARE_PERSISTENT,
+                                &m_stmt, nullptr);
+    if (rc != SQLITE_OK) db.fail("cannot prepare statement", rc, sql);
+}
+
+Stmt::~Stmt() { sqlite3_finalize(m_stmt); }
+
+Stmt& Stmt::bind(int i, std::int64_t v) {
+    sqlite3_bind_int64(m_stmt, i, v);
+    return *this;
+}
+Stmt& Stmt::bind(int i, std::string_view text) {
+    sqlite3_bind_text(m_stmt, i, text.data(), static_cast<int>(text.size()), SQLITE_TRANSIENT);
+    return *this;
+}
+Stmt& Stmt::bind_blob(int i, std::string_view bytes) {
+    // a zero-length blob must still be a BLOB, not NULL: the package root's path is ""
+    sqlite3_bind_blob(m_stmt, i, bytes.empty() ? "" : bytes.data(), static_cast<int>(bytes.size()), SQLITE_TRANSIENT);
+    return *this;
+}
+Stmt& Stmt::bind_null(int i) {
+    sqlite3_bind_null(m_stmt, i);
+    return *this;
+}
+
+bool Stmt::step() {
+    int rc = sqlite3_step(m_stmt);
+    if (rc == SQLITE_ROW) return true;
+    if (rc == SQLITE_DONE) return false;
+    sqlite3_reset(m_stmt);
+    m_db.fail("statement failed", rc, m_sql);
+}
+
+void Stmt::run() {
+    while (step()) {
+    }
+    reset();
+}
+
+void Stmt::reset() {
+    sqlite3_reset(m_stmt);
+    sqlite3_clear_bindings(m_stmt);
+}
+
+std::string Stmt::str(int col) const {
+    auto p = static_cast<const char*>(sqlite3_column_blob(m_stmt, col));
+    int n = sqlite3_column_bytes(m_stmt, col);
+    return p ? std::string(p, static_cast<size_t>(n)) : std::string();
+}
+
+Transaction::Transaction(Db& db) : m_db(db) { m_db.exec("BEGIN IMMEDIATE"); }
+
+Transaction::~Transaction() {
+    if (!m_done) {
+        // Destructors never throw: a failed ROLLBACK leaves SQLite to roll back on the next open.
+        sqlite3_exec(m_db.handle(), "ROLLBACK", nullptr, nullptr, nullptr);
+    }
+}
+
+void Transaction::commit() {
+    m_db.exec("COMMIT");
+    m_done = true;
+}
+
+} // namespace casmig::catalog

@@ -1,0 +1,410 @@
+// casmig — command line. Parses with CLI11, prints with nlohmann::json, maps errors to exit codes:
+// 0 success; 1 finished but something failed; 2 usage error or unusable input; 3 refused (store
+// unchanged); 4 store busy.
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <unistd.h>
+
+#include "casmig/catalog/catalog.hpp"
+#include "casmig/lifecycle/lifecycle.hpp"
+#include "casmig/migrate/pipeline.hpp"
+#include "casmig/store/store.hpp"
+#include "casmig/util/error.hpp"
+#include "casmig/util/parse.hpp"
+#include "casmig/verify/verify.hpp"
+#include "progress.hpp"
+
+using json = nlohmann::json;
+using namespace casmig;
+
+namespace {
+
+enum Exit { k_ok = 0, k_failed = 1, k_usage = 2, k_refused = 3, k_busy = 4 };
+
+struct Globals {
+    std::string store, db, progress = "auto";
+    unsigned jobs = 0;
+    bool json = false, quiet = false, verbose = false;
+};
+
+struct Ctx {
+    Globals& g;
+    std::unique_ptr<store::Store> store;
+    std::unique_ptr<cli::ProgressBar> bar;
+    std::uint64_t problems = 0;
+
+    explicit Ctx(Globals& globals) : g(globals) {
+        std::string root = g.store;
+        if (root.empty()) {
+            const char* env = std::getenv("CASMIG_STORE");
+            root = env && *env ? env : "/opt/pm/store";
+        }
+        store = std::make_unique<store::Store>(root, g.db);
+        bool tty = ::isatty(STDERR_FILENO);
+        bool on = g.progress == "always" || (g.progress == "auto" && tty && !g.quiet);
+        bar = std::make_unique<cli::ProgressBar>(on);
+    }
+    ProgressSink progress() {
+        return [this](const Progress& p) { bar->update(p); };
+    }
+    ProblemSink problem_sink() {
+        return [this](const Problem& p) {
+            ++problems;
+            bar->println("casmig: " + p.line());
+        };
+    }
+    void out(const json& j, const std::string& human) {
+        bar->finish();
+        if (g.json) std::cout << j.dump(2) << std::endl;
+        else if (!g.quiet && !human.empty()) std::cout << human << std::flush;
+    }
+};
+
+std::string hb(std::uint64_t b) { return util::human_bytes(static_cast<double>(b)); }
+
+std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
+std::string fmt(const char* f, ...) {
+    char buf[1024];
+    va_list ap;
+    va_start(ap, f);
+    std::vsnprintf(buf, sizeof buf, f, ap);
+    va_end(ap);
+    return buf;
+}
+
+// ------------------------------------------------------------------ plan
+
+int cmd_plan(Ctx& c, const migrate::Options& o) {
+    auto r = migrate::plan(*c.store, o, c.progress(), c.problem_sink());
+    json j = {{"packages", r.packages}, {"files", r.files}, {"bytes", r.bytes}, {"unique_bytes", r.unique_bytes},
+              {"unique_objects", r.unique_objects}, {"free_bytes", r.free_bytes}, {"needed_bytes", r.needed_bytes},
+              {"failing_packages", r.failed}};
+    std::string h = fmt("plan: %llu packages, %llu files, %s to read\n"
+                        "      %llu new objects, %s of distinct new content (dedup saves %s)\n"
+                        "      needs about %s, %s free%s\n",
+                        (unsigned long long)r.packages, (unsigned long long)r.files, hb(r.bytes).c_str(),
+                        (unsigned long long)r.unique_objects, hb(r.unique_bytes).c_str(),
+                        hb(r.bytes > r.unique_bytes ? r.bytes - r.unique_bytes : 0).c_str(), hb(r.needed_bytes).c_str(),
+                        hb(r.free_bytes).c_str(), r.needed_bytes > r.free_bytes ? "  NOT ENOUGH SPACE" : "");
+    if (r.failed) h += fmt("      %llu package(s) would fail (see above)\n", (unsigned long long)r.failed);
+    c.out(j, h);
+    return r.failed ? k_failed : k_ok;
+}
+
+// ------------------------------------------------------------------ migrate
+
+int cmd_migrate(Ctx& c, const migrate::Options& o) {
+    auto lock = c.store->lock("migrate");
+    auto r = migrate::migrate(*c.store, o, c.progress(), c.problem_sink());
+    json j = {{"packages", r.packages}, {"migrated", r.migrated}, {"verified", r.verified}, {"failed", r.failed},
+              {"files", r.files}, {"bytes", r.bytes}, {"new_objects", r.new_objects},
+              {"new_object_bytes", r.new_object_bytes}, {"stopped_by_time_budget", r.stopped_by_budget},
+              {"seconds", r.seconds}};
+    std::string h = fmt("migrate: %llu packages (%llu migrated, %llu verified, %llu failed), %llu files, %s read, "
+                        "%llu new objects (%s) in %.1fs%s\n",
+                        (unsigned long long)r.packages, (unsigned long long)r.migrated, (unsigned long long)r.verified,
+                        (unsigned long long)r.failed, (unsigned long long)r.files, hb(r.bytes).c_str(),
+                        (unsigned long long)r.new_objects, hb(r.new_object_bytes).c_str(), r.seconds,
+                        r.stopped_by_budget ? "; time budget reached, rerun to continue" : "");
+    c.out(j, h);
+    return r.failed || c.problems ? k_failed : k_ok;
+}
+
+// ------------------------------------------------------------------ status
+
+int cmd_status(Ctx& c, int journal_lines) {
+    auto& s = *c.store;
+    std::map<std::string, std::uint64_t> states = {{"pending", 0}, {"in_progress", 0}, {"migrated", 0},
+                                                   {"verified", 0}, {"failed", 0}, {"rolled_back", 0}};
+    std::map<std::string, std::uint64_t> trees = {{"present", 0}, {"marked", 0}, {"removed", 0}};
+    std::string mode = "legacy";
+    catalog::Totals t;
+    auto legacy = s.legacy_dirs();
+    std::set<std::string> on_disk(legacy.begin(), legacy.end());
+    std::vector<catalog::Catalog::JournalRow> journal;
+    std::vector<std::pair<std::string, std::string>> failures;
+    std::uint64_t total = 0;
+    if (s.has_catalog()) {
+        // Read-only, no lock: status never blocks and never writes (WAL readers see the last commit).
+        catalog::Catalog cat(s.db_path(), catalog::OpenMode::read_only);
+        mode = catalog::to_string(cat.mode());
+        for (const auto& p : cat.packages()) {
+            bool present = on_disk.erase(p.name) > 0;
+            bool droppable = p.state == catalog::PackageState::pending || p.state == catalog::PackageState::failed ||
+                             p.state == catalog::PackageState::rolled_back;
+            if (!present && p.tree == catalog::TreeState::present && droppable) continue; // vanished: migrate drops it
+            ++total;
+            ++states[catalog::to_string(p.state)];
+            ++trees[catalog::to_string(p.tree)];
+            if (p.state == catalog::PackageState::failed) failures.emplace_back(util::printable(p.name), p.error);
+        }
+        t = cat.totals();
+        journal = cat.journal_tail(journal_lines);
+    }
+    // Legacy directories the catalog does not know yet: pending, present.
+    total += on_disk.size();
+    states["pending"] += on_disk.size();
+    trees["present"] += on_disk.size();
+    std::int64_t saved = t.logical_bytes - t.stored_bytes;
+    json j = {{"mode", mode},
+              {"packages", {{"total", total}}},
+              {"legacy_trees", trees},
+              {"files", t.files},
+              {"objects", t.objects},
+              {"logical_bytes", t.logical_bytes},
+              {"stored_bytes", t.stored_bytes},
+              {"saved_bytes", saved}};
+    for (auto& [k, v] : states) j["packages"][k] = v;
+    std::string h = fmt("store      %s\nmode       %s\n", s.root().c_str(), mode.c_str());
+    h += fmt("packages   %llu total: %llu pending, %llu in progress, %llu migrated, %llu verified, %llu failed, "
+             "%llu rolled back\n",
+             (unsigned long long)total, (unsigned long long)states["pending"], (unsigned long long)states["in_progress"],
+             (unsigned long long)states["migrated"], (unsigned long long)states["verified"],
+             (unsigned long long)states["failed"], (unsigned long long)states["rolled_back"]);
+    h += fmt("trees      %llu present, %llu marked for cleanup, %llu removed\n", (unsigned long long)trees["present"],
+             (unsigned long long)trees["marked"], (unsigned long long)trees["removed"]);
+    h += fmt("files      %lld in manifests, %s logical\n", (long long)t.files, hb(t.logical_bytes).c_str());
+    h += fmt("objects    %lld, %s stored, %s saved (%.1f%%)\n", (long long)t.objects, hb(t.stored_bytes).c_str(),
+             util::human_bytes(static_cast<double>(saved)).c_str(),
+             t.logical_bytes ? 100.0 * static_cast<double>(saved) / static_cast<double>(t.logical_bytes) : 0.0);
+    if (!failures.empty()) {
+        h += "failed:\n";
+        size_t n = 0;
+        for (auto& [name, err] : failures) {
+            if (n++ == 10) {
+                h += fmt("  ... and %zu more (casmig --json status; sqlite3 store.db)\n", failures.size() - 10);
+                break;
+            }
+            h += "  " + (err.empty() ? name : err) + "\n";
+        }
+    }
+    if (!journal.empty()) {
+        h += "journal (newest first):\n";
+        for (auto& r : journal) {
+            time_t secs = static_cast<time_t>(r.at_ns / 1'000'000'000);
+            char when[32];
+            std::strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", std::localtime(&secs));
+            h += fmt("  %s %-8s %s %s%s%s%s\n", when, r.command.c_str(), r.package.substr(0, 16).c_str(),
+                     r.from.c_str(), r.from.empty() && r.to.empty() ? "" : " -> ", r.to.c_str(),
+                     r.detail.empty() ? "" : ("  " + r.detail.substr(0, 100)).c_str());
+        }
+    }
+    j["journal"] = json::array();
+    for (auto& r : journal)
+        j["journal"].push_back({{"at_ns", r.at_ns}, {"who", r.who}, {"command", r.command}, {"package", r.package},
+                                {"from", r.from}, {"to", r.to}, {"detail", r.detail}});
+    c.out(j, h);
+    return k_ok;
+}
+
+// ------------------------------------------------------------------ verify
+
+int cmd_verify(Ctx& c, const std::vector<std::string>& names, bool objects, std::optional<std::uint64_t> sample) {
+    auto lock = c.store->lock("verify");
+    auto& s = *c.store;
+    s.discover();
+    auto& cat = s.catalog();
+    std::vector<catalog::Package> todo;
+    if (!names.empty()) {
+        for (const auto& n : names) {
+            auto p = cat.package(n);
+            if (!p) throw util::UsageError("package " + util::printable(n) + " is not in store " + s.root() +
+                                           ": check the id with casmig status");
+            todo.push_back(*p);
+        }
+    } else {
+        for (const auto& p : cat.packages())
+            if (p.has_manifest) todo.push_back(p);
+    }
+    if (sample && *sample < todo.size()) {
+        std::srand(static_cast<unsigned>(::time(nullptr) ^ ::getpid()));
+        for (size_t i = 0; i < *sample; ++i) std::swap(todo[i], todo[i + static_cast<size_t>(std::rand()) % (todo.size() - i)]);
+        todo.resize(static_cast<size_t>(*sample));
+    }
+    verify::Options vo;
+    vo.threads = c.g.jobs;
+    auto r = verify::verify_packages(s, todo, vo, c.progress(), c.problem_sink());
+    verify::Result ro;
+    if (objects) ro = verify::verify_objects(s, vo, c.progress(), c.problem_sink());
+    json j = {{"packages", r.packages}, {"ok", r.ok}, {"mismatched", r.mismatched}};
+    if (objects) j["objects"] = {{"checked", ro.objects_checked}, {"bad", ro.objects_bad}};
+    std::string h = fmt("verify: %llu packages checked, %llu ok, %llu with problems", (unsigned long long)r.packages,
+                        (unsigned long long)r.ok, (unsigned long long)r.mismatched);
+    if (objects) h += fmt("; %llu objects re-hashed, %llu bad", (unsigned long long)ro.objects_checked, (unsigned long long)ro.objects_bad);
+    c.out(j, h + "\n");
+    return r.mismatched || ro.objects_bad || c.problems ? k_failed : k_ok;
+}
+
+// ------------------------------------------------------------------ lifecycle
+
+int cmd_cutover(Ctx& c) {
+    auto lock = c.store->lock("cutover");
+    auto r = lifecycle::cutover(*c.store, c.g.jobs, c.progress(), c.problem_sink());
+    c.out({{"mode", "file-level"}, {"packages", r.packages}, {"marked", r.marked}},
+          fmt("cutover: %llu packages verified, store is file-level, %llu legacy trees marked for cleanup\n",
+              (unsigned long long)r.packages, (unsigned long long)r.marked));
+    return k_ok;
+}
+
+int cmd_cleanup(Ctx& c, bool dry) {
+    auto lock = c.store->lock("cleanup");
+    auto r = lifecycle::cleanup(*c.store, dry ? lifecycle::DryRun::yes : lifecycle::DryRun::no, c.progress(),
+                                c.problem_sink());
+    c.out({{"dry_run", dry}, {"trees", r.trees}, {"freed_bytes", r.bytes}, {"skipped", r.skipped}},
+          fmt("cleanup%s: %llu legacy trees %s, %s %s%s\n", dry ? " --dry-run" : "", (unsigned long long)r.trees,
+              dry ? "would be removed" : "removed", hb(r.bytes).c_str(), dry ? "would be freed" : "freed",
+              r.skipped ? fmt(", %llu skipped (see above)", (unsigned long long)r.skipped).c_str() : ""));
+    return r.skipped || c.problems ? k_failed : k_ok;
+}
+
+int cmd_rollback(Ctx& c) {
+    auto lock = c.store->lock("rollback");
+    auto r = lifecycle::rollback(*c.store, c.progress(), c.problem_sink());
+    c.out({{"mode", "legacy"}, {"packages", r.packages}, {"rebuilt", r.rebuilt}, {"files", r.files}, {"bytes", r.bytes}},
+          fmt("rollback: store is legacy; %llu packages rolled back, %llu legacy trees rebuilt from the CAS (%llu files, %s)\n",
+              (unsigned long long)r.packages, (unsigned long long)r.rebuilt, (unsigned long long)r.files,
+              hb(r.bytes).c_str()));
+    return c.problems ? k_failed : k_ok;
+}
+
+int cmd_materialize(Ctx& c, const std::string& pkg, const std::string& dest, const std::string& link) {
+    lifecycle::LinkMode m = link == "hardlink" ? lifecycle::LinkMode::hardlink
+                            : link == "reflink" ? lifecycle::LinkMode::reflink
+                                                : lifecycle::LinkMode::copy;
+    auto r = lifecycle::materialize(*c.store, pkg, dest, m);
+    c.out({{"files", r.files}, {"dirs", r.dirs}, {"symlinks", r.symlinks}, {"bytes", r.bytes}, {"linked", r.linked},
+           {"reflinked", r.reflinked}, {"copied", r.copied}},
+          c.g.verbose ? fmt("materialize: %llu files (%llu linked, %llu reflinked, %llu copied), %llu dirs, %llu symlinks, %s\n",
+                            (unsigned long long)r.files, (unsigned long long)r.linked, (unsigned long long)r.reflinked,
+                            (unsigned long long)r.copied, (unsigned long long)r.dirs, (unsigned long long)r.symlinks,
+                            hb(r.bytes).c_str())
+                      : "");
+    return k_ok;
+}
+
+int cmd_remove(Ctx& c, const std::string& pkg) {
+    auto lock = c.store->lock("remove");
+    lifecycle::remove_package(*c.store, pkg);
+    c.out({{"removed", pkg}}, c.g.verbose ? "removed " + util::printable(pkg) + "\n" : "");
+    return k_ok;
+}
+
+int cmd_gc(Ctx& c, bool dry) {
+    auto lock = c.store->lock("gc");
+    auto r = lifecycle::gc(*c.store, dry ? lifecycle::DryRun::yes : lifecycle::DryRun::no);
+    c.out({{"dry_run", dry}, {"removed_objects", r.removed_objects}, {"freed_bytes", r.freed_bytes}},
+          fmt("gc%s: %llu unreferenced objects %s, %s\n", dry ? " --dry-run" : "", (unsigned long long)r.removed_objects,
+              dry ? "would be removed" : "removed", hb(r.freed_bytes).c_str()));
+    return k_ok;
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+    Globals g;
+    CLI::App app{"casmig: migrate a package store from per-package trees to a file-level content-addressed store"};
+    app.fallthrough(); // global options are accepted after COMMAND too
+    app.require_subcommand(1);
+    app.set_help_all_flag("--help-all", "Show help for every command");
+    app.add_option("--store", g.store, "Store directory (default: $CASMIG_STORE, then /opt/pm/store)");
+    app.add_option("--db", g.db, "Catalog file (default: STORE/store.db)");
+    app.add_option("-j,--jobs", g.jobs, "Worker threads (default: all cores)")->check(CLI::Range(1u, 1024u));
+    app.add_flag("--json", g.json, "Print one JSON document on stdout");
+    app.add_option("--progress", g.progress, "Progress bar on stderr: auto (on a TTY), always, never")
+        ->check(CLI::IsMember({"auto", "always", "never"}));
+    app.add_flag("-q,--quiet", g.quiet, "Print only errors");
+    app.add_flag("-v,--verbose", g.verbose, "Print more");
+
+    migrate::Options mo;
+    std::string time_budget, io_limit;
+    std::uint64_t limit = 0;
+    bool retry = false, no_verify = false;
+    auto add_selection = [&](CLI::App* sc) {
+        sc->add_option("packages", mo.packages, "Package ids (legacy directory names); default: all pending");
+        sc->add_option("--limit", limit, "At most N packages this run")->check(CLI::PositiveNumber);
+        sc->add_option("--time-budget", time_budget, "Start no package after this long (e.g. 90s, 30m, 2h)");
+        sc->add_option("--io-limit", io_limit, "Read at most this many bytes/s from legacy trees (e.g. 50M)");
+        sc->add_flag("--retry-failed", retry, "Also retry packages that failed before");
+    };
+    auto* plan = app.add_subcommand("plan", "Dry run: hash what migrate would read and report counts; writes nothing");
+    add_selection(plan);
+    auto* mig = app.add_subcommand("migrate", "Migrate pending (or the named) packages into the CAS, then verify them");
+    add_selection(mig);
+    mig->add_flag("--no-verify", no_verify, "Skip the verify pass after writing");
+    auto* status = app.add_subcommand("status", "Store mode, package states, object and byte counts, recent journal");
+    int journal_lines = 5;
+    status->add_option("--journal", journal_lines, "Journal rows to show (default 5)");
+    auto* ver = app.add_subcommand("verify", "Compare migrated packages with their legacy trees (and objects with their names)");
+    std::vector<std::string> verify_pkgs;
+    bool verify_objects = false;
+    std::uint64_t sample = 0;
+    ver->add_option("packages", verify_pkgs, "Package ids (default: every package with a manifest)");
+    ver->add_flag("--objects", verify_objects, "Also re-hash every object against its name (fsck)");
+    ver->add_option("--sample", sample, "Check N random packages")->check(CLI::PositiveNumber);
+    auto* cut = app.add_subcommand("cutover", "Switch the store to file-level and mark legacy trees for cleanup");
+    auto* clean = app.add_subcommand("cleanup", "Delete legacy trees marked by cutover (their content is in the CAS)");
+    bool dry = false;
+    clean->add_flag("--dry-run", dry, "Report what would be deleted");
+    auto* rb = app.add_subcommand("rollback", "Back to legacy mode, rebuilding removed legacy trees from the CAS");
+    auto* mat = app.add_subcommand("materialize", "Rebuild a package tree at DEST from its manifest");
+    std::string mat_pkg, mat_dest, mat_link = "copy";
+    mat->add_option("package", mat_pkg, "Package id")->required();
+    mat->add_option("dest", mat_dest, "Destination (must not exist or be empty)")->required();
+    mat->add_option("--link", mat_link, "copy, reflink or hardlink")->check(CLI::IsMember({"copy", "reflink", "hardlink"}));
+    auto* rem = app.add_subcommand("remove", "Drop a package: manifest and legacy tree (objects stay for gc)");
+    std::string rem_pkg;
+    rem->add_option("package", rem_pkg, "Package id")->required();
+    auto* gcc = app.add_subcommand("gc", "Delete objects no package references");
+    bool gc_dry = false;
+    gcc->add_flag("--dry-run", gc_dry, "Report what would be deleted");
+
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::CallForHelp& e) {
+        return app.exit(e);
+    } catch (const CLI::CallForAllHelp& e) {
+        return app.exit(e);
+    } catch (const CLI::ParseError& e) {
+        std::string msg = e.what();
+        if (msg.empty()) msg = "invalid command line";
+        std::fprintf(stderr, "casmig: %s (see casmig --help)\n", msg.c_str());
+        return k_usage;
+    }
+
+    try {
+        if (limit) mo.limit = limit;
+        if (!time_budget.empty()) mo.time_budget = util::parse_duration(time_budget);
+        if (!io_limit.empty()) mo.io_limit = util::parse_bytes(io_limit);
+        mo.retry_failed = retry ? migrate::RetryFailed::yes : migrate::RetryFailed::no;
+        mo.verify = no_verify ? migrate::Verify::no : migrate::Verify::yes;
+        mo.threads = g.jobs;
+        Ctx c(g);
+        if (*plan) return cmd_plan(c, mo);
+        if (*mig) return cmd_migrate(c, mo);
+        if (*status) return cmd_status(c, journal_lines);
+        if (*ver) return cmd_verify(c, verify_pkgs, verify_objects, sample ? std::optional(sample) : std::nullopt);
+        if (*cut) return cmd_cutover(c);
+        if (*clean) return cmd_cleanup(c, dry);
+        if (*rb) return cmd_rollback(c);
+        if (*mat) return cmd_materialize(c, mat_pkg, mat_dest, mat_link);
+        if (*rem) return cmd_remove(c, rem_pkg);
+        if (*gcc) return cmd_gc(c, gc_dry);
+    } catch (const util::UsageError& e) {
+        std::fprintf(stderr, "casmig: %s\n", e.what());
+        return k_usage;
+    } catch (const util::RefusedError& e) {
+        std::fprintf(stderr, "casmig: refused: %s\n", e.what());
+        return k_refused;
+    } catch (const util::BusyError& e) {
+        std::fprintf(stderr, "casmig: %s\n", e.what());
+        return k_busy;
+    } catch (const std::exception& e) {
+        std::fprintf(stderr, "casmig: error: %s\n", e.what());
+        return k_failed;
+    }
+    return k_usage;
+}

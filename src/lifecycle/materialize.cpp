@@ -1,0 +1,253 @@
+#include "materialize.hpp"
+
+#include "casmig/util/error.hpp"
+
+#include <cerrno>
+#include <cstring>
+#include <fcntl.h>
+#include <linux/fs.h>
+#include <map>
+#include <set>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <unistd.h>
+#include <unordered_map>
+
+namespace casmig::lifecycle::detail {
+
+using catalog::Entry;
+using catalog::EntryType;
+
+namespace {
+
+struct timespec to_ts(std::int64_t ns) {
+    struct timespec t {};
+    t.tv_sec = static_cast<time_t>(ns / 1'000'000'000);
+    t.tv_nsec = static_cast<long>(ns % 1'000'000'000);
+    if (t.tv_nsec < 0) {
+        t.tv_nsec += 1'000'000'000;
+        --t.tv_sec;
+    }
+    return t;
+}
+
+/// Splits "a/b/c" into "a/b" and "c"; refuses components that could escape ("", ".", "..").
+std::pair<std::string, std::string> split(const std::string& path, const std::string& dest) {
+    auto pos = path.rfind('/');
+    std::string parent = pos == std::string::npos ? "" : path.substr(0, pos);
+    std::string name = pos == std::string::npos ? path : path.substr(pos + 1);
+    if (name.empty() || name == "." || name == ".." || path.find('\0') != std::string::npos)
+        throw util::Error("refusing manifest path '" + util::printable(path) + "' for " + dest +
+                          ": it is not a plain relative path (the catalog is damaged: run casmig verify)");
+    return {parent, name};
+}
+
+/// Kernel-side copy of a whole object into fd; falls back to read/write.
+void copy_data(int src, int dst, std::uint64_t size, const std::string& display) {
+    std::uint64_t left = size;
+    bool kernel = true;
+    while (left > 0 && kernel) {
+        ssize_t n = ::copy_file_range(src, nullptr, dst, nullptr, static_cast<size_t>(std::min<std::uint64_t>(left, 1ull << 30)), 0);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EXDEV || errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP) {
+                kernel = false;
+                break;
+            }
+            util::throw_errno("copy failed", display);
+        }
+        if (n == 0) break;
+        left -= static_cast<std::uint64_t>(n);
+    }
+    if (left > 0) {
+        std::vector<char> buf(256 * 1024);
+        off_t off = static_cast<off_t>(size - left);
+        while (left > 0) {
+            ssize_t n = ::pread(src, buf.data(), buf.size(), off);
+            if (n < 0) {
+                if (errno == EINTR) continue;
+                util::throw_errno("read failed", display);
+            }
+            if (n == 0) throw util::Error("object for " + display + " is shorter than its manifest size: run casmig verify --objects");
+            util::write_all(dst, buf.data(), static_cast<size_t>(n), display);
+            off += n;
+            left -= static_cast<std::uint64_t>(n);
+        }
+    }
+}
+
+class Builder {
+public:
+    Builder(int dest_fd, std::string display, cas::ObjectStore& objects, LinkMode link, MaterializeResult& r)
+        : m_root(dest_fd), m_display(std::move(display)), m_objects(objects), m_link(link), m_r(r),
+          m_root_user(::geteuid() == 0) {}
+
+    void build(const std::vector<Entry>& manifest) {
+        // BLOB order puts a directory before everything below it.
+        std::map<std::string, const Entry*> sorted;
+        for (const auto& e : manifest) sorted.emplace(e.path, &e);
+        std::vector<const Entry*> dirs;
+        for (auto& [path, e] : sorted) {
+            if (path.empty()) {
+                if (e->type != EntryType::dir) throw util::Error("manifest root of " + m_display + " is not a directory");
+                dirs.push_back(e);
+                continue;
+            }
+            auto [parent, name] = split(path, m_display);
+            int pfd = dir_fd(parent);
+            std::string disp = m_display + "/" + util::printable(path);
+            switch (e->type) {
+            case EntryType::dir:
+                if (::mkdirat(pfd, name.c_str(), 0700) != 0) util::throw_errno("cannot create directory", disp);
+                m_dirs.insert(path);
+                dirs.push_back(e);
+                ++m_r.dirs;
+                break;
+            case EntryType::symlink: {
+                if (::symlinkat(e->target.c_str(), pfd, name.c_str()) != 0) util::throw_errno("cannot create symlink", disp);
+                if (m_root_user) ::fchownat(pfd, name.c_str(), e->uid, e->gid, AT_SYMLINK_NOFOLLOW);
+                struct timespec ts[2] = {to_ts(e->mtime_ns), to_ts(e->mtime_ns)};
+                ::utimensat(pfd, name.c_str(), ts, AT_SYMLINK_NOFOLLOW); // best effort: some filesystems refuse
+                ++m_r.symlinks;
+                break;
+            }
+            case EntryType::file:
+                write_file(*e, pfd, name, disp);
+                break;
+            }
+        }
+        // Modes and mtimes of directories last, deepest first: creating children changes a
+        // directory's mtime, and a read-only directory would refuse them.
+        for (auto it = dirs.rbegin(); it != dirs.rend(); ++it) {
+            const Entry& e = **it;
+            int fd = e.path.empty() ? m_root : dir_fd(e.path);
+            std::string disp = m_display + (e.path.empty() ? "" : "/" + util::printable(e.path));
+            if (m_root_user) ::fchown(fd, e.uid, e.gid);
+            if (::fchmod(fd, e.mode & 07777) != 0) util::throw_errno("cannot chmod", disp);
+            struct timespec ts[2] = {to_ts(e.mtime_ns), to_ts(e.mtime_ns)};
+            if (::futimens(fd, ts) != 0) util::throw_errno("cannot set mtime", disp);
+        }
+    }
+
+private:
+    /// fd of a directory this build created (or the root), opened component by component with
+    /// O_NOFOLLOW. A parent that is not such a directory is refused.
+    int dir_fd(const std::string& path) {
+        if (path.empty()) return m_root;
+        auto it = m_fds.find(path);
+        if (it != m_fds.end()) return it->second.get();
+        if (!m_dirs.count(path))
+            throw util::Error("refusing manifest of " + m_display + ": '" + util::printable(path) +
+                              "' is used as a directory but the manifest does not create it as one (a crafted or "
+                              "damaged manifest; run casmig verify)");
+        auto [parent, name] = split(path, m_display);
+        int pfd = dir_fd(parent);
+        int fd = ::openat(pfd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0) util::throw_errno("cannot open directory", m_display + "/" + util::printable(path));
+        if (m_fds.size() > 256) m_fds.clear(); // bound open fds; reopened on demand
+        return m_fds.emplace(path, util::Fd(fd)).first->second.get();
+    }
+
+    void finish_copy(int fd, const Entry& e, const std::string& disp) {
+        if (m_root_user) ::fchown(fd, e.uid, e.gid); // before chmod: chown clears setuid/setgid
+        if (::fchmod(fd, e.mode & 07777) != 0) util::throw_errno("cannot chmod", disp);
+        struct timespec ts[2] = {to_ts(e.mtime_ns), to_ts(e.mtime_ns)};
+        if (::futimens(fd, ts) != 0) util::throw_errno("cannot set mtime", disp);
+    }
+
+    void copy_file(const Entry& e, int pfd, const std::string& name, const std::string& disp, bool try_reflink) {
+        util::Fd src = m_objects.open(*e.digest);
+        int fd = ::openat(pfd, name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+        if (fd < 0) util::throw_errno("cannot create file", disp);
+        util::Fd dst(fd);
+        bool cloned = false;
+        if (try_reflink && e.size > 0) cloned = ::ioctl(fd, FICLONE, src.get()) == 0;
+        if (!cloned) copy_data(src.get(), fd, e.size, disp);
+        finish_copy(fd, e, disp);
+        if (cloned) ++m_r.reflinked;
+        else ++m_r.copied;
+    }
+
+    /// The object, or a variant of it whose mode is `mode` (created once, never writable), to link to.
+    std::string link_source(const Entry& e, std::uint32_t mode) {
+        std::string rel = cas::object_relpath(*e.digest);
+        if (mode == 0444) return rel;
+        char suffix[16];
+        std::snprintf(suffix, sizeof suffix, ".m%03o", mode);
+        std::string variant = rel + suffix;
+        struct stat st {};
+        if (::fstatat(m_objects.dirfd(), variant.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) return variant;
+        // Build the variant like an object: temp file, data, mode, fsync, then link without replacing.
+        cas::TempFile tmp = m_objects.create_temp();
+        util::Fd src = m_objects.open(*e.digest);
+        copy_data(src.get(), tmp.fd(), e.size, "objects/" + variant);
+        if (::fchmod(tmp.fd(), mode) != 0) util::throw_errno("cannot chmod", "temp/" + tmp.name());
+        util::fsync_fd(tmp.fd(), "temp/" + tmp.name());
+        std::string tname = tmp.name();
+        if (::linkat(m_objects.temp_dirfd(), tname.c_str(), m_objects.dirfd(), variant.c_str(), 0) != 0 && errno != EEXIST)
+            util::throw_errno("cannot create object variant", m_objects.dir() + "/" + variant);
+        return variant; // tmp's destructor unlinks the temp name
+    }
+
+    void write_file(const Entry& e, int pfd, const std::string& name, const std::string& disp) {
+        if (!e.digest) throw util::Error("manifest entry " + disp + " has no object digest (damaged catalog: run casmig verify)");
+        ++m_r.files;
+        m_r.bytes += e.size;
+        // A hard link inside the package: recreate it as one.
+        if (e.link_to) {
+            auto it = m_files.find(*e.link_to);
+            if (it != m_files.end()) {
+                auto [lparent, lname] = split(*e.link_to, m_display);
+                if (::linkat(dir_fd(lparent), lname.c_str(), pfd, name.c_str(), 0) == 0) {
+                    ++m_r.linked;
+                    return;
+                }
+            }
+        }
+        if (m_link == LinkMode::hardlink) {
+            // Never link setuid/setgid files: a shared inode would spread the privilege to every user
+            // of the object. Other files link to the object or to a read-only variant that keeps the
+            // file's read and exec bits (write bits may differ, as documented).
+            std::uint32_t mode = e.mode & 07777;
+            if (!(mode & 06000)) {
+                try {
+                    std::string src = link_source(e, mode & 0555);
+                    if (::linkat(m_objects.dirfd(), src.c_str(), pfd, name.c_str(), 0) == 0) {
+                        ++m_r.linked;
+                        m_files.emplace(e.path, true);
+                        return;
+                    }
+                    if (errno != EMLINK && errno != EXDEV && errno != EPERM && errno != EACCES)
+                        util::throw_errno("cannot link", disp);
+                } catch (const util::SystemError& err) {
+                    if (err.code() != EMLINK && err.code() != EXDEV && err.code() != EPERM && err.code() != EACCES &&
+                        err.code() != EROFS)
+                        throw;
+                }
+            }
+        }
+        copy_file(e, pfd, name, disp, m_link == LinkMode::reflink || m_link == LinkMode::hardlink);
+        m_files.emplace(e.path, true);
+    }
+
+    int m_root;
+    std::string m_display;
+    cas::ObjectStore& m_objects;
+    LinkMode m_link;
+    MaterializeResult& m_r;
+    bool m_root_user;
+    std::unordered_map<std::string, util::Fd> m_fds;
+    std::unordered_map<std::string, bool> m_files;
+    std::set<std::string> m_dirs;
+};
+
+} // namespace
+
+void build_tree(int dest_fd, const std::string& dest_display, const std::vector<Entry>& manifest,
+                cas::ObjectStore& objects, LinkMode link, MaterializeResult& result) {
+    Builder b(dest_fd, dest_display, objects, link, result);
+    b.build(manifest);
+}
+
+} // namespace casmig::lifecycle::detail

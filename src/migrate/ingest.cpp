@@ -1,0 +1,103 @@
+#include "casmig/migrate/ingest.hpp"
+
+#include <cerrno>
+#include <cstring>
+#include <fcntl.h>
+#include <unistd.h>
+#include <vector>
+
+namespace casmig::migrate {
+
+// Files up to this size are read into one buffer, hashed, and written only if the object is new
+// (most files of a package store are small and already present). Larger files are streamed: each
+// buffer is hashed and written to the temp file in the same pass, so the object can never differ
+// from what was hashed, and memory stays at one buffer per worker thread.
+static constexpr std::uint64_t k_small_file = 1 << 20;
+static constexpr size_t k_chunk = 256 * 1024;
+
+static bool same_file(const struct stat& a, const struct stat& b) {
+    return a.st_dev == b.st_dev && a.st_ino == b.st_ino && a.st_size == b.st_size &&
+           a.st_mtim.tv_sec == b.st_mtim.tv_sec && a.st_mtim.tv_nsec == b.st_mtim.tv_nsec &&
+           a.st_ctim.tv_sec == b.st_ctim.tv_sec && a.st_ctim.tv_nsec == b.st_ctim.tv_nsec;
+}
+
+[[noreturn]] static void changed(const walk::Item& item) {
+    throw walk::PackageError(item.entry.path, "changed while being migrated (size, mtime or ctime moved); rerun "
+                                              "migrate --retry-failed once the package is no longer being modified");
+}
+
+static ssize_t read_some(int fd, char* buf, size_t len, util::RateLimiter* limiter) {
+    if (limiter) limiter->acquire(len);
+    for (;;) {
+        ssize_t n = ::read(fd, buf, len);
+        if (n >= 0 || errno != EINTR) return n;
+    }
+}
+
+IngestResult ingest_file(const walk::Item& item, cas::ObjectStore* objects, StoreObject store,
+                         util::RateLimiter* limiter) {
+    const std::string& path = item.entry.path;
+    int fd = ::openat(item.parent->get(), item.name.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NOATIME);
+    if (fd < 0 && errno == EPERM) // O_NOATIME is only allowed to the file's owner
+        fd = ::openat(item.parent->get(), item.name.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+        int e = errno;
+        if (e == ENOENT || e == ELOOP) changed(item);
+        throw walk::PackageError(path, std::string("cannot open: ") + std::strerror(e) +
+                                           (e == EACCES ? " (make it readable or run casmig as its owner)" : ""));
+    }
+    util::Fd owned(fd);
+    struct stat before {};
+    if (::fstat(fd, &before) != 0) throw walk::PackageError(path, std::string("cannot stat: ") + std::strerror(errno));
+    if (!S_ISREG(before.st_mode) || !same_file(before, item.st)) changed(item);
+    const auto expected = static_cast<std::uint64_t>(before.st_size);
+
+    IngestResult r;
+    hash::Hasher hasher;
+    std::uint64_t total = 0;
+    auto read_error = [&](int e) -> void {
+        throw walk::PackageError(path, std::string("read failed: ") + std::strerror(e));
+    };
+    if (expected <= k_small_file) {
+        // One extra byte detects a file that grew since fstat.
+        thread_local std::vector<char> buf;
+        buf.resize(static_cast<size_t>(expected) + 1);
+        while (total < buf.size()) {
+            ssize_t n = read_some(fd, buf.data() + total, buf.size() - total, limiter);
+            if (n < 0) read_error(errno);
+            if (n == 0) break;
+            total += static_cast<std::uint64_t>(n);
+        }
+        if (total != expected) changed(item);
+        hasher.update(buf.data(), total);
+        r.digest = hasher.finish();
+        struct stat after {};
+        if (::fstat(fd, &after) != 0 || !same_file(before, after)) changed(item);
+        if (store == StoreObject::yes && objects)
+            r.new_object = objects->stage_bytes(r.digest, std::string_view(buf.data(), total)) == cas::StageResult::staged;
+    } else {
+        ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+        thread_local std::vector<char> buf;
+        buf.resize(k_chunk);
+        cas::TempFile tmp;
+        bool writing = store == StoreObject::yes && objects;
+        if (writing) tmp = objects->create_temp();
+        for (;;) {
+            ssize_t n = read_some(fd, buf.data(), buf.size(), limiter);
+            if (n < 0) read_error(errno);
+            if (n == 0) break;
+            hasher.update(buf.data(), static_cast<size_t>(n));
+            if (writing) util::write_all(tmp.fd(), buf.data(), static_cast<size_t>(n), "temp/" + tmp.name());
+            total += static_cast<std::uint64_t>(n);
+        }
+        if (total != expected) changed(item);
+        struct stat after {};
+        if (::fstat(fd, &after) != 0 || !same_file(before, after)) changed(item);
+        r.digest = hasher.finish();
+        if (writing) r.new_object = objects->stage(r.digest, std::move(tmp), total) == cas::StageResult::staged;
+    }
+    r.size = total;
+    return r;
+}
+
+} // namespace casmig::migrate

@@ -1,0 +1,421 @@
+#include "casmig/migrate/pipeline.hpp"
+
+#include "casmig/migrate/ingest.hpp"
+#include "casmig/util/error.hpp"
+#include "casmig/verify/verify.hpp"
+
+#include <atomic>
+#include <mutex>
+#include <set>
+#include <sys/statvfs.h>
+#include <tbb/global_control.h>
+#include <tbb/parallel_pipeline.h>
+#include <tbb/task_arena.h>
+#include <thread>
+#include <unordered_map>
+
+namespace casmig::migrate {
+
+using catalog::PackageState;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+// Units: a package is cut into units of at most this many files or bytes, so that one huge package
+// still spreads over all cores and a unit's memory (entries only, never file contents) stays small.
+constexpr size_t k_unit_files = 256;
+constexpr std::uint64_t k_unit_bytes = 16ull << 20;
+// Tokens in flight: enough for every worker to have a unit while the serial stages work on others;
+// each unit holds at most k_unit_files open directory references, so fds stay bounded too.
+unsigned tokens_for(unsigned threads) { return threads * 4; }
+// A batch is published and committed when any bound is reached: less often means fewer syncfs calls,
+// more often means less work redone after a crash.
+constexpr auto k_batch_interval = std::chrono::seconds(2);
+constexpr std::uint64_t k_batch_bytes = 1ull << 30;
+constexpr size_t k_batch_packages = 2000;
+
+/// One package travelling through the pipeline.
+struct Job {
+    catalog::Package pkg;
+    std::vector<catalog::Entry> entries;
+    std::mutex mutex;
+    std::atomic<bool> failed{false};
+    std::string error_path, error_message;
+    std::uint64_t files = 0, bytes = 0;
+
+    void fail(const std::string& path, const std::string& message) {
+        std::lock_guard lk(mutex);
+        if (failed) return; // the first problem is the one reported
+        error_path = path;
+        error_message = message;
+        failed = true;
+    }
+    Problem problem() const { return {util::printable(pkg.name), util::printable(error_path), error_message}; }
+};
+
+struct Unit {
+    std::shared_ptr<Job> job;
+    std::vector<walk::Item> items;
+    bool last = false;
+};
+using UnitPtr = std::shared_ptr<Unit>;
+
+std::vector<catalog::Package> select_packages(catalog::Catalog* cat, const std::vector<std::string>& legacy,
+                                              const Options& opts) {
+    std::vector<catalog::Package> all;
+    if (cat) all = cat->packages();
+    else
+        for (const auto& d : legacy) {
+            catalog::Package p;
+            p.name = d;
+            all.push_back(p);
+        }
+    std::set<std::string> on_disk(legacy.begin(), legacy.end());
+    std::vector<catalog::Package> out;
+    auto wanted = [&](const catalog::Package& p, bool named) {
+        if (p.tree == catalog::TreeState::removed || !on_disk.count(p.name)) return false;
+        switch (p.state) {
+        case PackageState::pending:
+        case PackageState::in_progress:
+        case PackageState::rolled_back: return true;
+        case PackageState::failed: return named || opts.retry_failed == RetryFailed::yes;
+        default: return false;
+        }
+    };
+    if (!opts.packages.empty()) {
+        std::unordered_map<std::string, const catalog::Package*> by_name;
+        for (const auto& p : all) by_name[p.name] = &p;
+        std::set<std::string> seen;
+        for (const auto& n : opts.packages) {
+            auto it = by_name.find(n);
+            if (it == by_name.end())
+                throw util::UsageError("package " + util::printable(n) + " is not in store: no such legacy directory "
+                                       "(see 'casmig status' for the packages it knows)");
+            if (seen.insert(n).second && wanted(*it->second, true)) out.push_back(*it->second);
+        }
+    } else {
+        for (const auto& p : all)
+            if (wanted(p, false)) out.push_back(p);
+    }
+    if (opts.limit && out.size() > *opts.limit) out.resize(static_cast<size_t>(*opts.limit));
+    return out;
+}
+
+enum class Mode { plan, migrate };
+
+/// The three-stage pipeline shared by migrate and plan.
+class Pipeline {
+public:
+    Pipeline(store::Store& store, Mode mode, const Options& opts, std::vector<catalog::Package> packages,
+             const ProgressSink& progress, const ProblemSink& problems)
+        : m_store(store), m_mode(mode), m_opts(opts), m_packages(std::move(packages)), m_progress(progress),
+          m_problems(problems), m_limiter(opts.io_limit), m_start(Clock::now()), m_last_flush(Clock::now()) {
+        m_report.phase = mode == Mode::plan ? "plan" : "migrate";
+        m_report.packages_total = m_packages.size();
+        if (mode == Mode::migrate) m_objects = &store.objects();
+    }
+
+    void run(unsigned threads) {
+        tbb::task_arena arena(static_cast<int>(threads));
+        arena.execute([&] {
+            tbb::parallel_pipeline(
+                tokens_for(threads),
+                tbb::make_filter<void, UnitPtr>(tbb::filter_mode::serial_in_order,
+                                                [this](tbb::flow_control& fc) { return walk_stage(fc); }) &
+                    tbb::make_filter<UnitPtr, UnitPtr>(tbb::filter_mode::parallel,
+                                                       [this](UnitPtr u) { return ingest_stage(std::move(u)); }) &
+                    tbb::make_filter<UnitPtr, void>(tbb::filter_mode::serial_in_order,
+                                                    [this](UnitPtr u) { commit_stage(std::move(u)); }));
+        });
+        if (m_mode == Mode::migrate) flush();
+        m_result.seconds = std::chrono::duration<double>(Clock::now() - m_start).count();
+    }
+
+    Result& result() { return m_result; }
+    std::vector<std::int64_t>& migrated_ids() { return m_migrated_ids; }
+    // plan
+    std::unordered_map<hash::Digest, std::uint64_t, hash::DigestHash>& plan_digests() { return m_plan_digests; }
+
+private:
+    // ---- stage 1: walk (serial, in order)
+    UnitPtr walk_stage(tbb::flow_control& fc) {
+        if (!m_walker) {
+            if (m_next == m_packages.size() ||
+                (m_opts.time_budget && Clock::now() - m_start >= *m_opts.time_budget)) {
+                if (m_next < m_packages.size()) m_result.stopped_by_budget = true;
+                fc.stop();
+                return nullptr;
+            }
+            m_job = std::make_shared<Job>();
+            m_job->pkg = m_packages[m_next++];
+            if (m_mode == Mode::migrate) {
+                std::lock_guard lk(m_db_mutex);
+                auto& cat = m_store.catalog();
+                cat.set_state(m_job->pkg.id, PackageState::in_progress);
+            }
+            try {
+                m_walker = std::make_unique<walk::PackageWalker>(m_store.root_fd(), m_job->pkg.name);
+            } catch (const walk::PackageError& e) {
+                m_job->fail(e.path(), e.what());
+                auto u = std::make_shared<Unit>();
+                u->job = std::exchange(m_job, nullptr);
+                u->last = true;
+                return u;
+            }
+        }
+        auto u = std::make_shared<Unit>();
+        u->job = m_job;
+        std::uint64_t bytes = 0;
+        try {
+            walk::Item it;
+            while (u->items.size() < k_unit_files && bytes < k_unit_bytes) {
+                if (!m_walker->next(it)) {
+                    u->last = true;
+                    break;
+                }
+                if (it.entry.type == catalog::EntryType::file) bytes += it.entry.size;
+                u->items.push_back(std::move(it));
+            }
+        } catch (const walk::PackageError& e) {
+            m_job->fail(e.path(), e.what());
+            u->last = true;
+        }
+        if (u->last) {
+            m_walker.reset();
+            m_job.reset();
+        }
+        return u;
+    }
+
+    // ---- stage 2: ingest (parallel)
+    UnitPtr ingest_stage(UnitPtr u) {
+        Job& job = *u->job;
+        for (auto& it : u->items) {
+            if (job.failed) break; // the package is lost for this run: do not read the rest of it
+            if (it.entry.type != catalog::EntryType::file) continue;
+            try {
+                auto r = ingest_file(it, m_objects, m_mode == Mode::migrate ? StoreObject::yes : StoreObject::no,
+                                     m_limiter.limited() ? &m_limiter : nullptr);
+                it.entry.digest = r.digest;
+                it.entry.size = r.size;
+                if (r.new_object) {
+                    m_new_objects.fetch_add(1, std::memory_order_relaxed);
+                    m_new_bytes.fetch_add(r.size, std::memory_order_relaxed);
+                }
+            } catch (const walk::PackageError& e) {
+                job.fail(e.path(), e.what());
+            }
+            it.parent.reset(); // release the directory fd as early as possible
+        }
+        return u;
+    }
+
+    // ---- stage 3: commit (serial, in order)
+    void commit_stage(UnitPtr u) {
+        Job& job = *u->job;
+        for (auto& it : u->items) {
+            if (it.entry.type == catalog::EntryType::file) {
+                ++job.files;
+                job.bytes += it.entry.size;
+                ++m_report.files_done;
+                m_report.bytes_done += it.entry.size;
+                if (m_mode == Mode::plan && it.entry.digest && !job.failed) m_unit_digests.push_back({*it.entry.digest, it.entry.size});
+            }
+            if (m_mode == Mode::migrate) job.entries.push_back(std::move(it.entry));
+        }
+        if (m_mode == Mode::plan && !job.failed) {
+            for (auto& [d, s] : m_unit_digests) m_job_digests.push_back({d, s});
+        }
+        m_unit_digests.clear();
+        if (!u->last) {
+            report();
+            return;
+        }
+        ++m_report.packages_done;
+        ++m_result.packages;
+        if (m_mode == Mode::plan) {
+            if (job.failed) {
+                ++m_result.failed;
+                if (m_problems) m_problems(job.problem());
+            } else {
+                m_result.files += job.files;
+                m_result.bytes += job.bytes;
+                for (auto& [d, s] : m_job_digests) m_plan_digests.emplace(d, s);
+            }
+            m_job_digests.clear();
+            report();
+            return;
+        }
+        m_batch.push_back(u->job);
+        m_batch_bytes += job.bytes;
+        report();
+        if (m_batch.size() >= k_batch_packages || m_batch_bytes >= k_batch_bytes ||
+            Clock::now() - m_last_flush >= k_batch_interval)
+            flush();
+    }
+
+    /// Objects durable first, then the catalog rows that refer to them (see cas/object_store.hpp).
+    void flush() {
+        m_last_flush = Clock::now();
+        if (m_batch.empty()) return;
+        auto published = m_store.objects().publish();
+        (void)published;
+        std::lock_guard lk(m_db_mutex);
+        auto& cat = m_store.catalog();
+        catalog::Transaction tx(cat.db());
+        bool any_migrated = false;
+        for (auto& jp : m_batch) {
+            Job& job = *jp;
+            std::string pid = util::printable(job.pkg.name);
+            const char* from = catalog::to_string(job.pkg.state);
+            if (job.failed) {
+                cat.clear_manifest(job.pkg.id); // no stale or half manifest survives a failed run
+                std::string msg = job.problem().line();
+                cat.set_state(job.pkg.id, PackageState::failed, msg);
+                cat.journal("migrate", pid, from, "failed", msg);
+                ++m_result.failed;
+                continue;
+            }
+            cat.put_manifest(job.pkg.id, job.entries);
+            for (const auto& e : job.entries)
+                if (e.type == catalog::EntryType::file && e.digest)
+                    cat.add_object({*e.digest, static_cast<std::int64_t>(e.size), static_cast<std::int64_t>(e.size)});
+            cat.set_state(job.pkg.id, PackageState::migrated);
+            cat.journal("migrate", pid, from, "migrated",
+                        std::to_string(job.files) + " files, " + std::to_string(job.bytes) + " bytes");
+            m_migrated_ids.push_back(job.pkg.id);
+            ++m_result.migrated;
+            m_result.files += job.files;
+            m_result.bytes += job.bytes;
+            any_migrated = true;
+        }
+        if (any_migrated && cat.mode() == catalog::StoreMode::legacy) {
+            cat.set_mode(catalog::StoreMode::dual);
+            cat.journal("migrate", "", "legacy", "dual", "store mode");
+        }
+        tx.commit();
+        if (m_problems)
+            for (auto& jp : m_batch)
+                if (jp->failed) m_problems(jp->problem());
+        m_batch.clear();
+        m_batch_bytes = 0;
+        m_result.new_objects = m_new_objects.load();
+        m_result.new_object_bytes = m_new_bytes.load();
+    }
+
+    void report() {
+        if (m_progress) m_progress(m_report);
+    }
+
+    store::Store& m_store;
+    Mode m_mode;
+    const Options& m_opts;
+    std::vector<catalog::Package> m_packages;
+    const ProgressSink& m_progress;
+    const ProblemSink& m_problems;
+    util::RateLimiter m_limiter;
+    cas::ObjectStore* m_objects = nullptr;
+    Clock::time_point m_start, m_last_flush;
+    std::mutex m_db_mutex;
+    // walk stage
+    size_t m_next = 0;
+    std::unique_ptr<walk::PackageWalker> m_walker;
+    std::shared_ptr<Job> m_job;
+    // ingest stage
+    std::atomic<std::uint64_t> m_new_objects{0}, m_new_bytes{0};
+    // commit stage
+    std::vector<std::shared_ptr<Job>> m_batch;
+    std::uint64_t m_batch_bytes = 0;
+    std::vector<std::int64_t> m_migrated_ids;
+    Progress m_report;
+    Result m_result;
+    std::vector<std::pair<hash::Digest, std::uint64_t>> m_unit_digests, m_job_digests;
+    std::unordered_map<hash::Digest, std::uint64_t, hash::DigestHash> m_plan_digests;
+};
+
+unsigned thread_count(unsigned requested) {
+    if (requested) return requested;
+    unsigned n = std::thread::hardware_concurrency();
+    return n ? n : 2;
+}
+
+} // namespace
+
+Result migrate(store::Store& store, const Options& opts, const ProgressSink& progress, const ProblemSink& problems) {
+    util::raise_fd_limit();
+    store.discover();
+    auto& cat = store.catalog();
+    auto selected = select_packages(&cat, store.legacy_dirs(), opts);
+    Pipeline p(store, Mode::migrate, opts, std::move(selected), progress, problems);
+    p.run(thread_count(opts.threads));
+    Result r = p.result();
+    if (opts.verify == Verify::yes) {
+        // This run's packages, and any a killed run left migrated but unverified.
+        std::vector<catalog::Package> todo;
+        for (const auto& pk : cat.packages())
+            if (pk.state == PackageState::migrated && pk.tree != catalog::TreeState::removed) todo.push_back(pk);
+        if (!todo.empty()) {
+            verify::Options vo;
+            vo.threads = opts.threads;
+            auto vr = verify::verify_packages(store, todo, vo, progress, problems);
+            r.verified = vr.ok;
+            r.failed += vr.mismatched;
+        }
+    }
+    r.seconds = p.result().seconds;
+    return r;
+}
+
+PlanResult plan(store::Store& store, const Options& opts, const ProgressSink& progress, const ProblemSink& problems) {
+    util::raise_fd_limit();
+    std::unique_ptr<catalog::Catalog> cat;
+    if (store.has_catalog()) cat = std::make_unique<catalog::Catalog>(store.db_path(), catalog::OpenMode::read_only);
+    auto legacy = store.legacy_dirs();
+    std::vector<catalog::Package> selected;
+    if (cat) {
+        // Packages the catalog does not know yet are pending too (migrate would discover them).
+        auto known = cat->packages();
+        std::set<std::string> names;
+        for (const auto& p : known) names.insert(p.name);
+        selected = select_packages(cat.get(), legacy, opts);
+        Options o2 = opts;
+        std::vector<catalog::Package> fresh;
+        for (const auto& d : legacy)
+            if (!names.count(d)) {
+                catalog::Package p;
+                p.name = d;
+                fresh.push_back(p);
+            }
+        if (opts.packages.empty()) {
+            selected.insert(selected.end(), fresh.begin(), fresh.end());
+            std::sort(selected.begin(), selected.end(), [](auto& a, auto& b) { return a.name < b.name; });
+            if (opts.limit && selected.size() > *opts.limit) selected.resize(static_cast<size_t>(*opts.limit));
+        }
+    } else {
+        selected = select_packages(nullptr, legacy, opts);
+    }
+    Pipeline p(store, Mode::plan, opts, std::move(selected), progress, problems);
+    p.run(thread_count(opts.threads));
+    PlanResult r;
+    r.packages = p.result().packages;
+    r.failed = p.result().failed;
+    r.files = p.result().files;
+    r.bytes = p.result().bytes;
+    bool have_objects = ::access(store.objects_dir().c_str(), F_OK) == 0;
+    std::unique_ptr<cas::ObjectStore> objs;
+    if (have_objects) objs = std::make_unique<cas::ObjectStore>(store.objects_dir(), store.objects_dir());
+    for (const auto& [d, s] : p.plan_digests()) {
+        if (objs && objs->on_disk(d)) continue;
+        r.unique_bytes += s;
+        ++r.unique_objects;
+    }
+    struct statvfs vfs {};
+    if (::statvfs(store.root().c_str(), &vfs) == 0) r.free_bytes = static_cast<std::uint64_t>(vfs.f_bavail) * vfs.f_frsize;
+    // Objects are rounded up to the filesystem block; the catalog needs about 200 bytes per entry.
+    std::uint64_t block = vfs.f_frsize ? vfs.f_frsize : 4096;
+    std::uint64_t padded = r.unique_bytes + r.unique_objects * (block / 2);
+    r.needed_bytes = padded + r.files * 200;
+    return r;
+}
+
+} // namespace casmig::migrate

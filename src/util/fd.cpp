@@ -1,0 +1,172 @@
+#include "casmig/util/fd.hpp"
+
+#include "casmig/util/error.hpp"
+
+#include <cerrno>
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/resource.h>
+#include <unistd.h>
+#include <vector>
+
+namespace casmig::util {
+
+void Fd::reset() noexcept {
+    if (m_fd >= 0) {
+        ::close(m_fd);
+        m_fd = -1;
+    }
+}
+
+Fd open_dir_at(int dirfd, const std::string& name, const std::string& display) {
+    int fd = ::openat(dirfd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) throw_errno("cannot open directory", display);
+    return Fd(fd);
+}
+
+Fd open_dir(const std::string& path) {
+    int fd = ::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0) throw_errno("cannot open directory", path);
+    return Fd(fd);
+}
+
+void fsync_fd(int fd, const std::string& display) {
+    if (::fsync(fd) != 0) throw_errno("fsync failed", display);
+}
+
+void write_all(int fd, const void* buf, size_t len, const std::string& display) {
+    auto p = static_cast<const char*>(buf);
+    while (len > 0) {
+        ssize_t n = ::write(fd, p, len);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            throw_errno("write failed", display);
+        }
+        p += n;
+        len -= static_cast<size_t>(n);
+    }
+}
+
+bool lstat_at(int dirfd, const std::string& name, struct stat& st, const std::string& display) {
+    if (::fstatat(dirfd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) return true;
+    if (errno == ENOENT) return false;
+    throw_errno("cannot stat", display);
+}
+
+std::string read_link_at(int dirfd, const std::string& name, const std::string& display) {
+    std::string buf(256, '\0');
+    for (;;) {
+        ssize_t n = ::readlinkat(dirfd, name.c_str(), buf.data(), buf.size());
+        if (n < 0) throw_errno("cannot read symlink", display);
+        if (static_cast<size_t>(n) < buf.size()) {
+            buf.resize(static_cast<size_t>(n));
+            return buf;
+        }
+        buf.resize(buf.size() * 2);
+    }
+}
+
+std::vector<std::string> list_dir(int fd, const std::string& display) {
+    int dfd = ::dup(fd);
+    DIR* d = dfd >= 0 ? ::fdopendir(dfd) : nullptr;
+    if (!d) {
+        if (dfd >= 0) ::close(dfd);
+        throw_errno("cannot read directory", display);
+    }
+    ::rewinddir(d); // the dup shares the offset of fd, which an earlier listing left at the end
+    std::vector<std::string> names;
+    errno = 0;
+    while (dirent* e = ::readdir(d)) {
+        std::string n = e->d_name;
+        if (n != "." && n != "..") names.push_back(std::move(n));
+        errno = 0;
+    }
+    int err = errno;
+    ::closedir(d);
+    if (err) {
+        errno = err;
+        throw_errno("cannot read directory", display);
+    }
+    return names;
+}
+
+static unsigned long long remove_children(int fd, const std::string& display) {
+    unsigned long long bytes = 0;
+    std::vector<std::string> names = list_dir(fd, display);
+    for (const auto& n : names) {
+        struct stat st {};
+        if (!lstat_at(fd, n, st, display + "/" + printable(n))) continue;
+        if (S_ISDIR(st.st_mode)) {
+            bytes += remove_tree_at(fd, n, display + "/" + printable(n));
+        } else {
+            if (S_ISREG(st.st_mode)) bytes += static_cast<unsigned long long>(st.st_size);
+            if (::unlinkat(fd, n.c_str(), 0) != 0 && errno != ENOENT)
+                throw_errno("cannot remove", display + "/" + printable(n));
+        }
+    }
+    return bytes;
+}
+
+unsigned long long remove_tree_at(int dirfd, const std::string& name, const std::string& display) {
+    struct stat st {};
+    if (!lstat_at(dirfd, name, st, display)) return 0;
+    if (!S_ISDIR(st.st_mode)) {
+        if (::unlinkat(dirfd, name.c_str(), 0) != 0 && errno != ENOENT) throw_errno("cannot remove", display);
+        return S_ISREG(st.st_mode) ? static_cast<unsigned long long>(st.st_size) : 0;
+    }
+    // A read-only directory (mode 0555) cannot have its entries removed until it is writable.
+    if ((st.st_mode & 0700) != 0700) ::fchmodat(dirfd, name.c_str(), (st.st_mode & 07777) | 0700, 0);
+    unsigned long long bytes = 0;
+    {
+        Fd fd = open_dir_at(dirfd, name, display);
+        bytes = remove_children(fd.get(), display);
+    }
+    if (::unlinkat(dirfd, name.c_str(), AT_REMOVEDIR) != 0 && errno != ENOENT)
+        throw_errno("cannot remove directory", display);
+    return bytes;
+}
+
+void ensure_dir(const std::string& path, mode_t mode) {
+    if (::mkdir(path.c_str(), mode) != 0 && errno != EEXIST) throw_errno("cannot create directory", path);
+}
+
+void raise_fd_limit() {
+    struct rlimit rl {};
+    if (::getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        ::setrlimit(RLIMIT_NOFILE, &rl); // best effort: a lower limit only bounds tree depth
+    }
+}
+
+std::string printable(std::string_view bytes) {
+    static const char* hex = "0123456789abcdef";
+    std::string out;
+    out.reserve(bytes.size());
+    size_t i = 0;
+    while (i < bytes.size()) {
+        auto c = static_cast<unsigned char>(bytes[i]);
+        // keep valid UTF-8 multi-byte sequences as they are
+        int len = c >= 0xF0 && c < 0xF5 ? 4 : c >= 0xE0 ? 3 : c >= 0xC2 && c < 0xE0 ? 2 : 1;
+        if (c >= 0x80 && len > 1 && i + len <= bytes.size()) {
+            bool ok = true;
+            for (int k = 1; k < len; ++k)
+                if ((static_cast<unsigned char>(bytes[i + k]) & 0xC0) != 0x80) ok = false;
+            if (ok) {
+                out.append(bytes.substr(i, len));
+                i += len;
+                continue;
+            }
+        }
+        if (c < 0x20 || c == 0x7f || c >= 0x80 || c == '\\') {
+            out += "\\x";
+            out += hex[c >> 4];
+            out += hex[c & 15];
+        } else {
+            out += static_cast<char>(c);
+        }
+        ++i;
+    }
+    return out;
+}
+
+} // namespace casmig::util

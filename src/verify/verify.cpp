@@ -1,0 +1,307 @@
+#include "casmig/verify/verify.hpp"
+
+#include "casmig/migrate/ingest.hpp"
+#include "casmig/util/error.hpp"
+#include "casmig/walk/walker.hpp"
+
+#include <atomic>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <fcntl.h>
+#include <map>
+#include <mutex>
+#include <tbb/parallel_for_each.h>
+#include <tbb/parallel_pipeline.h>
+#include <tbb/task_arena.h>
+#include <thread>
+#include <unistd.h>
+#include <unordered_map>
+
+namespace casmig::verify {
+
+using catalog::EntryType;
+using catalog::PackageState;
+
+namespace {
+
+constexpr size_t k_max_problems_per_package = 20;
+
+unsigned thread_count(unsigned requested) {
+    if (requested) return requested;
+    unsigned n = std::thread::hardware_concurrency();
+    return n ? n : 2;
+}
+
+const char* type_name(EntryType t) {
+    switch (t) {
+    case EntryType::file: return "file";
+    case EntryType::dir: return "directory";
+    case EntryType::symlink: return "symlink";
+    }
+    return "?";
+}
+
+std::string octal(std::uint32_t m) {
+    char b[16];
+    std::snprintf(b, sizeof b, "%04o", m);
+    return b;
+}
+
+struct Task {
+    catalog::Package pkg;
+    std::vector<catalog::Entry> manifest;
+    std::vector<std::pair<std::string, std::string>> problems; // path, message
+    void add(const std::string& path, const std::string& msg) {
+        if (problems.size() < k_max_problems_per_package) problems.emplace_back(path, msg);
+        else if (problems.size() == k_max_problems_per_package)
+            problems.emplace_back("", "more problems not shown (limit " + std::to_string(k_max_problems_per_package) + ")");
+    }
+};
+
+void check_objects(Task& t, const cas::ObjectStore& objects) {
+    for (const auto& e : t.manifest) {
+        if (e.type != EntryType::file || !e.digest) continue;
+        std::uint64_t size = 0;
+        if (!objects.on_disk(*e.digest, &size))
+            t.add(e.path, "object " + e.digest->hex() + " is missing from objects/");
+        else if (size != e.size)
+            t.add(e.path, "object " + e.digest->hex() + " has " + std::to_string(size) + " bytes, the manifest says " +
+                              std::to_string(e.size));
+    }
+}
+
+void check_tree(Task& t, int store_fd) {
+    std::unordered_map<std::string, const catalog::Entry*> want;
+    want.reserve(t.manifest.size());
+    for (const auto& e : t.manifest) want.emplace(e.path, &e);
+    size_t seen = 0;
+    try {
+        walk::PackageWalker w(store_fd, t.pkg.name);
+        walk::Item it;
+        for (;;) {
+            try {
+                if (!w.next(it)) break;
+            } catch (const walk::PackageError& e) {
+                // The walker has already stepped past the bad entry: report it and keep walking.
+                t.add(e.path(), e.what());
+                continue;
+            }
+            const std::string& path = it.entry.path;
+            auto f = want.find(path);
+            if (f == want.end()) {
+                t.add(path, std::string("is in the legacy tree but not in the manifest (a ") + type_name(it.entry.type) +
+                                " added after migration)");
+                continue;
+            }
+            ++seen;
+            const catalog::Entry& m = *f->second;
+            if (m.type != it.entry.type) {
+                t.add(path, std::string("type differs: manifest ") + type_name(m.type) + ", legacy tree " +
+                                type_name(it.entry.type));
+                continue;
+            }
+            if (m.type != EntryType::symlink && m.mode != it.entry.mode)
+                t.add(path, "mode differs: manifest " + octal(m.mode) + ", legacy tree " + octal(it.entry.mode));
+            if (m.type == EntryType::symlink && m.target != it.entry.target)
+                t.add(path, "symlink target differs: manifest '" + util::printable(m.target) + "', legacy tree '" +
+                                util::printable(it.entry.target) + "'");
+            if (m.type == EntryType::file) {
+                try {
+                    auto r = migrate::hash_file(it);
+                    if (!m.digest || r.digest != *m.digest)
+                        t.add(path, "content differs: manifest " + (m.digest ? m.digest->hex() : std::string("none")) +
+                                        ", legacy tree " + r.digest.hex());
+                } catch (const walk::PackageError& e) {
+                    t.add(path, e.what());
+                }
+            }
+        }
+    } catch (const walk::PackageError& e) {
+        t.add(e.path(), e.what());
+        return;
+    }
+    if (seen != want.size()) {
+        // Report what the legacy tree lacks (slow path only when something is missing).
+        std::map<std::string, bool> present;
+        walk::PackageWalker w(store_fd, t.pkg.name);
+        walk::Item it;
+        try {
+            while (w.next(it)) present[it.entry.path] = true;
+        } catch (const walk::PackageError&) {
+        }
+        for (const auto& e : t.manifest)
+            if (!present.count(e.path)) t.add(e.path, std::string("is in the manifest but missing from the legacy tree (a ") +
+                                                          type_name(e.type) + ")");
+    }
+}
+
+} // namespace
+
+Result verify_packages(store::Store& store, const std::vector<catalog::Package>& packages, const Options& opts,
+                       const ProgressSink& progress, const ProblemSink& problems) {
+    auto& cat = store.catalog();
+    auto& objects = store.objects();
+    const bool record = opts.record == RecordState::yes && cat.mode() != catalog::StoreMode::file_level;
+    Result r;
+    Progress report;
+    report.phase = "verify";
+    report.packages_total = packages.size();
+    size_t next = 0;
+    std::mutex db_mutex;
+    unsigned threads = thread_count(opts.threads);
+    tbb::task_arena arena(static_cast<int>(threads));
+    arena.execute([&] {
+        tbb::parallel_pipeline(
+            threads * 2,
+            tbb::make_filter<void, std::shared_ptr<Task>>(
+                tbb::filter_mode::serial_in_order,
+                [&](tbb::flow_control& fc) -> std::shared_ptr<Task> {
+                    if (next == packages.size()) {
+                        fc.stop();
+                        return nullptr;
+                    }
+                    auto t = std::make_shared<Task>();
+                    t->pkg = packages[next++];
+                    std::lock_guard lk(db_mutex);
+                    t->manifest = cat.manifest(t->pkg.id);
+                    return t;
+                }) &
+                tbb::make_filter<std::shared_ptr<Task>, std::shared_ptr<Task>>(
+                    tbb::filter_mode::parallel,
+                    [&](std::shared_ptr<Task> t) {
+                        if (!t->pkg.has_manifest) {
+                            t->add("", "has no manifest (state " + std::string(catalog::to_string(t->pkg.state)) +
+                                           "): run casmig migrate first");
+                            return t;
+                        }
+                        check_objects(*t, objects);
+                        if (t->pkg.tree != catalog::TreeState::removed) check_tree(*t, store.root_fd());
+                        return t;
+                    }) &
+                tbb::make_filter<std::shared_ptr<Task>, void>(
+                    tbb::filter_mode::serial_in_order, [&](std::shared_ptr<Task> t) {
+                        ++r.packages;
+                        std::string pid = util::printable(t->pkg.name);
+                        for (auto& [path, msg] : t->problems)
+                            if (problems) problems({pid, util::printable(path), msg});
+                        if (t->problems.empty()) ++r.ok;
+                        else ++r.mismatched;
+                        if (record && t->pkg.has_manifest) {
+                            std::lock_guard lk(db_mutex);
+                            const char* from = catalog::to_string(t->pkg.state);
+                            if (t->problems.empty() && t->pkg.state != PackageState::verified) {
+                                cat.set_state(t->pkg.id, PackageState::verified);
+                                cat.journal("verify", pid, from, "verified");
+                            } else if (!t->problems.empty()) {
+                                Problem first{pid, util::printable(t->problems[0].first), t->problems[0].second};
+                                cat.set_state(t->pkg.id, PackageState::failed, "verify: " + first.line());
+                                if (t->pkg.state != PackageState::failed)
+                                    cat.journal("verify", pid, from, "failed", first.line());
+                            }
+                        }
+                        ++report.packages_done;
+                        report.files_done += t->manifest.size();
+                        if (progress) progress(report);
+                    }));
+    });
+    return r;
+}
+
+Result verify_objects(store::Store& store, const Options& opts, const ProgressSink& progress,
+                      const ProblemSink& problems) {
+    auto& cat = store.catalog();
+    auto& objects = store.objects();
+    auto files = objects.list_files();
+    Result r;
+    std::mutex mutex;
+    std::vector<std::pair<std::string, hash::Digest>> bad; // relpath, named digest
+    Progress report;
+    report.phase = "verify objects";
+    report.packages_total = files.size();
+    std::atomic<std::uint64_t> done{0}, bytes{0};
+    unsigned threads = thread_count(opts.threads);
+    tbb::task_arena arena(static_cast<int>(threads));
+    arena.execute([&] {
+        tbb::parallel_for_each(files.begin(), files.end(), [&](const std::string& rel) {
+            std::string hex = rel.substr(0, 2) + rel.substr(3, 62);
+            auto named = hash::Digest::from_hex(hex);
+            bool ok = false;
+            std::string why;
+            if (!named || rel.size() < 65) {
+                why = "is not named by a BLAKE3 digest";
+            } else {
+                int fd = ::openat(objects.dirfd(), rel.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+                if (fd < 0) {
+                    why = std::string("cannot be opened: ") + std::strerror(errno);
+                } else {
+                    util::Fd owned(fd);
+                    std::uint64_t n = 0;
+                    try {
+                        auto d = hash::hash_fd(fd, objects.dir() + "/" + rel, &n);
+                        ok = d == *named;
+                        if (!ok) why = "content does not match its name (BLAKE3 " + d.hex() + ")";
+                    } catch (const util::SystemError& e) {
+                        why = e.what();
+                    }
+                    bytes += n;
+                }
+            }
+            std::uint64_t k = ++done;
+            std::lock_guard lk(mutex);
+            if (!ok) bad.emplace_back(rel, named.value_or(hash::Digest{}));
+            if (!ok && problems) problems({"-", "objects/" + rel, why});
+            report.packages_done = k;
+            report.bytes_done = bytes;
+            if (progress && (k % 256 == 0 || k == files.size())) progress(report);
+        });
+    });
+    r.objects_checked = files.size();
+    r.objects_bad = bad.size();
+    // Quarantine corrupt objects so a later migrate rewrites them, and name who needs them.
+    if (!bad.empty()) {
+        std::string qdir = store.migration_dir() + "/corrupt";
+        util::ensure_dir(qdir);
+        util::Fd q = util::open_dir(qdir);
+        catalog::Stmt who(cat.db(), "SELECT DISTINCT p.id, p.name, p.tree, p.state FROM entries e JOIN packages p ON p.id = e.package WHERE e.digest = ?");
+        catalog::Transaction tx(cat.db());
+        for (auto& [rel, d] : bad) {
+            std::string qname = rel.substr(0, 2) + rel.substr(3);
+            ::renameat(objects.dirfd(), rel.c_str(), q.get(), qname.c_str());
+            who.bind_blob(1, d.raw());
+            std::string names;
+            bool recoverable = false;
+            std::vector<std::int64_t> ids;
+            while (who.step()) {
+                names += (names.empty() ? "" : ", ") + util::printable(who.str(1));
+                if (who.str(2) != "removed") recoverable = true;
+                ids.push_back(who.i64(0));
+            }
+            who.reset();
+            for (auto id : ids) cat.set_state(id, PackageState::failed, "verify --objects: object " + d.hex() + " was corrupt");
+            cat.journal("verify", names, "", "failed", "corrupt object " + rel + " moved to migration/corrupt/");
+            if (problems)
+                problems({"-", "objects/" + rel,
+                          "moved to migration/corrupt/; needed by " + (names.empty() ? std::string("no package") : names) +
+                              (names.empty() ? ""
+                               : recoverable ? "; run casmig migrate --retry-failed to rewrite it from a legacy tree"
+                                             : "; no legacy tree holds it any more: restore it from a backup")});
+        }
+        tx.commit();
+    }
+    // Catalogued objects that are missing on disk.
+    for (const auto& o : cat.objects()) {
+        std::uint64_t size = 0;
+        if (!objects.on_disk(o.digest, &size)) {
+            bool quarantined = false;
+            for (auto& b : bad)
+                if (b.second == o.digest) quarantined = true;
+            if (quarantined) continue;
+            ++r.objects_bad;
+            if (problems) problems({"-", "objects/" + cas::object_relpath(o.digest), "is in the catalog but missing on disk"});
+        }
+    }
+    return r;
+}
+
+} // namespace casmig::verify
