@@ -2,6 +2,7 @@
 
 #include "casmig/util/error.hpp"
 
+#include <atomic>
 #include <cctype>
 #include <cerrno>
 #include <cstdio>
@@ -70,11 +71,9 @@ bool ObjectStore::exists(const hash::Digest& d) const {
 }
 
 TempFile ObjectStore::create_temp() {
-    std::uint64_t n;
-    {
-        std::lock_guard lk(m_mutex);
-        n = ++m_counter;
-    }
+    // Process-wide counter: several ObjectStores of one process (and threads) never pick one name.
+    static std::atomic<std::uint64_t> counter{0};
+    std::uint64_t n = ++counter;
     std::string name = std::string(k_temp_marker) + std::to_string(::getpid()) + "-" + std::to_string(n);
     int fd = ::openat(m_temp.get(), name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0) util::throw_errno("cannot create temp file", m_temp_path + "/" + name);

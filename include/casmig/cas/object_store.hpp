@@ -109,7 +109,6 @@ private:
     mutable std::mutex m_mutex;
     std::unordered_map<hash::Digest, std::string, hash::DigestHash> m_staged; // digest -> temp name
     std::uint64_t m_staged_bytes = 0;
-    std::uint64_t m_counter = 0;
 };
 
 /// syncfs() the filesystem holding fd; throws SystemError naming `display`.

@@ -1,0 +1,76 @@
+#include <doctest/doctest.h>
+
+#include "../support/tempdir.hpp"
+#include "casmig/cas/object_store.hpp"
+#include "casmig/util/fd.hpp"
+
+#include <sys/stat.h>
+
+using namespace casmig;
+
+TEST_SUITE("cas::ObjectStore") {
+    TEST_CASE("object_relpath fans out on the first byte") {
+        auto d = hash::hash_bytes("");
+        CHECK(cas::object_relpath(d) == "af/1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262");
+    }
+    TEST_CASE("a staged object appears read-only under its name only after publish") {
+        test::TempDir t;
+        util::ensure_dir(t / "objects");
+        util::ensure_dir(t / "objects/ba");
+        util::ensure_dir(t / "temp");
+        cas::ObjectStore s(t / "objects", t / "temp");
+        std::string data = "hello objects";
+        auto d = hash::hash_bytes(data);
+        ::mkdir((t / "objects/" + d.hex().substr(0, 2)).c_str(), 0755);
+        CHECK(s.stage_bytes(d, data) == cas::StageResult::staged);
+        CHECK(s.exists(d));
+        CHECK_FALSE(s.on_disk(d));
+        CHECK(s.stage_bytes(d, data) == cas::StageResult::already_present); // dedup before publish
+        auto st = s.publish();
+        CHECK(st.objects == 1);
+        CHECK(s.on_disk(d));
+        std::string path = t / ("objects/" + cas::object_relpath(d));
+        CHECK(test::read_file(path) == data);
+        struct stat sb {};
+        REQUIRE(::stat(path.c_str(), &sb) == 0);
+        CHECK((sb.st_mode & 0222) == 0);
+        util::Fd tmp = util::open_dir(t / "temp");
+        CHECK(util::list_dir(tmp.get(), "temp").empty());
+        // dedup after publish: nothing new is written
+        CHECK(s.stage_bytes(d, data) == cas::StageResult::already_present);
+        CHECK(s.publish().objects == 0);
+        CHECK(util::list_dir(tmp.get(), "temp").empty());
+    }
+    TEST_CASE("an existing object is never replaced, even by a racing publish") {
+        test::TempDir t;
+        util::ensure_dir(t / "objects");
+        util::ensure_dir(t / "temp");
+        std::string data = "content";
+        auto d = hash::hash_bytes(data);
+        ::mkdir((t / "objects/" + d.hex().substr(0, 2)).c_str(), 0755);
+        cas::ObjectStore a(t / "objects", t / "temp");
+        cas::ObjectStore b(t / "objects", t / "temp");
+        CHECK(a.stage_bytes(d, data) == cas::StageResult::staged);
+        CHECK(b.stage_bytes(d, data) == cas::StageResult::staged); // b cannot see a's staging
+        struct stat first {};
+        a.publish();
+        REQUIRE(::stat((t / ("objects/" + cas::object_relpath(d))).c_str(), &first) == 0);
+        CHECK(b.publish().objects == 0); // EEXIST: b's copy is dropped
+        struct stat second {};
+        REQUIRE(::stat((t / ("objects/" + cas::object_relpath(d))).c_str(), &second) == 0);
+        CHECK(first.st_ino == second.st_ino);
+        util::Fd tmp = util::open_dir(t / "temp");
+        CHECK(util::list_dir(tmp.get(), "temp").empty());
+    }
+    TEST_CASE("remove_stale_temp clears what a killed run left") {
+        test::TempDir t;
+        util::ensure_dir(t / "objects");
+        util::ensure_dir(t / "temp");
+        test::write_file(t / "temp/tmp-casmig-123-1", "half an object");
+        test::write_file(t / "temp/rollback-7/deep/file", "half a tree");
+        cas::ObjectStore s(t / "objects", t / "temp");
+        s.remove_stale_temp();
+        util::Fd tmp = util::open_dir(t / "temp");
+        CHECK(util::list_dir(tmp.get(), "temp").empty());
+    }
+}

@@ -1,0 +1,139 @@
+#include <doctest/doctest.h>
+
+#include "../support/tempdir.hpp"
+#include "casmig/catalog/catalog.hpp"
+
+using namespace casmig;
+using namespace casmig::catalog;
+
+TEST_SUITE("catalog::Catalog") {
+    TEST_CASE("a new catalog runs every named migration once") {
+        test::TempDir t;
+        {
+            Catalog c(t / "store.db", OpenMode::read_write);
+            Stmt v(c.db(), "PRAGMA user_version");
+            REQUIRE(v.step());
+            CHECK(v.i64(0) == schema_version());
+            Stmt m(c.db(), "SELECT COUNT(*), MIN(name) FROM schema_migrations");
+            REQUIRE(m.step());
+            CHECK(m.i64(0) == schema_version());
+            CHECK(m.str(1) == "0001-initial");
+            Stmt j(c.db(), "PRAGMA journal_mode");
+            REQUIRE(j.step());
+            CHECK(j.str(0) == "wal");
+            CHECK(c.mode() == StoreMode::legacy);
+        }
+        // Reopening does not re-run migrations.
+        Catalog again(t / "store.db", OpenMode::read_write);
+        Stmt m(again.db(), "SELECT COUNT(*) FROM schema_migrations");
+        REQUIRE(m.step());
+        CHECK(m.i64(0) == schema_version());
+    }
+    TEST_CASE("a catalog from a newer casmig is refused") {
+        test::TempDir t;
+        {
+            Catalog c(t / "store.db", OpenMode::read_write);
+            c.db().exec("PRAGMA user_version=99");
+        }
+        CHECK_THROWS_AS(Catalog(t / "store.db", OpenMode::read_write), util::Error);
+        CHECK_THROWS_AS(Catalog(t / "store.db", OpenMode::read_only), util::Error);
+    }
+    TEST_CASE("manifests round-trip byte paths, modes, targets, owners and hard links") {
+        test::TempDir t;
+        Catalog c(t / "store.db", OpenMode::read_write);
+        auto id = c.add_package(std::string("pkg\xff\n", 5));
+        std::vector<Entry> es(4);
+        es[0].path = "";
+        es[0].type = EntryType::dir;
+        es[0].mode = 0755;
+        es[1].path = std::string("bad\xfe name\n", 10);
+        es[1].type = EntryType::file;
+        es[1].mode = 04755;
+        es[1].size = 3;
+        es[1].digest = hash::hash_bytes("abc");
+        es[1].mtime_ns = 1'600'000'000'123'456'789;
+        es[1].uid = 1000;
+        es[1].gid = 100;
+        es[2].path = "link";
+        es[2].type = EntryType::symlink;
+        es[2].target = "../../etc/passwd";
+        es[2].mode = 0777;
+        es[3] = es[1];
+        es[3].path = "twin";
+        es[3].link_to = es[1].path;
+        c.put_manifest(id, es);
+        auto back = c.manifest(id);
+        REQUIRE(back.size() == 4);
+        auto p = c.package(std::string("pkg\xff\n", 5));
+        REQUIRE(p);
+        CHECK(p->has_manifest);
+        CHECK(p->files == 2);
+        CHECK(p->bytes == 6);
+        for (auto& b : back) {
+            if (b.path == es[1].path) {
+                CHECK(b.mode == 04755);
+                CHECK(b.digest == es[1].digest);
+                CHECK(b.mtime_ns == es[1].mtime_ns);
+                CHECK(b.uid == 1000);
+                CHECK_FALSE(b.link_to);
+            } else if (b.path == "link") {
+                CHECK(b.type == EntryType::symlink);
+                CHECK(b.target == "../../etc/passwd");
+            } else if (b.path == "twin") {
+                REQUIRE(b.link_to);
+                CHECK(*b.link_to == es[1].path);
+            } else {
+                CHECK(b.path.empty());
+                CHECK(b.type == EntryType::dir);
+            }
+        }
+        c.clear_manifest(id);
+        CHECK(c.manifest(id).empty());
+        CHECK_FALSE(c.package(std::string("pkg\xff\n", 5))->has_manifest);
+    }
+    TEST_CASE("a transaction rolls back unless committed; the journal records who") {
+        test::TempDir t;
+        Catalog c(t / "store.db", OpenMode::read_write);
+        {
+            Transaction tx(c.db());
+            c.add_package("never");
+        }
+        CHECK_FALSE(c.package("never"));
+        {
+            Transaction tx(c.db());
+            auto id = c.add_package("kept");
+            c.set_state(id, PackageState::failed, "boom");
+            c.journal("test", "kept", "pending", "failed", "boom");
+            tx.commit();
+        }
+        auto p = c.package("kept");
+        REQUIRE(p);
+        CHECK(p->state == PackageState::failed);
+        CHECK(p->error == "boom");
+        auto j = c.journal_tail(1);
+        REQUIRE(j.size() == 1);
+        CHECK(j[0].command == "test");
+        CHECK(j[0].who.find("pid") != std::string::npos);
+    }
+    TEST_CASE("unreferenced_objects lists objects no manifest uses") {
+        test::TempDir t;
+        Catalog c(t / "store.db", OpenMode::read_write);
+        auto used = hash::hash_bytes("used"), unused = hash::hash_bytes("unused");
+        c.add_object({used, 4, 4});
+        c.add_object({unused, 6, 6});
+        auto id = c.add_package("p");
+        Entry e;
+        e.path = "f";
+        e.type = EntryType::file;
+        e.size = 4;
+        e.digest = used;
+        c.put_manifest(id, {e});
+        auto un = c.unreferenced_objects();
+        REQUIRE(un.size() == 1);
+        CHECK(un[0].digest == unused);
+        auto tot = c.totals();
+        CHECK(tot.objects == 2);
+        CHECK(tot.stored_bytes == 10);
+        CHECK(tot.logical_bytes == 4);
+    }
+}

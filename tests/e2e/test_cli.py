@@ -1,0 +1,379 @@
+#!/usr/bin/env python3
+"""End-to-end tests: every casmig command, run as the real binary against throw-away stores.
+
+Usage: test_cli.py --casmig PATH [--only NAME ...] [--keep]
+Ends with 'e2e: N passed, N failed'; exit 1 if anything failed.
+"""
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+TESTS = []
+
+
+def test(fn):
+    TESTS.append(fn)
+    return fn
+
+
+class T:
+    def __init__(self, casmig, work):
+        self.casmig, self.work = casmig, work
+
+    def store(self, name, packages=4, extra=None):
+        root = os.path.join(self.work, name)
+        os.makedirs(root)
+        for i in range(packages):
+            p = os.path.join(root, f"pkg{i:02d}")
+            put(p, "LICENSE", b"shared license\n" * 20)
+            put(p, f"bin/tool{i}", os.urandom(3000 + i), 0o755)
+            put(p, "share/empty", b"")
+            os.makedirs(os.path.join(p, "share/empty-dir"))
+            os.symlink(f"tool{i}", os.path.join(p, "bin/alias"))
+        if extra:
+            extra(root)
+        return root
+
+    def run(self, store, *args, code=None, env=None):
+        cmd = [self.casmig, "--store", store] + [str(a) for a in args]
+        p = subprocess.run(cmd, capture_output=True, env=dict(os.environ, **(env or {})), stdin=subprocess.DEVNULL,
+                           timeout=300)
+        out, err = p.stdout.decode(errors="replace"), p.stderr.decode(errors="replace")
+        if code is not None and p.returncode != code:
+            raise AssertionError(f"{' '.join(cmd[3:])} exited {p.returncode}, expected {code}\nstdout: {out[-600:]}\nstderr: {err[-600:]}")
+        return p.returncode, out, err
+
+    def json(self, store, *args, code=0):
+        _, out, _ = self.run(store, "--json", *args, code=code)
+        return json.loads(out)
+
+
+def put(pkg, rel, data, mode=0o644):
+    path = os.path.join(pkg, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    os.chmod(path, mode)
+
+
+def snapshot(tree, owners=False):
+    tree = os.fsencode(tree)
+    snap = {}
+    for dirpath, dirnames, filenames in os.walk(tree):
+        for n in dirnames + filenames:
+            fp = os.path.join(dirpath, n)
+            st = os.lstat(fp)
+            rel = os.path.relpath(fp, tree)
+            digest = None
+            if stat.S_ISREG(st.st_mode):
+                with open(fp, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+            target = os.readlink(fp) if stat.S_ISLNK(st.st_mode) else None
+            mode = None if stat.S_ISLNK(st.st_mode) else stat.S_IMODE(st.st_mode)
+            row = (stat.S_IFMT(st.st_mode), mode, digest, target, st.st_mtime_ns if not stat.S_ISDIR(st.st_mode) else None)
+            if owners:
+                row += (st.st_uid, st.st_gid)
+            snap[rel] = row
+    return snap
+
+
+def expect(cond, msg):
+    if not cond:
+        raise AssertionError(msg)
+
+
+# ------------------------------------------------------------------ the tests
+
+@test
+def help_and_usage_errors(t):
+    p = subprocess.run([t.casmig, "--help"], capture_output=True, text=True)
+    expect(p.returncode == 0, "--help failed")
+    for c in ["plan", "migrate", "status", "verify", "cutover", "cleanup", "rollback", "materialize", "remove", "gc"]:
+        expect(c in p.stdout, f"--help lacks {c}")
+    p = subprocess.run([t.casmig, "frobnicate"], capture_output=True, text=True)
+    expect(p.returncode == 2 and p.stderr.count("\n") == 1, f"unknown command: {p.returncode} {p.stderr!r}")
+    p = subprocess.run([t.casmig, "--store", "/nonexistent/store", "status"], capture_output=True, text=True)
+    expect(p.returncode == 2 and "does not exist" in p.stderr, f"missing store: {p.returncode} {p.stderr!r}")
+    s = t.store("usage", 1)
+    code, _, err = t.run(s, "migrate", "--time-budget", "soon")
+    expect(code == 2 and "duration" in err, f"bad duration: {code} {err!r}")
+    code, _, err = t.run(s, "migrate", "--io-limit", "fast")
+    expect(code == 2, f"bad io-limit: {code}")
+    code, _, err = t.run(s, "migrate", "no-such-pkg")
+    expect(code == 2 and "no-such-pkg" in err, f"unknown package: {code} {err!r}")
+    expect("Traceback" not in err and "terminate" not in err, "a crash trace on stderr")
+
+
+@test
+def plan_then_migrate_then_status(t):
+    s = t.store("basic", 5)
+    plan = t.json(s, "plan")
+    expect(plan["packages"] == 5 and plan["files"] == 15, f"plan: {plan}")
+    expect(not os.path.exists(os.path.join(s, "store.db")), "plan wrote a catalog")
+    _, out, _ = t.run(s, "plan", code=0)
+    expect("5 packages" in out, f"human plan: {out!r}")
+    code, out, _ = t.run(s, "migrate")
+    expect(code == 0 and "5 verified" in out, f"migrate: {code} {out!r}")
+    st = t.json(s, "status")
+    expect(st["packages"]["verified"] == 5 and st["mode"] == "dual", f"status: {st}")
+    expect(st["objects"] == 7, f"objects: {st['objects']}")  # LICENSE, empty, 5 tools
+    expect(st["saved_bytes"] == st["logical_bytes"] - st["stored_bytes"], "saved_bytes")
+    _, out, _ = t.run(s, "status", code=0)
+    expect("verified" in out and "journal" in out, f"human status: {out!r}")
+    # global options after the command
+    st2 = json.loads(t.run(s, "status", "--json", code=0)[1])
+    expect(st2["packages"] == st["packages"], "--json after status differs")
+    expect(t.json(s, "plan")["packages"] == 0, "plan after migrate still has work")
+
+
+@test
+def migrate_bounds_and_retry(t):
+    s = t.store("bounds", 6)
+    t.run(s, "migrate", "pkg05", code=0)
+    t.run(s, "migrate", "--limit", "2", code=0)
+    expect(t.json(s, "status")["packages"]["verified"] == 3, "limit")
+    out = t.json(s, "migrate", "--time-budget", "0s")
+    expect(out["migrated"] == 0 and out["stopped_by_time_budget"], f"time budget: {out}")
+    t0 = time.time()
+    t.run(s, "migrate", "--io-limit", "4K", "--limit", "1", code=0)  # ~3 KiB tool + 300 B license
+    expect(time.time() - t0 < 30, "io-limit took too long")
+    t.run(s, "migrate", "--no-verify", code=0)
+    st = t.json(s, "status")
+    expect(st["packages"]["migrated"] == 2 and st["packages"]["pending"] == 0, f"--no-verify: {st['packages']}")
+    t.run(s, "verify", code=0)
+    expect(t.json(s, "status")["packages"]["verified"] == 6, "verify did not mark migrated packages verified")
+
+
+@test
+def special_and_changed_files_fail_alone(t):
+    def extra(root):
+        put(os.path.join(root, "zz-fifo"), "ok", b"fine")
+        os.mkfifo(os.path.join(root, "zz-fifo", "pipe"))
+    s = t.store("hostile", 3, extra)
+    code, out, err = t.run(s, "migrate")
+    expect(code == 1, f"migrate exit {code}")
+    lines = [l for l in err.splitlines() if "zz-fifo" in l]
+    expect(len(lines) == 1 and "pipe" in lines[0] and "fifo" in lines[0], f"error line: {err!r}")
+    st = t.json(s, "status")
+    expect(st["packages"]["failed"] == 1 and st["packages"]["verified"] == 3, f"{st['packages']}")
+    code, out, _ = t.run(s, "status")
+    expect("pipe" in out, "status does not show why the package failed")
+    os.unlink(os.path.join(s, "zz-fifo", "pipe"))
+    t.run(s, "migrate", code=0)  # failed packages wait for --retry-failed
+    expect(t.json(s, "status")["packages"]["failed"] == 1, "failed package retried without --retry-failed")
+    t.run(s, "migrate", "--retry-failed", code=0)
+    expect(t.json(s, "status")["packages"]["verified"] == 4, "retry")
+
+
+@test
+def verify_finds_drift_and_corruption(t):
+    s = t.store("verify", 3)
+    t.run(s, "migrate", code=0)
+    tool = os.path.join(s, "pkg01", "bin", "tool1")
+    with open(tool, "ab") as f:
+        f.write(b"tampered")
+    code, out, err = t.run(s, "verify", "pkg01")
+    expect(code == 1 and "bin/tool1" in err and "content differs" in err, f"content drift: {err!r}")
+    expect(t.json(s, "status")["packages"]["failed"] == 1, "drifted package not marked failed")
+    t.run(s, "cutover", code=3)
+    t.run(s, "migrate", "--retry-failed", code=0)
+    code, out, err = t.run(s, "verify", "--sample", "2")
+    expect(code == 0 and "2 packages" in out, f"sample: {out!r}")
+    obj = next(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(s, "objects")) for f in fs)
+    os.chmod(obj, 0o644)
+    with open(obj, "r+b") as f:
+        f.write(b"X")
+    code, out, err = t.run(s, "verify", "--objects")
+    expect(code == 1 and os.path.basename(obj)[:10] in err, f"corrupt object: {err!r}")
+    expect(not os.path.exists(obj), "corrupt object left in place")
+    # the affected package is failed and a retry rewrites the object from its legacy tree
+    t.run(s, "migrate", "--retry-failed", code=0)
+    t.run(s, "verify", "--objects", code=0)
+
+
+@test
+def busy_lock_exit_4_and_status_still_answers(t):
+    s = t.store("lock", 2)
+    t.run(s, "migrate", code=0)
+    with open(os.path.join(s, "migration", "lock"), "r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for cmd in (["migrate"], ["verify"], ["cutover"], ["cleanup"], ["rollback"], ["gc"], ["remove", "pkg00"]):
+            code, _, err = t.run(s, *cmd)
+            expect(code == 4 and "busy" in err, f"{cmd} under lock: {code} {err!r}")
+        t0 = time.time()
+        t.run(s, "status", code=0)
+        t.run(s, "materialize", "pkg00", os.path.join(t.work, "lock-mat"), code=0)
+        expect(time.time() - t0 < 5, "status or materialize blocked on the lock")
+
+
+@test
+def full_lifecycle_exact_with_owners_setuid_hardlinks(t):
+    def extra(root):
+        p = os.path.join(root, "pkg00")
+        put(p, "bin/suid", b"suid", 0o4755)
+        put(p, "private", b"secret", 0o600)
+        os.link(os.path.join(p, "LICENSE"), os.path.join(p, "LICENSE.link"))
+        os.chmod(os.path.join(p, "share"), 0o555)
+        if os.geteuid() == 0:
+            os.chown(os.path.join(p, "private"), 1234, 4321)
+            os.chown(os.path.join(p, "bin", "alias"), 1234, 4321, follow_symlinks=False)
+    s = t.store("life", 4, extra)
+    before = {p: snapshot(os.path.join(s, p), owners=os.geteuid() == 0) for p in sorted(os.listdir(s))}
+    t.run(s, "migrate", code=0)
+    t.run(s, "cleanup", code=3)
+    out = t.json(s, "cutover")
+    expect(out["marked"] == 4, f"cutover: {out}")
+    t.run(s, "cutover", code=3)
+    dry = t.json(s, "cleanup", "--dry-run")
+    expect(dry["trees"] == 4 and dry["freed_bytes"] > 0 and os.path.isdir(os.path.join(s, "pkg00")), f"dry: {dry}")
+    out = t.json(s, "cleanup")
+    expect(out["trees"] == 4 and not os.path.exists(os.path.join(s, "pkg00")), f"cleanup: {out}")
+    expect(t.json(s, "status")["legacy_trees"]["removed"] == 4, "removed count")
+    t.run(s, "verify", code=0)
+    t.run(s, "rollback", code=0)
+    after = {p: snapshot(os.path.join(s, p), owners=os.geteuid() == 0) for p in before}
+    expect(after == before, f"rollback not exact: {[p for p in before if before[p] != after[p]]}")
+    st = os.stat(os.path.join(s, "pkg00", "LICENSE"))
+    expect(st.st_nlink == 2, "hard link not restored")
+    expect(t.json(s, "status")["mode"] == "legacy", "mode after rollback")
+    t.run(s, "rollback", code=0)  # idempotent
+    out = t.json(s, "migrate")
+    expect(out["verified"] == 4 and out["new_objects"] == 0, f"re-migrate after rollback: {out}")
+
+
+@test
+def materialize_link_modes(t):
+    s = t.store("mat", 2, lambda r: put(os.path.join(r, "pkg00"), "bin/suid", b"x", 0o4755))
+    t.run(s, "migrate", code=0)
+    ref = snapshot(os.path.join(s, "pkg00"))
+    for mode in ["copy", "reflink", "hardlink"]:
+        dest = os.path.join(t.work, f"mat-{mode}")
+        t.run(s, "materialize", "pkg00", dest, "--link", mode, code=0)
+        got = snapshot(dest)
+        expect(set(got) == set(ref), f"{mode}: paths differ")
+        for k in ref:
+            if mode == "hardlink":
+                expect(got[k][:4:2] == ref[k][:4:2], f"{mode}: {k} differs")
+            else:
+                expect(got[k] == ref[k], f"{mode}: {k} differs {got[k]} {ref[k]}")
+    expect(os.stat(os.path.join(t.work, "mat-hardlink", "bin", "suid")).st_nlink == 1, "setuid file was hard-linked")
+    code, _, err = t.run(s, "materialize", "pkg00", os.path.join(t.work, "mat-copy"))
+    expect(code == 2 and "not empty" in err, f"non-empty dest: {code} {err!r}")
+    code, _, err = t.run(s, "materialize", "nope", os.path.join(t.work, "x"))
+    expect(code == 2, f"unknown package: {code}")
+
+
+@test
+def materialize_refuses_crafted_symlink_manifest(t):
+    s = t.store("crafted", 1)
+    t.run(s, "migrate", code=0)
+    victim = os.path.join(t.work, "victim")
+    os.makedirs(victim)
+    db = sqlite3.connect(os.path.join(s, "store.db"))
+    pid = db.execute("SELECT id FROM packages WHERE name = ?", (b"pkg00",)).fetchone()[0]
+    digest = db.execute("SELECT digest FROM entries WHERE package=? AND type=1 LIMIT 1", (pid,)).fetchone()[0]
+    db.execute("INSERT INTO entries(package, path, type, mode, size, digest, target, mtime_ns) VALUES (?,?,3,511,0,NULL,?,0)",
+               (pid, b"evil", os.fsencode(victim)))
+    db.execute("INSERT INTO entries(package, path, type, mode, size, digest, target, mtime_ns) VALUES (?,?,1,420,300,?,NULL,0)",
+               (pid, b"evil/planted", digest))
+    db.commit()
+    db.close()
+    code, _, err = t.run(s, "materialize", "pkg00", os.path.join(t.work, "crafted-out"))
+    expect(code != 0 and "evil" in err, f"crafted manifest: {code} {err!r}")
+    expect(os.listdir(victim) == [], "materialize wrote through a symlink")
+
+
+@test
+def remove_and_gc(t):
+    s = t.store("gc", 3)
+    t.run(s, "migrate", code=0)
+    expect(t.json(s, "gc", "--dry-run")["removed_objects"] == 0, "gc on a clean store")
+    t.run(s, "remove", "pkg01", code=0)
+    expect(not os.path.exists(os.path.join(s, "pkg01")), "remove left the tree")
+    out = t.json(s, "gc", "--dry-run")
+    expect(out["removed_objects"] == 1 and out["freed_bytes"] == 3001, f"gc dry: {out}")
+    out = t.json(s, "gc")
+    expect(out["removed_objects"] == 1, f"gc: {out}")
+    expect(t.json(s, "status")["objects"] == 4, "objects after gc")
+    t.run(s, "verify", "--objects", code=0)
+    code, _, err = t.run(s, "remove", "pkg01")
+    expect(code == 2, "removing an unknown package")
+
+
+@test
+def kill9_during_rollback_then_rerun(t):
+    def extra(root):
+        for i in range(30):
+            put(os.path.join(root, f"pkg{i:02d}"), "bulk.bin", os.urandom(1 << 20))
+    s = t.store("k9rb", 30, extra)
+    before = {p: snapshot(os.path.join(s, p)) for p in sorted(os.listdir(s))}
+    t.run(s, "migrate", code=0)
+    t.run(s, "cutover", code=0)
+    t.run(s, "cleanup", code=0)
+    for delay in [0.02, 0.1, 0.3]:
+        p = subprocess.Popen([t.casmig, "--store", s, "rollback"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        # whatever is under a package name is whole
+        for name in os.listdir(s):
+            if name in before:
+                expect(snapshot(os.path.join(s, name)) == before[name], f"half tree {name} after kill at {delay}s")
+    t.run(s, "rollback", code=0)
+    after = {p: snapshot(os.path.join(s, p)) for p in before}
+    expect(after == before, "rollback after kills not exact")
+    expect(os.listdir(os.path.join(s, "temp")) == [], "temp/ not empty")
+
+
+@test
+def progress_bar_goes_to_stderr(t):
+    s = t.store("progress", 3)
+    code, out, err = t.run(s, "--progress", "always", "migrate", code=0)
+    expect("packages" in err and "ETA" in err, f"no progress bar: {err!r}")
+    expect("\r" not in out, "progress on stdout")
+    code, out, err = t.run(s, "-q", "verify", code=0)
+    expect(out == "", f"-q printed {out!r}")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--casmig", required=True)
+    ap.add_argument("--only", nargs="*", default=[])
+    ap.add_argument("--keep", action="store_true")
+    a = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="casmig-e2e-")
+    t = T(os.path.abspath(a.casmig), work)
+    passed = failed = 0
+    for fn in TESTS:
+        if a.only and fn.__name__ not in a.only:
+            continue
+        t0 = time.time()
+        try:
+            fn(t)
+            passed += 1
+            print(f"PASS {fn.__name__} ({time.time() - t0:.1f}s)", flush=True)
+        except Exception as e:
+            failed += 1
+            detail = str(e) if isinstance(e, AssertionError) else traceback.format_exc()
+            print(f"FAIL {fn.__name__}: {detail}", flush=True)
+    if failed or a.keep:
+        print(f"work directory kept: {work}")
+    else:
+        subprocess.run(["chmod", "-R", "u+rwX", work])
+        subprocess.run(["rm", "-rf", work])
+    print(f"e2e: {passed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+#include <doctest/doctest.h>
+
+#include "../support/fixture.hpp"
+#include "casmig/lifecycle/lifecycle.hpp"
+#include "casmig/migrate/pipeline.hpp"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+
+using namespace casmig;
+using catalog::PackageState;
+using catalog::TreeState;
+
+namespace {
+
+struct Migrated {
+    test::TempDir dir;
+    std::unique_ptr<store::Store> store;
+    std::unique_ptr<store::StoreLock> lock;
+    Migrated() {
+        test::make_small_store(dir.path());
+        test::write_file(dir / "pkg0/bin/suid", "setuid tool", 04755);
+        test::write_file(dir / "pkg0/private", "secret", 0600);
+        ::link((dir / "pkg0/LICENSE").c_str(), (dir / "pkg0/LICENSE.hard").c_str());
+        struct timespec ts[2] = {{1'600'000'000, 123}, {1'600'000'000, 456}};
+        ::utimensat(AT_FDCWD, (dir / "pkg0/bin/tool").c_str(), ts, 0);
+        store = std::make_unique<store::Store>(dir.path());
+        lock = store->lock("test");
+        auto r = migrate::migrate(*store, {}, nullptr, nullptr);
+        REQUIRE(r.verified == 3);
+    }
+    std::string snapshot(const std::string& root) {
+        // path type mode size content-hash target mtime, one line each, sorted
+        std::string cmd = "cd '" + root + "' && find . -printf '%p %y %m %s %l %T@\\n' | sort && find . -type f -exec b3sum {} + | sort";
+        FILE* p = ::popen(cmd.c_str(), "r");
+        std::string out;
+        char buf[4096];
+        while (std::fgets(buf, sizeof buf, p)) out += buf;
+        ::pclose(p);
+        return out;
+    }
+};
+
+std::vector<Problem> g_problems;
+ProblemSink collect() {
+    g_problems.clear();
+    return [](const Problem& p) { g_problems.push_back(p); };
+}
+
+} // namespace
+
+TEST_SUITE("lifecycle") {
+    TEST_CASE("materialize --link copy rebuilds a package exactly, mtimes and setuid included") {
+        Migrated m;
+        std::string before = m.snapshot(m.dir / "pkg0");
+        auto r = lifecycle::materialize(*m.store, "pkg0", m.dir / "out", lifecycle::LinkMode::copy);
+        CHECK(r.files == 6);
+        CHECK(m.snapshot(m.dir / "out") == before);
+        struct stat a {}, b {};
+        ::stat((m.dir / "out/LICENSE").c_str(), &a);
+        ::stat((m.dir / "out/LICENSE.hard").c_str(), &b);
+        CHECK(a.st_ino == b.st_ino); // the hard link inside the package is kept
+    }
+    TEST_CASE("materialize --link hardlink links objects but never setuid files and keeps exec bits") {
+        Migrated m;
+        auto r = lifecycle::materialize(*m.store, "pkg0", m.dir / "out", lifecycle::LinkMode::hardlink);
+        CHECK(r.linked >= 3);
+        struct stat suid {}, tool {}, priv {};
+        ::stat((m.dir / "out/bin/suid").c_str(), &suid);
+        CHECK(suid.st_nlink == 1);
+        CHECK((suid.st_mode & 07777) == 04755);
+        ::stat((m.dir / "out/bin/tool").c_str(), &tool);
+        CHECK((tool.st_mode & 0111) == 0111);
+        CHECK(tool.st_nlink >= 2);
+        ::stat((m.dir / "out/private").c_str(), &priv);
+        CHECK((priv.st_mode & 0077) == 0); // a private file stays private
+        CHECK(test::read_file(m.dir / "out/private") == "secret");
+    }
+    TEST_CASE("materialize refuses a crafted manifest that would write through a symlink") {
+        Migrated m;
+        auto& cat = m.store->catalog();
+        auto id = cat.add_package("crafted");
+        std::vector<catalog::Entry> es(3);
+        es[0].path = "";
+        es[0].type = catalog::EntryType::dir;
+        es[0].mode = 0755;
+        es[1].path = "a";
+        es[1].type = catalog::EntryType::symlink;
+        es[1].target = m.dir / "victim";
+        es[2].path = "a/x";
+        es[2].type = catalog::EntryType::file;
+        es[2].mode = 0644;
+        es[2].size = 0;
+        es[2].digest = hash::hash_bytes("");
+        cat.put_manifest(id, es);
+        util::ensure_dir(m.dir / "victim");
+        CHECK_THROWS_AS(lifecycle::materialize(*m.store, "crafted", m.dir / "out", lifecycle::LinkMode::copy), util::Error);
+        struct stat st {};
+        CHECK(::lstat((m.dir / "victim/x").c_str(), &st) != 0);
+    }
+    TEST_CASE("materialize refuses a non-empty destination and an unknown package") {
+        Migrated m;
+        test::write_file(m.dir / "busy/file", "x");
+        CHECK_THROWS_AS(lifecycle::materialize(*m.store, "pkg0", m.dir / "busy", lifecycle::LinkMode::copy), util::UsageError);
+        CHECK_THROWS_AS(lifecycle::materialize(*m.store, "nope", m.dir / "new", lifecycle::LinkMode::copy), util::UsageError);
+    }
+    TEST_CASE("cutover refuses while a package is not verified, and changes nothing") {
+        Migrated m;
+        test::write_file(m.dir / "late/file", "new package");
+        CHECK_THROWS_AS(lifecycle::cutover(*m.store, 0, nullptr, collect()), util::RefusedError);
+        CHECK(m.store->catalog().mode() == catalog::StoreMode::dual);
+        for (auto& p : m.store->catalog().packages()) CHECK(p.tree == TreeState::present);
+    }
+    TEST_CASE("cleanup after a crash between move-aside and record finishes the job") {
+        Migrated m;
+        std::string before = m.snapshot(m.dir / "pkg1");
+        CHECK_THROWS_AS(lifecycle::cleanup(*m.store, lifecycle::DryRun::no, nullptr, collect()), util::RefusedError);
+        lifecycle::cutover(*m.store, 0, nullptr, collect());
+        // Crash point: the tree was renamed into temp/ but the catalog still says marked.
+        auto p = m.store->catalog().package("pkg1");
+        std::string trash = "trash-" + std::to_string(p->id);
+        REQUIRE(::rename((m.dir / "pkg1").c_str(), (m.dir / ("temp/" + trash)).c_str()) == 0);
+        m.lock.reset();
+        m.lock = m.store->lock("test"); // the next run empties temp/
+        auto r = lifecycle::cleanup(*m.store, lifecycle::DryRun::no, nullptr, collect());
+        CHECK(g_problems.empty());
+        CHECK(r.trees == 3);
+        for (auto& pk : m.store->catalog().packages()) CHECK(pk.tree == TreeState::removed);
+        auto mr = lifecycle::materialize(*m.store, "pkg1", m.dir / "back", lifecycle::LinkMode::copy);
+        CHECK(m.snapshot(m.dir / "back") == before);
+    }
+    TEST_CASE("cleanup keeps a tree whose objects are missing") {
+        Migrated m;
+        lifecycle::cutover(*m.store, 0, nullptr, collect());
+        auto man = m.store->catalog().manifest(m.store->catalog().package("pkg2")->id);
+        for (auto& e : man)
+            if (e.path == "bin/tool") ::unlink((m.dir / ("objects/" + cas::object_relpath(*e.digest))).c_str());
+        auto r = lifecycle::cleanup(*m.store, lifecycle::DryRun::no, nullptr, collect());
+        CHECK(r.skipped == 1);
+        REQUIRE(g_problems.size() == 1);
+        CHECK(g_problems[0].package == "pkg2");
+        struct stat st {};
+        CHECK(::stat((m.dir / "pkg2/bin/tool").c_str(), &st) == 0);
+    }
+    TEST_CASE("rollback after cleanup rebuilds exactly, also after a crash mid-rollback") {
+        Migrated m;
+        std::string before0 = m.snapshot(m.dir / "pkg0"), before1 = m.snapshot(m.dir / "pkg1");
+        lifecycle::cutover(*m.store, 0, nullptr, collect());
+        lifecycle::cleanup(*m.store, lifecycle::DryRun::no, nullptr, collect());
+        // Crash points: pkg0 was rebuilt and renamed into place but not recorded; a half-built
+        // staging tree of pkg1 was left in temp/.
+        lifecycle::materialize(*m.store, "pkg0", m.dir / "pkg0", lifecycle::LinkMode::copy);
+        test::write_file(m.dir / ("temp/rollback-" + std::to_string(m.store->catalog().package("pkg1")->id) + "/half"), "x");
+        m.lock.reset();
+        m.lock = m.store->lock("test");
+        auto r = lifecycle::rollback(*m.store, nullptr, collect());
+        CHECK(r.rebuilt == 2);
+        CHECK(m.store->catalog().mode() == catalog::StoreMode::legacy);
+        CHECK(m.snapshot(m.dir / "pkg0") == before0);
+        CHECK(m.snapshot(m.dir / "pkg1") == before1);
+        for (auto& p : m.store->catalog().packages()) {
+            CHECK(p.state == PackageState::rolled_back);
+            CHECK(p.tree == TreeState::present);
+        }
+        // idempotent
+        CHECK(lifecycle::rollback(*m.store, nullptr, collect()).rebuilt == 0);
+        // and a later migrate re-migrates cheaply: no new objects
+        auto again = migrate::migrate(*m.store, {}, nullptr, nullptr);
+        CHECK(again.verified == 3);
+        CHECK(again.new_objects == 0);
+    }
+    TEST_CASE("remove then gc deletes exactly the objects only that package used") {
+        Migrated m;
+        auto before = m.store->catalog().totals().objects;
+        auto dry = lifecycle::gc(*m.store, lifecycle::DryRun::yes);
+        CHECK(dry.removed_objects == 0);
+        lifecycle::remove_package(*m.store, "pkg0");
+        struct stat st {};
+        CHECK(::stat((m.dir / "pkg0").c_str(), &st) != 0);
+        CHECK_FALSE(m.store->catalog().package("pkg0"));
+        auto r = lifecycle::gc(*m.store, lifecycle::DryRun::no);
+        CHECK(r.removed_objects == 3); // pkg0's own tool, suid and private contents
+        CHECK(m.store->catalog().totals().objects == before - 3);
+        auto out = lifecycle::materialize(*m.store, "pkg1", m.dir / "still", lifecycle::LinkMode::copy);
+        CHECK(out.files == 3);
+    }
+}

@@ -1,0 +1,71 @@
+#include <doctest/doctest.h>
+
+#include "../support/tempdir.hpp"
+#include "casmig/migrate/ingest.hpp"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+
+using namespace casmig;
+
+static walk::Item first_file(int store_fd, const std::string& pkg) {
+    walk::PackageWalker w(store_fd, pkg);
+    walk::Item it;
+    while (w.next(it))
+        if (it.entry.type == catalog::EntryType::file) return it;
+    FAIL("no file");
+    return it;
+}
+
+TEST_SUITE("migrate::ingest_file") {
+    TEST_CASE("stores exactly the bytes it hashes, small and streamed") {
+        test::TempDir t;
+        util::ensure_dir(t / "objects");
+        util::ensure_dir(t / "temp");
+        for (int i = 0; i < 256; ++i) {
+            char b[3];
+            std::snprintf(b, sizeof b, "%02x", i);
+            util::ensure_dir(t / ("objects/" + std::string(b)));
+        }
+        cas::ObjectStore objects(t / "objects", t / "temp");
+        util::Fd root = util::open_dir(t.path());
+        for (size_t size : {size_t(10), size_t(3 << 20)}) {
+            CAPTURE(size);
+            std::string data(size, 'q');
+            data[size / 2] = 'z';
+            std::string pkg = "p" + std::to_string(size);
+            test::write_file(t / (pkg + "/f"), data);
+            auto item = first_file(root.get(), pkg);
+            auto r = migrate::ingest_file(item, &objects, migrate::StoreObject::yes, nullptr);
+            CHECK(r.new_object);
+            CHECK(r.size == size);
+            CHECK(r.digest == hash::hash_bytes(data));
+            objects.publish();
+            CHECK(test::read_file(t / ("objects/" + cas::object_relpath(r.digest))) == data);
+        }
+    }
+    TEST_CASE("a file changed between walk and read fails with its path") {
+        test::TempDir t;
+        test::write_file(t / "p/grows", "before");
+        util::Fd root = util::open_dir(t.path());
+        auto item = first_file(root.get(), "p");
+        test::write_file(t / "p/grows", "after the walk, longer");
+        try {
+            migrate::hash_file(item);
+            FAIL("no error for a changed file");
+        } catch (const walk::PackageError& e) {
+            CHECK(e.path() == "grows");
+            CHECK(std::string(e.what()).find("changed") != std::string::npos);
+        }
+    }
+    TEST_CASE("a file replaced by a symlink after the walk is not followed") {
+        test::TempDir t;
+        test::write_file(t / "p/f", "regular");
+        test::write_file(t / "secret", "do not read");
+        util::Fd root = util::open_dir(t.path());
+        auto item = first_file(root.get(), "p");
+        ::unlink((t / "p/f").c_str());
+        ::symlink((t / "secret").c_str(), (t / "p/f").c_str());
+        CHECK_THROWS_AS(migrate::hash_file(item), walk::PackageError);
+    }
+}
