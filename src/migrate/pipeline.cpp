@@ -342,6 +342,7 @@ unsigned thread_count(unsigned requested) {
 } // namespace
 
 Result migrate(store::Store& store, const Options& opts, const ProgressSink& progress, const ProblemSink& problems) {
+    const auto started = Clock::now();
     util::raise_fd_limit();
     store.discover();
     auto& cat = store.catalog();
@@ -362,7 +363,7 @@ Result migrate(store::Store& store, const Options& opts, const ProgressSink& pro
             r.failed += vr.mismatched;
         }
     }
-    r.seconds = p.result().seconds;
+    r.seconds = std::chrono::duration<double>(Clock::now() - started).count();
     return r;
 }
 

@@ -336,6 +336,33 @@ def kill9_during_rollback_then_rerun(t):
 
 
 @test
+def kill9_during_cleanup_then_rerun(t):
+    def extra(root):
+        for i in range(30):
+            put(os.path.join(root, f"pkg{i:02d}"), "many/" + "/".join(["d"] * 5) + "/f", os.urandom(50_000))
+            for k in range(40):
+                put(os.path.join(root, f"pkg{i:02d}"), f"small/{k}", f"{i}-{k}".encode())
+    s = t.store("k9cl", 30, extra)
+    before = {p: snapshot(os.path.join(s, p)) for p in sorted(os.listdir(s))}
+    t.run(s, "migrate", code=0)
+    t.run(s, "cutover", code=0)
+    for delay in [0.01, 0.05, 0.15]:
+        p = subprocess.Popen([t.casmig, "--store", s, "cleanup"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        for name in os.listdir(s):  # a tree under a package name is whole: cleanup moves it aside first
+            if name in before:
+                expect(snapshot(os.path.join(s, name)) == before[name], f"half-deleted {name} after kill at {delay}s")
+    out = t.json(s, "cleanup")
+    expect(not any(n in before for n in os.listdir(s)), "rerun left trees")
+    expect(os.listdir(os.path.join(s, "temp")) == [], "temp/ not empty after cleanup")
+    expect(t.json(s, "status")["legacy_trees"]["removed"] == 30, "not all recorded removed")
+    t.run(s, "rollback", code=0)
+    expect({p: snapshot(os.path.join(s, p)) for p in before} == before, "rollback after killed cleanups not exact")
+
+
+@test
 def progress_bar_goes_to_stderr(t):
     s = t.store("progress", 3)
     code, out, err = t.run(s, "--progress", "always", "migrate", code=0)
