@@ -2,7 +2,9 @@
 
 #include "casmig/util/error.hpp"
 
+#include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cctype>
 #include <cerrno>
 #include <cstdio>
@@ -66,28 +68,53 @@ bool ObjectStore::exists(const hash::Digest& d) const {
     {
         std::lock_guard lk(m_mutex);
         if (m_staged.count(d)) return true;
+        if (m_trusting) return m_published.count(d) || std::binary_search(m_known.begin(), m_known.end(), d);
     }
     return on_disk(d);
+}
+
+void ObjectStore::trust_catalog(std::vector<hash::Digest> known) {
+    std::sort(known.begin(), known.end());
+    std::lock_guard lk(m_mutex);
+    m_known = std::move(known);
+    m_trusting = true;
 }
 
 TempFile ObjectStore::create_temp() {
     // Process-wide counter: several ObjectStores of one process (and threads) never pick one name.
     static std::atomic<std::uint64_t> counter{0};
     std::uint64_t n = ++counter;
-    std::string name = std::string(k_temp_marker) + std::to_string(::getpid()) + "-" + std::to_string(n);
-    int fd = ::openat(m_temp.get(), name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    // Each thread creates its files in its own subdirectory of temp/: creating entries in one shared
+    // directory serialises the threads on that directory's lock (measured: 10% of CPU spinning).
+    static std::atomic<unsigned> threads{0};
+    thread_local const unsigned slot = threads++ % 64;
+    const std::string subdir = "w" + std::to_string(slot) + "/";
+    if (!m_subdir_made[slot].load(std::memory_order_acquire)) {
+        std::string d = subdir.substr(0, subdir.size() - 1);
+        if (::mkdirat(m_temp.get(), d.c_str(), 0700) != 0 && errno != EEXIST)
+            util::throw_errno("cannot create directory", m_temp_path + "/" + d);
+        m_subdir_made[slot].store(true, std::memory_order_release);
+    }
+    static const std::string prefix = std::string(k_temp_marker) + std::to_string(::getpid()) + "-";
+    std::string name = subdir + prefix + std::to_string(n);
+    // Created read-only: the fd we hold may still write, nobody else can, and no fchmod is needed.
+    int fd = ::openat(m_temp.get(), name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
+    if (fd < 0 && errno == ENOENT) { // publish() tidied the subdirectory away meanwhile
+        ::mkdirat(m_temp.get(), subdir.substr(0, subdir.size() - 1).c_str(), 0700);
+        m_subdir_made[slot].store(true, std::memory_order_release);
+        fd = ::openat(m_temp.get(), name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
+    }
     if (fd < 0) util::throw_errno("cannot create temp file", m_temp_path + "/" + name);
     return TempFile(m_temp.get(), std::move(name), util::Fd(fd));
 }
 
 StageResult ObjectStore::stage(const hash::Digest& d, TempFile&& tmp, std::uint64_t size) {
-    // Objects are never writable: fchmod before the file gets its final name.
-    if (::fchmod(tmp.fd(), 0444) != 0) util::throw_errno("cannot chmod temp file", m_temp_path + "/" + tmp.name());
-    {
-        std::lock_guard lk(m_mutex);
-        if (m_staged.count(d)) return StageResult::already_present; // tmp's destructor unlinks it
-    }
-    if (on_disk(d)) return StageResult::already_present;
+    return stage_checked(d, std::move(tmp), size, DiskChecked::no);
+}
+
+StageResult ObjectStore::stage_checked(const hash::Digest& d, TempFile&& tmp, std::uint64_t size, DiskChecked checked) {
+    // Objects are never writable: create_temp() made the file 0444 before it got any name.
+    if (checked == DiskChecked::no && exists(d)) return StageResult::already_present; // tmp's destructor unlinks it
     std::lock_guard lk(m_mutex);
     // Re-check under the lock: another thread may have staged the same content meanwhile.
     if (m_staged.count(d)) return StageResult::already_present;
@@ -100,7 +127,7 @@ StageResult ObjectStore::stage_bytes(const hash::Digest& d, std::string_view dat
     if (exists(d)) return StageResult::already_present;
     TempFile t = create_temp();
     util::write_all(t.fd(), data.data(), data.size(), m_temp_path + "/" + t.name());
-    return stage(d, std::move(t), data.size());
+    return stage_checked(d, std::move(t), data.size(), DiskChecked::yes); // exists() just looked
 }
 
 size_t ObjectStore::staged_count() const {
@@ -109,13 +136,28 @@ size_t ObjectStore::staged_count() const {
 }
 
 PublishStats ObjectStore::publish() {
-    std::unordered_map<hash::Digest, std::string, hash::DigestHash> batch;
+    // Snapshot what is staged now; the entries stay in m_staged (visible to exists() and stage(), so
+    // nobody writes the same content again meanwhile) until they are under objects/.
+    std::vector<std::pair<hash::Digest, std::string>> batch;
     std::uint64_t bytes;
     {
         std::lock_guard lk(m_mutex);
-        batch.swap(m_staged);
+        batch.reserve(m_staged.size());
+        for (auto& [d, name] : m_staged)
+            if (!name.empty()) batch.emplace_back(d, std::exchange(name, std::string())); // "" = being published
         bytes = std::exchange(m_staged_bytes, 0);
     }
+    struct Forget {
+        ObjectStore& s;
+        std::vector<std::pair<hash::Digest, std::string>>& b;
+        ~Forget() {
+            std::lock_guard lk(s.m_mutex);
+            for (auto& [d, n] : b) {
+                s.m_staged.erase(d);
+                if (s.m_trusting) s.m_published.insert(d);
+            }
+        }
+    } forget{*this, batch};
     PublishStats stats;
     if (batch.empty()) return stats;
     // Step 2: every staged file's data reaches the disk before any of them gets an object name.
@@ -152,8 +194,21 @@ PublishStats ObjectStore::publish() {
     stats.bytes = bytes;
     // Step 4: the new directory entries are durable before the catalog refers to them.
     sync_filesystem(m_objects.get(), m_objects_path);
+    tidy_temp();
     return stats;
 }
+
+void ObjectStore::tidy_temp() {
+    // temp/ is empty after every completed run: remove the per-thread subdirectories that are empty
+    // (a busy one fails with ENOTEMPTY and stays; create_temp() recreates a removed one).
+    for (size_t i = 0; i < m_subdir_made.size(); ++i) {
+        if (!m_subdir_made[i].load()) continue;
+        std::string d = "w" + std::to_string(i);
+        if (::unlinkat(m_temp.get(), d.c_str(), AT_REMOVEDIR) == 0) m_subdir_made[i].store(false);
+    }
+}
+
+ObjectStore::~ObjectStore() { tidy_temp(); }
 
 util::Fd ObjectStore::open(const hash::Digest& d) const {
     std::string rel = object_relpath(d);

@@ -104,7 +104,7 @@ struct Catalog::Stmts {
           has_object(db, "SELECT 1 FROM objects WHERE digest=?"),
           objects(db, "SELECT digest, size, stored_size FROM objects"),
           del_object(db, "DELETE FROM objects WHERE digest=?"),
-          unreferenced(db, "SELECT o.digest, o.size, o.stored_size FROM objects o WHERE NOT EXISTS (SELECT 1 FROM entries e WHERE e.digest = o.digest)"),
+          unreferenced(db, "SELECT o.digest, o.size, o.stored_size FROM objects o WHERE o.digest NOT IN (SELECT digest FROM entries WHERE digest IS NOT NULL)"),
           totals(db, "SELECT (SELECT COALESCE(SUM(files),0) FROM packages WHERE has_manifest=1), "
                      "(SELECT COALESCE(SUM(bytes),0) FROM packages WHERE has_manifest=1), "
                      "(SELECT COUNT(*) FROM objects), (SELECT COALESCE(SUM(stored_size),0) FROM objects)"),

@@ -41,7 +41,8 @@ CREATE TABLE entries (
     link_to     BLOB,                     -- files only: earlier path of the same inode in this package
     PRIMARY KEY (package, path)
 ) WITHOUT ROWID;
-CREATE INDEX entries_digest ON entries(digest) WHERE digest IS NOT NULL;
+-- No index on entries(digest): digests are random, so such an index would dirty most of its pages
+-- in every batch; gc and fsck scan entries once instead.
 CREATE TABLE objects (
     digest      BLOB PRIMARY KEY,         -- 32 bytes
     size        INTEGER NOT NULL,         -- uncompressed bytes

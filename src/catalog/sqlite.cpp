@@ -25,7 +25,7 @@ Db::Db(const std::string& path, OpenMode mode) : m_path(path) {
     }
     exec("PRAGMA foreign_keys=ON");
     exec("PRAGMA temp_store=MEMORY");
-    exec("PRAGMA cache_size=-16384"); // 16 MiB page cache
+    exec("PRAGMA cache_size=-65536"); // 64 MiB page cache: the objects B-tree is keyed by random digests
 }
 
 Db::~Db() { sqlite3_close_v2(m_db); }

@@ -37,9 +37,11 @@ static ssize_t read_some(int fd, char* buf, size_t len, util::RateLimiter* limit
 IngestResult ingest_file(const walk::Item& item, cas::ObjectStore* objects, StoreObject store,
                          util::RateLimiter* limiter) {
     const std::string& path = item.entry.path;
-    int fd = ::openat(item.parent->get(), item.name.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NOATIME);
+    // O_NONBLOCK: if a fifo was swapped in since the walk, open() must not wait for a writer.
+    constexpr int k_flags = O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK;
+    int fd = ::openat(item.parent->get(), item.name.c_str(), k_flags | O_NOATIME);
     if (fd < 0 && errno == EPERM) // O_NOATIME is only allowed to the file's owner
-        fd = ::openat(item.parent->get(), item.name.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+        fd = ::openat(item.parent->get(), item.name.c_str(), k_flags);
     if (fd < 0) {
         int e = errno;
         if (e == ENOENT || e == ELOOP) changed(item);
@@ -47,26 +49,32 @@ IngestResult ingest_file(const walk::Item& item, cas::ObjectStore* objects, Stor
                                            (e == EACCES ? " (make it readable or run casmig as its owner)" : ""));
     }
     util::Fd owned(fd);
-    struct stat before {};
-    if (::fstat(fd, &before) != 0) throw walk::PackageError(path, std::string("cannot stat: ") + std::strerror(errno));
-    if (!S_ISREG(before.st_mode) || !same_file(before, item.st)) changed(item);
+    // The walker's lstat is the "before" state: one fstat after the read, compared with it, proves
+    // this is the same inode, unchanged in size, mtime and ctime from walk to end of read.
+    const struct stat& before = item.st;
     const auto expected = static_cast<std::uint64_t>(before.st_size);
+    auto read_error = [&](int e) -> void {
+        struct stat now {};
+        if (::fstat(fd, &now) != 0 || !S_ISREG(now.st_mode) || !same_file(before, now)) changed(item);
+        throw walk::PackageError(path, std::string("read failed: ") + std::strerror(e));
+    };
 
     IngestResult r;
     hash::Hasher hasher;
     std::uint64_t total = 0;
-    auto read_error = [&](int e) -> void {
-        throw walk::PackageError(path, std::string("read failed: ") + std::strerror(e));
-    };
     if (expected <= k_small_file) {
         // One extra byte detects a file that grew since fstat.
         thread_local std::vector<char> buf;
         buf.resize(static_cast<size_t>(expected) + 1);
+        // A short read of a regular file means end of file, so one read() usually suffices; a
+        // file that grew meanwhile fills the extra byte, one that changed otherwise is caught by
+        // the fstat below.
         while (total < buf.size()) {
             ssize_t n = read_some(fd, buf.data() + total, buf.size() - total, limiter);
             if (n < 0) read_error(errno);
             if (n == 0) break;
             total += static_cast<std::uint64_t>(n);
+            if (total == expected) break;
         }
         if (total != expected) changed(item);
         hasher.update(buf.data(), total);

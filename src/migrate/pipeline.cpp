@@ -5,6 +5,8 @@
 #include "casmig/verify/verify.hpp"
 
 #include <atomic>
+#include <condition_variable>
+#include <deque>
 #include <mutex>
 #include <set>
 #include <sys/statvfs.h>
@@ -27,11 +29,11 @@ constexpr size_t k_unit_files = 256;
 constexpr std::uint64_t k_unit_bytes = 16ull << 20;
 // Tokens in flight: enough for every worker to have a unit while the serial stages work on others;
 // each unit holds at most k_unit_files open directory references, so fds stay bounded too.
-unsigned tokens_for(unsigned threads) { return threads * 4; }
+unsigned tokens_for(unsigned threads) { return threads * 8; }
 // A batch is published and committed when any bound is reached: less often means fewer syncfs calls,
 // more often means less work redone after a crash.
-constexpr auto k_batch_interval = std::chrono::seconds(2);
-constexpr std::uint64_t k_batch_bytes = 1ull << 30;
+constexpr auto k_batch_interval = std::chrono::milliseconds(1000);
+constexpr std::uint64_t k_batch_bytes = 256ull << 20;
 constexpr size_t k_batch_packages = 2000;
 
 /// One package travelling through the pipeline.
@@ -115,7 +117,22 @@ public:
         if (mode == Mode::migrate) m_objects = &store.objects();
     }
 
+    ~Pipeline() {
+        if (m_committer.joinable()) {
+            {
+                std::lock_guard lk(m_queue_mutex);
+                m_queue_closed = true;
+            }
+            m_queue_cv.notify_all();
+            m_committer.join();
+        }
+    }
+
     void run(unsigned threads) {
+        if (m_mode == Mode::migrate) m_committer = std::thread([this] { committer_loop(); });
+        // oneTBB caps workers at cores-1 unless told otherwise; -j may ask for more threads than cores
+        // (useful when file I/O blocks).
+        tbb::global_control allow(tbb::global_control::max_allowed_parallelism, threads);
         tbb::task_arena arena(static_cast<int>(threads));
         arena.execute([&] {
             tbb::parallel_pipeline(
@@ -127,11 +144,18 @@ public:
                     tbb::make_filter<UnitPtr, void>(tbb::filter_mode::serial_in_order,
                                                     [this](UnitPtr u) { commit_stage(std::move(u)); }));
         });
-        if (m_mode == Mode::migrate) flush();
+        if (m_mode == Mode::migrate) {
+            flush();
+            finish_committer();
+        }
         m_result.seconds = std::chrono::duration<double>(Clock::now() - m_start).count();
     }
 
-    Result& result() { return m_result; }
+    Result& result() {
+        m_result.verified = m_verified;
+        return m_result;
+    }
+    std::uint64_t verify_failed() const { return m_verify_failed; }
     std::vector<std::int64_t>& migrated_ids() { return m_migrated_ids; }
     // plan
     std::unordered_map<hash::Digest, std::uint64_t, hash::DigestHash>& plan_digests() { return m_plan_digests; }
@@ -236,7 +260,7 @@ private:
         if (m_mode == Mode::plan) {
             if (job.failed) {
                 ++m_result.failed;
-                if (m_problems) m_problems(job.problem());
+                problem(job.problem());
             } else {
                 m_result.files += job.files;
                 m_result.bytes += job.bytes;
@@ -254,17 +278,84 @@ private:
             flush();
     }
 
-    /// Objects durable first, then the catalog rows that refer to them (see cas/object_store.hpp).
+    /// Hands the finished packages to the committer thread, so that the pipeline keeps reading and
+    /// hashing while the batch is made durable (syncfs waits for the disk) and recorded.
     void flush() {
         m_last_flush = Clock::now();
         if (m_batch.empty()) return;
-        auto published = m_store.objects().publish();
-        (void)published;
+        std::unique_lock lk(m_queue_mutex);
+        // At most two batches wait: bounded memory, and back-pressure when the disk is the bottleneck.
+        m_queue_cv.wait(lk, [&] { return m_queue.size() < 2 || m_committer_error; });
+        if (m_committer_error) std::rethrow_exception(m_committer_error);
+        m_queue.push_back(std::move(m_batch));
+        m_batch.clear();
+        m_batch_bytes = 0;
+        lk.unlock();
+        m_queue_cv.notify_all();
+    }
+
+    void finish_committer() {
+        {
+            std::lock_guard lk(m_queue_mutex);
+            m_queue_closed = true;
+        }
+        m_queue_cv.notify_all();
+        m_committer.join();
+        if (m_committer_error) std::rethrow_exception(m_committer_error);
+    }
+
+    void committer_loop() {
+        for (;;) {
+            std::vector<std::shared_ptr<Job>> batch;
+            {
+                std::unique_lock lk(m_queue_mutex);
+                m_queue_cv.wait(lk, [&] { return !m_queue.empty() || m_queue_closed; });
+                if (m_queue.empty()) return;
+                batch = std::move(m_queue.front());
+                m_queue.pop_front();
+            }
+            m_queue_cv.notify_all();
+            try {
+                commit_batch(batch);
+                // Verify what was just committed on this thread, while the pipeline keeps the cores
+                // busy with the next packages: verify fills the time the pipeline waits for I/O.
+                if (m_opts.verify == Verify::yes) verify_batch(batch);
+            } catch (...) {
+                std::lock_guard lk(m_queue_mutex);
+                m_committer_error = std::current_exception();
+                m_queue.clear();
+                m_queue_cv.notify_all();
+                return;
+            }
+        }
+    }
+
+    void verify_batch(const std::vector<std::shared_ptr<Job>>& batch) {
+        std::vector<catalog::Package> pkgs;
+        for (const auto& jp : batch) {
+            if (jp->failed) continue;
+            catalog::Package p = jp->pkg;
+            p.state = PackageState::migrated;
+            p.has_manifest = true;
+            pkgs.push_back(std::move(p));
+        }
+        if (pkgs.empty()) return;
+        verify::Options vo;
+        vo.threads = 1;
+        vo.db_mutex = &m_db_mutex;
+        auto vr = verify::verify_packages(m_store, pkgs, vo, nullptr, [this](const Problem& p) { problem(p); });
+        m_verified += vr.ok;
+        m_verify_failed += vr.mismatched;
+    }
+
+    /// Objects durable first, then the catalog rows that refer to them (see cas/object_store.hpp).
+    void commit_batch(std::vector<std::shared_ptr<Job>>& batch) {
+        m_store.objects().publish();
         std::lock_guard lk(m_db_mutex);
         auto& cat = m_store.catalog();
         catalog::Transaction tx(cat.db());
         bool any_migrated = false;
-        for (auto& jp : m_batch) {
+        for (auto& jp : batch) {
             Job& job = *jp;
             std::string pid = util::printable(job.pkg.name);
             const char* from = catalog::to_string(job.pkg.state);
@@ -294,17 +385,20 @@ private:
             cat.journal("migrate", "", "legacy", "dual", "store mode");
         }
         tx.commit();
-        if (m_problems)
-            for (auto& jp : m_batch)
-                if (jp->failed) m_problems(jp->problem());
-        m_batch.clear();
-        m_batch_bytes = 0;
+        for (auto& jp : batch)
+            if (jp->failed) problem(jp->problem());
         m_result.new_objects = m_new_objects.load();
         m_result.new_object_bytes = m_new_bytes.load();
     }
 
+    // The sinks are called from the commit stage and the committer thread: one at a time.
     void report() {
+        std::lock_guard lk(m_sink_mutex);
         if (m_progress) m_progress(m_report);
+    }
+    void problem(const Problem& p) {
+        std::lock_guard lk(m_sink_mutex);
+        if (m_problems) m_problems(p);
     }
 
     store::Store& m_store;
@@ -326,6 +420,14 @@ private:
     // commit stage
     std::vector<std::shared_ptr<Job>> m_batch;
     std::uint64_t m_batch_bytes = 0;
+    // committer thread
+    std::thread m_committer;
+    std::mutex m_queue_mutex, m_sink_mutex;
+    std::condition_variable m_queue_cv;
+    std::deque<std::vector<std::shared_ptr<Job>>> m_queue;
+    bool m_queue_closed = false;
+    std::uint64_t m_verified = 0, m_verify_failed = 0;
+    std::exception_ptr m_committer_error;
     std::vector<std::int64_t> m_migrated_ids;
     Progress m_report;
     Result m_result;
@@ -347,9 +449,15 @@ Result migrate(store::Store& store, const Options& opts, const ProgressSink& pro
     store.discover();
     auto& cat = store.catalog();
     auto selected = select_packages(&cat, store.legacy_dirs(), opts);
+    {
+        std::vector<hash::Digest> known;
+        for (const auto& o : cat.objects()) known.push_back(o.digest);
+        store.objects().trust_catalog(std::move(known));
+    }
     Pipeline p(store, Mode::migrate, opts, std::move(selected), progress, problems);
     p.run(thread_count(opts.threads));
     Result r = p.result();
+    r.failed += p.verify_failed();
     if (opts.verify == Verify::yes) {
         // This run's packages, and any a killed run left migrated but unverified.
         std::vector<catalog::Package> todo;
@@ -359,7 +467,7 @@ Result migrate(store::Store& store, const Options& opts, const ProgressSink& pro
             verify::Options vo;
             vo.threads = opts.threads;
             auto vr = verify::verify_packages(store, todo, vo, progress, problems);
-            r.verified = vr.ok;
+            r.verified += vr.ok;
             r.failed += vr.mismatched;
         }
     }

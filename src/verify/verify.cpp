@@ -52,6 +52,7 @@ struct Task {
     catalog::Package pkg;
     std::vector<catalog::Entry> manifest;
     std::vector<std::pair<std::string, std::string>> problems; // path, message
+    std::vector<hash::Digest> missing_objects;
     void add(const std::string& path, const std::string& msg) {
         if (problems.size() < k_max_problems_per_package) problems.emplace_back(path, msg);
         else if (problems.size() == k_max_problems_per_package)
@@ -63,8 +64,10 @@ void check_objects(Task& t, const cas::ObjectStore& objects) {
     for (const auto& e : t.manifest) {
         if (e.type != EntryType::file || !e.digest) continue;
         std::uint64_t size = 0;
-        if (!objects.on_disk(*e.digest, &size))
+        if (!objects.on_disk(*e.digest, &size)) {
             t.add(e.path, "object " + e.digest->hex() + " is missing from objects/");
+            t.missing_objects.push_back(*e.digest);
+        }
         else if (size != e.size)
             t.add(e.path, "object " + e.digest->hex() + " has " + std::to_string(size) + " bytes, the manifest says " +
                               std::to_string(e.size));
@@ -142,13 +145,20 @@ Result verify_packages(store::Store& store, const std::vector<catalog::Package>&
                        const ProgressSink& progress, const ProblemSink& problems) {
     auto& cat = store.catalog();
     auto& objects = store.objects();
-    const bool record = opts.record == RecordState::yes && cat.mode() != catalog::StoreMode::file_level;
+    bool file_level;
+    {
+        std::unique_lock<std::mutex> lk;
+        if (opts.db_mutex) lk = std::unique_lock(*opts.db_mutex);
+        file_level = cat.mode() == catalog::StoreMode::file_level;
+    }
+    const bool record = opts.record == RecordState::yes && !file_level;
     Result r;
     Progress report;
     report.phase = "verify";
     report.packages_total = packages.size();
     size_t next = 0;
-    std::mutex db_mutex;
+    std::mutex own_mutex;
+    std::mutex& db_mutex = opts.db_mutex ? *opts.db_mutex : own_mutex;
     unsigned threads = thread_count(opts.threads);
     tbb::task_arena arena(static_cast<int>(threads));
     arena.execute([&] {
@@ -187,6 +197,11 @@ Result verify_packages(store::Store& store, const std::vector<catalog::Package>&
                             if (problems) problems({pid, util::printable(path), msg});
                         if (t->problems.empty()) ++r.ok;
                         else ++r.mismatched;
+                        if (!t->missing_objects.empty()) {
+                            // Make the catalog truthful, so that a later migrate rewrites the content.
+                            std::lock_guard lk(db_mutex);
+                            for (const auto& d : t->missing_objects) cat.delete_object(d);
+                        }
                         if (record && t->pkg.has_manifest) {
                             std::lock_guard lk(db_mutex);
                             const char* from = catalog::to_string(t->pkg.state);
@@ -268,6 +283,8 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
         for (auto& [rel, d] : bad) {
             std::string qname = rel.substr(0, 2) + rel.substr(3);
             ::renameat(objects.dirfd(), rel.c_str(), q.get(), qname.c_str());
+            // The catalog must not claim it any more: a later migrate then rewrites the content.
+            if (rel.size() == 65) cat.delete_object(d);
             who.bind_blob(1, d.raw());
             std::string names;
             bool recoverable = false;

@@ -26,11 +26,14 @@
 // remove_stale_temp() are called by one thread (the pipeline's serial stage or a command), under the
 // store lock.
 #pragma once
+#include <array>
+#include <atomic>
 #include <cstdint>
 #include <mutex>
 #include <optional>
 #include <string>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 #include "casmig/hash/blake3.hpp"
@@ -78,8 +81,14 @@ public:
     int dirfd() const { return m_objects.get(); }
     int temp_dirfd() const { return m_temp.get(); }
 
-    /// True if the object is under objects/ or staged in this process (not yet published).
+    /// True if the object is under objects/ or staged in this process (not yet published). After
+    /// trust_catalog(), answers from memory without touching the disk.
     bool exists(const hash::Digest& d) const;
+    /// Makes exists() answer from the digests the catalog lists (committed only once durable) plus
+    /// what this process staged and published, with no syscall per file. An object deleted behind the
+    /// catalog's back is then not rewritten: verify finds it missing and drops its catalog row, so the
+    /// next migrate of a package that holds the content writes it again.
+    void trust_catalog(std::vector<hash::Digest> known);
     /// True only if the object is under objects/; size gets its on-disk size.
     bool on_disk(const hash::Digest& d, std::uint64_t* size = nullptr) const;
 
@@ -100,14 +109,23 @@ public:
     util::Fd open(const hash::Digest& d) const;
     /// Removes temp files left by a killed run. Caller holds the store lock.
     void remove_stale_temp();
+    /// Removes this process's empty staging subdirectories of temp/.
+    void tidy_temp();
+    ~ObjectStore();
     /// Every object file name under objects/ (relative "ab/…"), variants included.
     std::vector<std::string> list_files() const;
 
 private:
+    enum class DiskChecked { no, yes };
+    StageResult stage_checked(const hash::Digest& d, TempFile&& tmp, std::uint64_t size, DiskChecked checked);
     std::string m_objects_path, m_temp_path;
     util::Fd m_objects, m_temp, m_store_fs; // m_store_fs: any fd on the store's filesystem, for syncfs
     mutable std::mutex m_mutex;
     std::unordered_map<hash::Digest, std::string, hash::DigestHash> m_staged; // digest -> temp name
+    bool m_trusting = false;
+    std::array<std::atomic<bool>, 64> m_subdir_made{}; // temp/w<N>/ exists
+    std::vector<hash::Digest> m_known;                                       // sorted
+    std::unordered_set<hash::Digest, hash::DigestHash> m_published;          // by this process
     std::uint64_t m_staged_bytes = 0;
 };
 

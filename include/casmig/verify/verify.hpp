@@ -4,6 +4,7 @@
 // objects into migration/corrupt/).
 #pragma once
 #include <cstdint>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -18,6 +19,7 @@ enum class RecordState { no, yes };
 struct Options {
     unsigned threads = 0;
     RecordState record = RecordState::yes; // set verified / failed from the outcome
+    std::mutex* db_mutex = nullptr;         // held around every catalog use, when the caller shares it
 };
 
 struct Result {
