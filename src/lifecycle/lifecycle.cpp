@@ -138,12 +138,16 @@ CleanupResult cleanup(store::Store& s, DryRun dry, const ProgressSink& progress,
                                  "); run casmig cutover first; nothing was deleted");
     CleanupResult r;
     std::vector<catalog::Package> marked;
-    for (const auto& p : cat.packages())
-        if (p.tree == TreeState::marked) marked.push_back(p);
+    for (const auto& p : cat.packages()) {
+        // A package migrated and verified after cutover is cleaned up like the others.
+        bool late = p.tree == TreeState::present && p.state == PackageState::verified && p.has_manifest;
+        if (p.tree == TreeState::marked || late) marked.push_back(p);
+    }
     Progress report;
     report.phase = dry == DryRun::yes ? "cleanup (dry run)" : "cleanup";
     report.packages_total = marked.size();
     auto& objects = s.objects();
+    std::vector<std::string> trashed;
     for (const auto& p : marked) {
         ++report.packages_done;
         // Never delete a tree whose content is not provably in the CAS.
@@ -161,25 +165,43 @@ CleanupResult cleanup(store::Store& s, DryRun dry, const ProgressSink& progress,
             continue;
         }
         // 1. move the tree aside, atomically: it is either whole under its name or gone from it;
-        // 2. record it removed; 3. delete the moved tree. A crash after 1 leaves it in temp/, which the
-        // next locked run empties; the rerun then finds the tree gone and records it (step 2).
+        // 2. record it removed; 3. delete the moved trees (below, in parallel). A crash after 1
+        // leaves the tree in temp/, which the next locked run empties; the rerun then finds the tree
+        // gone and records it (step 2).
         std::string trash = temp_name("trash", p.id);
         if (present) {
             util::remove_tree_at(objects.temp_dirfd(), trash, s.temp_dir() + "/" + trash);
             if (::renameat(s.root_fd(), p.name.c_str(), objects.temp_dirfd(), trash.c_str()) != 0)
                 util::throw_errno("cannot move legacy tree aside", s.root() + "/" + util::printable(p.name));
+            trashed.push_back(trash);
         }
         {
             catalog::Transaction tx(cat.db());
             cat.set_tree(p.id, TreeState::removed);
-            cat.journal("cleanup", util::printable(p.name), "marked", "removed");
+            cat.journal("cleanup", util::printable(p.name), catalog::to_string(p.tree), "removed");
             tx.commit();
         }
-        r.bytes += util::remove_tree_at(objects.temp_dirfd(), trash, s.temp_dir() + "/" + trash);
         ++r.trees;
-        report.bytes_done = r.bytes;
         if (progress) progress(report);
     }
+    // 3. Unlinking is the slow part (one journalled metadata update per file): spread the trees over
+    // the cores.
+    std::atomic<std::uint64_t> bytes{0};
+    std::mutex mutex;
+    std::exception_ptr first_error;
+    tbb::task_arena arena(static_cast<int>(thread_count(0)));
+    arena.execute([&] {
+        tbb::parallel_for_each(trashed.begin(), trashed.end(), [&](const std::string& trash) {
+            try {
+                bytes += util::remove_tree_at(objects.temp_dirfd(), trash, s.temp_dir() + "/" + trash);
+            } catch (...) {
+                std::lock_guard lk(mutex);
+                if (!first_error) first_error = std::current_exception();
+            }
+        });
+    });
+    if (first_error) std::rethrow_exception(first_error); // already recorded removed; temp/ is emptied next run
+    r.bytes += bytes.load();
     return r;
 }
 
