@@ -88,7 +88,9 @@ TempFile ObjectStore::create_temp() {
     // directory serialises the threads on that directory's lock (measured: 10% of CPU spinning).
     static std::atomic<unsigned> threads{0};
     thread_local const unsigned slot = threads++ % 64;
-    const std::string subdir = "w" + std::to_string(slot) + "/";
+    char subdir_buf[16];
+    std::snprintf(subdir_buf, sizeof subdir_buf, "w%u/", slot);
+    const std::string subdir = subdir_buf;
     if (!m_subdir_made[slot].load(std::memory_order_acquire)) {
         std::string d = subdir.substr(0, subdir.size() - 1);
         if (::mkdirat(m_temp.get(), d.c_str(), 0700) != 0 && errno != EEXIST)
@@ -96,7 +98,9 @@ TempFile ObjectStore::create_temp() {
         m_subdir_made[slot].store(true, std::memory_order_release);
     }
     static const std::string prefix = std::string(k_temp_marker) + std::to_string(::getpid()) + "-";
-    std::string name = subdir + prefix + std::to_string(n);
+    std::string name;
+    name.reserve(subdir.size() + prefix.size() + 20);
+    name.append(subdir).append(prefix).append(std::to_string(n));
     // Created read-only: the fd we hold may still write, nobody else can, and no fchmod is needed.
     int fd = ::openat(m_temp.get(), name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
     if (fd < 0 && errno == ENOENT) { // publish() tidied the subdirectory away meanwhile
@@ -203,8 +207,9 @@ void ObjectStore::tidy_temp() {
     // (a busy one fails with ENOTEMPTY and stays; create_temp() recreates a removed one).
     for (size_t i = 0; i < m_subdir_made.size(); ++i) {
         if (!m_subdir_made[i].load()) continue;
-        std::string d = "w" + std::to_string(i);
-        if (::unlinkat(m_temp.get(), d.c_str(), AT_REMOVEDIR) == 0) m_subdir_made[i].store(false);
+        char d[16];
+        std::snprintf(d, sizeof d, "w%zu", i);
+        if (::unlinkat(m_temp.get(), d, AT_REMOVEDIR) == 0) m_subdir_made[i].store(false);
     }
 }
 

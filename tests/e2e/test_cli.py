@@ -87,6 +87,16 @@ def snapshot(tree, owners=False):
     return snap
 
 
+def kill_at(t, store, command, delays, after_each):
+    """Starts `casmig COMMAND`, kills it with SIGKILL after each delay, then calls after_each(delay)."""
+    for delay in delays:
+        p = subprocess.Popen([t.casmig, "--store", store, command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        after_each(delay)
+
+
 def expect(cond, msg):
     if not cond:
         raise AssertionError(msg)
@@ -320,15 +330,11 @@ def kill9_during_rollback_then_rerun(t):
     t.run(s, "migrate", code=0)
     t.run(s, "cutover", code=0)
     t.run(s, "cleanup", code=0)
-    for delay in [0.02, 0.1, 0.3]:
-        p = subprocess.Popen([t.casmig, "--store", s, "rollback"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        # whatever is under a package name is whole
+    def whole(delay):  # whatever is under a package name is whole
         for name in os.listdir(s):
             if name in before:
                 expect(snapshot(os.path.join(s, name)) == before[name], f"half tree {name} after kill at {delay}s")
+    kill_at(t, s, "rollback", [0.02, 0.1, 0.3], whole)
     t.run(s, "rollback", code=0)
     after = {p: snapshot(os.path.join(s, p)) for p in before}
     expect(after == before, "rollback after kills not exact")
@@ -346,14 +352,11 @@ def kill9_during_cleanup_then_rerun(t):
     before = {p: snapshot(os.path.join(s, p)) for p in sorted(os.listdir(s))}
     t.run(s, "migrate", code=0)
     t.run(s, "cutover", code=0)
-    for delay in [0.01, 0.05, 0.15]:
-        p = subprocess.Popen([t.casmig, "--store", s, "cleanup"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        for name in os.listdir(s):  # a tree under a package name is whole: cleanup moves it aside first
+    def whole(delay):  # a tree under a package name is whole: cleanup moves it aside first
+        for name in os.listdir(s):
             if name in before:
                 expect(snapshot(os.path.join(s, name)) == before[name], f"half-deleted {name} after kill at {delay}s")
+    kill_at(t, s, "cleanup", [0.01, 0.05, 0.15], whole)
     out = t.json(s, "cleanup")
     expect(not any(n in before for n in os.listdir(s)), "rerun left trees")
     expect(os.listdir(os.path.join(s, "temp")) == [], "temp/ not empty after cleanup")

@@ -127,6 +127,7 @@ TEST_SUITE("lifecycle") {
         CHECK(r.trees == 3);
         for (auto& pk : m.store->catalog().packages()) CHECK(pk.tree == TreeState::removed);
         auto mr = lifecycle::materialize(*m.store, "pkg1", m.dir / "back", lifecycle::LinkMode::copy);
+        CHECK(mr.files == 3);
         CHECK(m.snapshot(m.dir / "back") == before);
     }
     TEST_CASE("cleanup keeps a tree whose objects are missing") {
