@@ -41,8 +41,13 @@ StoreLock::StoreLock(const std::string& path, LockKind kind, const std::string& 
 Store::Store(std::string root, std::string db_path) : m_root(std::move(root)) {
     while (m_root.size() > 1 && m_root.back() == '/') m_root.pop_back();
     struct stat st {};
-    if (::stat(m_root.c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
-        throw util::UsageError("store " + m_root + " does not exist or is not a directory: pass --store DIR or set CASMIG_STORE");
+    if (::stat(m_root.c_str(), &st) != 0) {
+        if (errno == EACCES)
+            throw util::UsageError("store " + m_root + " is not accessible: permission denied; run casmig as the store's owner");
+        throw util::UsageError("store " + m_root + " does not exist: pass --store DIR or set CASMIG_STORE");
+    }
+    if (!S_ISDIR(st.st_mode))
+        throw util::UsageError("store " + m_root + " is not a directory: pass --store DIR or set CASMIG_STORE");
     int fd = ::open(m_root.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0) util::throw_errno("cannot open store", m_root);
     m_root_fd = util::Fd(fd);

@@ -114,6 +114,8 @@ def help_and_usage_errors(t):
     expect(p.returncode == 2 and p.stderr.count("\n") == 1, f"unknown command: {p.returncode} {p.stderr!r}")
     p = subprocess.run([t.casmig, "--store", "/nonexistent/store", "status"], capture_output=True, text=True)
     expect(p.returncode == 2 and "does not exist" in p.stderr, f"missing store: {p.returncode} {p.stderr!r}")
+    p = subprocess.run([t.casmig, "--store", "/etc/passwd", "status"], capture_output=True, text=True)
+    expect(p.returncode == 2 and "not a directory" in p.stderr, f"file as store: {p.returncode} {p.stderr!r}")
     s = t.store("usage", 1)
     code, _, err = t.run(s, "migrate", "--time-budget", "soon")
     expect(code == 2 and "duration" in err, f"bad duration: {code} {err!r}")
@@ -183,6 +185,27 @@ def special_and_changed_files_fail_alone(t):
     expect(t.json(s, "status")["packages"]["failed"] == 1, "failed package retried without --retry-failed")
     t.run(s, "migrate", "--retry-failed", code=0)
     expect(t.json(s, "status")["packages"]["verified"] == 4, "retry")
+
+
+@test
+def unreadable_file_fails_its_package_when_not_root(t):
+    import shutil as _sh
+    if os.geteuid() != 0 or not _sh.which("setpriv"):
+        print("  (skipped: needs root and setpriv to run casmig as nobody)")
+        return
+    s = t.store("unreadable", 2)
+    os.chmod(t.work, 0o755)  # nobody must reach the store
+    put(os.path.join(s, "pkg01"), "locked", b"secret", 0o000)
+    subprocess.run(["chown", "-R", "nobody:nogroup", s], check=True)
+    cmd = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", t.casmig, "--store", s]
+    p = subprocess.run(cmd + ["migrate"], capture_output=True, text=True)
+    expect(p.returncode == 1, f"migrate as nobody exited {p.returncode}: {p.stderr!r}")
+    lines = p.stderr.strip().splitlines()
+    expect(len(lines) == 1 and "pkg01" in lines[0] and "locked" in lines[0] and "Permission denied" in lines[0],
+           f"error line: {p.stderr!r}")
+    p = subprocess.run(cmd + ["--json", "status"], capture_output=True, text=True)
+    st = json.loads(p.stdout)
+    expect(st["packages"]["failed"] == 1 and st["packages"]["verified"] == 1, f"{st['packages']}")
 
 
 @test
