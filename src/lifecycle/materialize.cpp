@@ -7,6 +7,7 @@
 #include <fcntl.h>
 #include <linux/fs.h>
 #include <map>
+#include <memory>
 #include <set>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
@@ -81,7 +82,8 @@ class Builder {
 public:
     Builder(int dest_fd, std::string display, cas::ObjectStore& objects, LinkMode link, MaterializeResult& r)
         : m_root(dest_fd), m_display(std::move(display)), m_objects(objects), m_link(link), m_r(r),
-          m_root_user(::geteuid() == 0) {}
+          m_root_user(::geteuid() == 0),
+          m_root_fd(std::make_shared<util::Fd>(::dup(dest_fd))) {}
 
     void build(const std::vector<Entry>& manifest) {
         // BLOB order puts a directory before everything below it.
@@ -95,7 +97,8 @@ public:
                 continue;
             }
             auto [parent, name] = split(path, m_display);
-            int pfd = dir_fd(parent);
+            auto parent_fd = dir_fd(parent); // kept alive while this entry is written
+            int pfd = parent_fd->get();
             std::string disp = m_display + "/" + util::printable(path);
             switch (e->type) {
             case EntryType::dir:
@@ -121,8 +124,10 @@ public:
         // directory's mtime, and a read-only directory would refuse them.
         for (auto it = dirs.rbegin(); it != dirs.rend(); ++it) {
             const Entry& e = **it;
-            int fd = e.path.empty() ? m_root : dir_fd(e.path);
-            std::string disp = m_display + (e.path.empty() ? "" : "/" + util::printable(e.path));
+            auto dfd = e.path.empty() ? nullptr : dir_fd(e.path);
+            int fd = dfd ? dfd->get() : m_root;
+            std::string disp = m_display;
+            if (!e.path.empty()) disp.append("/").append(util::printable(e.path));
             if (m_root_user) ::fchown(fd, e.uid, e.gid);
             if (::fchmod(fd, e.mode & 07777) != 0) util::throw_errno("cannot chmod", disp);
             struct timespec ts[2] = {to_ts(e.mtime_ns), to_ts(e.mtime_ns)};
@@ -133,20 +138,21 @@ public:
 private:
     /// fd of a directory this build created (or the root), opened component by component with
     /// O_NOFOLLOW. A parent that is not such a directory is refused.
-    int dir_fd(const std::string& path) {
-        if (path.empty()) return m_root;
+    std::shared_ptr<util::Fd> dir_fd(const std::string& path) {
+        if (path.empty()) return m_root_fd;
         auto it = m_fds.find(path);
-        if (it != m_fds.end()) return it->second.get();
+        if (it != m_fds.end()) return it->second;
         if (!m_dirs.count(path))
             throw util::Error("refusing manifest of " + m_display + ": '" + util::printable(path) +
                               "' is used as a directory but the manifest does not create it as one (a crafted or "
                               "damaged manifest; run casmig verify)");
         auto [parent, name] = split(path, m_display);
-        int pfd = dir_fd(parent);
-        int fd = ::openat(pfd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        auto pfd = dir_fd(parent);
+        int fd = ::openat(pfd->get(), name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
         if (fd < 0) util::throw_errno("cannot open directory", m_display + "/" + util::printable(path));
-        if (m_fds.size() > 256) m_fds.clear(); // bound open fds; reopened on demand
-        return m_fds.emplace(path, util::Fd(fd)).first->second.get();
+        // Bound the cache; an evicted fd stays open while a caller still holds it.
+        if (m_fds.size() > 256) m_fds.clear();
+        return m_fds.emplace(path, std::make_shared<util::Fd>(fd)).first->second;
     }
 
     void finish_copy(int fd, const Entry& e, const std::string& disp) {
@@ -199,7 +205,8 @@ private:
             auto it = m_files.find(*e.link_to);
             if (it != m_files.end()) {
                 auto [lparent, lname] = split(*e.link_to, m_display);
-                if (::linkat(dir_fd(lparent), lname.c_str(), pfd, name.c_str(), 0) == 0) {
+                auto lfd = dir_fd(lparent);
+                if (::linkat(lfd->get(), lname.c_str(), pfd, name.c_str(), 0) == 0) {
                     ++m_r.linked;
                     return;
                 }
@@ -237,7 +244,8 @@ private:
     LinkMode m_link;
     MaterializeResult& m_r;
     bool m_root_user;
-    std::unordered_map<std::string, util::Fd> m_fds;
+    std::unordered_map<std::string, std::shared_ptr<util::Fd>> m_fds;
+    std::shared_ptr<util::Fd> m_root_fd;
     std::unordered_map<std::string, bool> m_files;
     std::set<std::string> m_dirs;
 };

@@ -61,6 +61,22 @@ TEST_SUITE("lifecycle") {
         ::stat((m.dir / "out/LICENSE.hard").c_str(), &b);
         CHECK(a.st_ino == b.st_ino); // the hard link inside the package is kept
     }
+    TEST_CASE("materialize handles more directories than its fd cache, with hard links across them") {
+        test::TempDir t;
+        for (int i = 0; i < 300; ++i) test::write_file(t / ("big/d" + std::to_string(i) + "/f"), "file " + std::to_string(i));
+        ::link((t / "big/d0/f").c_str(), (t / "big/d299/link").c_str());
+        store::Store s(t.path());
+        auto lock = s.lock("test");
+        REQUIRE(migrate::migrate(s, {}, nullptr, nullptr).verified == 1);
+        auto r = lifecycle::materialize(s, "big", t / "out", lifecycle::LinkMode::copy);
+        CHECK(r.files == 301);
+        CHECK(r.dirs == 300);
+        CHECK(test::read_file(t / "out/d150/f") == "file 150");
+        struct stat a {}, b {};
+        ::stat((t / "out/d0/f").c_str(), &a);
+        ::stat((t / "out/d299/link").c_str(), &b);
+        CHECK(a.st_ino == b.st_ino);
+    }
     TEST_CASE("materialize --link hardlink links objects but never setuid files and keeps exec bits") {
         Migrated m;
         auto r = lifecycle::materialize(*m.store, "pkg0", m.dir / "out", lifecycle::LinkMode::hardlink);
