@@ -96,10 +96,10 @@ struct Catalog::Stmts {
           set_tree(db, "UPDATE packages SET tree=?, updated_at=? WHERE id=?"),
           del_package(db, "DELETE FROM packages WHERE id=?"),
           del_entries(db, "DELETE FROM entries WHERE package=?"),
-          ins_entry(db, "INSERT INTO entries(package, path, type, mode, size, digest, target, mtime_ns, link_to, uid, gid) VALUES (?,?,?,?,?,?,?,?,?,?,?)"),
+          ins_entry(db, "INSERT INTO entries(package, path, type, mode, size, digest, target, mtime_ns, link_to, uid, gid, xattrs) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"),
           set_manifest(db, "UPDATE packages SET has_manifest=1, files=?, bytes=?, updated_at=? WHERE id=?"),
           clear_manifest(db, "UPDATE packages SET has_manifest=0, files=0, bytes=0 WHERE id=?"),
-          manifest(db, "SELECT path, type, mode, size, digest, target, mtime_ns, link_to, uid, gid FROM entries WHERE package=? ORDER BY path"),
+          manifest(db, "SELECT path, type, mode, size, digest, target, mtime_ns, link_to, uid, gid, xattrs FROM entries WHERE package=? ORDER BY path"),
           add_object(db, "INSERT OR IGNORE INTO objects(digest, size, stored_size) VALUES (?,?,?)"),
           has_object(db, "SELECT 1 FROM objects WHERE digest=?"),
           objects(db, "SELECT digest, size, stored_size FROM objects"),
@@ -209,6 +209,8 @@ void Catalog::put_manifest(std::int64_t id, const std::vector<Entry>& entries) {
         if (e.link_to) ins.bind_blob(9, *e.link_to);
         else ins.bind_null(9);
         ins.bind(10, static_cast<std::int64_t>(e.uid)).bind(11, static_cast<std::int64_t>(e.gid));
+        if (e.xattrs.empty()) ins.bind_null(12);
+        else ins.bind_blob(12, e.xattrs);
         ins.run();
         if (e.type == EntryType::file) {
             ++files;
@@ -239,6 +241,7 @@ std::vector<Entry> Catalog::manifest(std::int64_t id) {
         e.link_to = s.opt_str(7);
         e.uid = static_cast<std::uint32_t>(s.i64(8));
         e.gid = static_cast<std::uint32_t>(s.i64(9));
+        if (!s.is_null(10)) e.xattrs = s.str(10);
         out.push_back(std::move(e));
     }
     s.reset();

@@ -39,6 +39,7 @@ CREATE TABLE entries (
     uid         INTEGER NOT NULL DEFAULT 0,
     gid         INTEGER NOT NULL DEFAULT 0,
     link_to     BLOB,                     -- files only: earlier path of the same inode in this package
+    xattrs      BLOB,                     -- extended attributes, encoded as in util/xattr.hpp; NULL: none
     PRIMARY KEY (package, path)
 ) WITHOUT ROWID;
 -- No index on entries(digest): digests are random, so such an index would dirty most of its pages

@@ -1,6 +1,7 @@
 #include "materialize.hpp"
 
 #include "casmig/util/error.hpp"
+#include "casmig/util/xattr.hpp"
 
 #include <cerrno>
 #include <cstring>
@@ -130,6 +131,7 @@ public:
             if (!e.path.empty()) disp.append("/").append(util::printable(e.path));
             if (m_root_user) ::fchown(fd, e.uid, e.gid);
             if (::fchmod(fd, e.mode & 07777) != 0) util::throw_errno("cannot chmod", disp);
+            if (!e.xattrs.empty()) util::write_xattrs(fd, e.xattrs, disp);
             struct timespec ts[2] = {to_ts(e.mtime_ns), to_ts(e.mtime_ns)};
             if (::futimens(fd, ts) != 0) util::throw_errno("cannot set mtime", disp);
         }
@@ -158,6 +160,8 @@ private:
     void finish_copy(int fd, const Entry& e, const std::string& disp) {
         if (m_root_user) ::fchown(fd, e.uid, e.gid); // before chmod: chown clears setuid/setgid
         if (::fchmod(fd, e.mode & 07777) != 0) util::throw_errno("cannot chmod", disp);
+        // after data, owner and mode: writing or chown clears security.capability
+        if (!e.xattrs.empty()) util::write_xattrs(fd, e.xattrs, disp);
         struct timespec ts[2] = {to_ts(e.mtime_ns), to_ts(e.mtime_ns)};
         if (::futimens(fd, ts) != 0) util::throw_errno("cannot set mtime", disp);
     }
@@ -217,7 +221,8 @@ private:
             // of the object. Other files link to the object or to a read-only variant that keeps the
             // file's read and exec bits (write bits may differ, as documented).
             std::uint32_t mode = e.mode & 07777;
-            if (!(mode & 06000)) {
+            // Files with extended attributes (capabilities, ACLs) get their own copy too.
+            if (!(mode & 06000) && e.xattrs.empty()) {
                 try {
                     std::string src = link_source(e, mode & 0555);
                     if (::linkat(m_objects.dirfd(), src.c_str(), pfd, name.c_str(), 0) == 0) {

@@ -6,6 +6,8 @@
 #include <unistd.h>
 #include <vector>
 
+#include "casmig/util/xattr.hpp"
+
 namespace casmig::migrate {
 
 // Files up to this size are read into one buffer, hashed, and written only if the object is new
@@ -105,6 +107,11 @@ IngestResult ingest_file(const walk::Item& item, cas::ObjectStore* objects, Stor
         if (writing) r.new_object = objects->stage(r.digest, std::move(tmp), total) == cas::StageResult::staged;
     }
     r.size = total;
+    try {
+        r.xattrs = util::read_xattrs(fd, path);
+    } catch (const util::SystemError& e) {
+        throw walk::PackageError(path, std::string("cannot read extended attributes: ") + std::strerror(e.code()));
+    }
     return r;
 }
 

@@ -222,6 +222,7 @@ private:
                                      m_limiter.limited() ? &m_limiter : nullptr);
                 it.entry.digest = r.digest;
                 it.entry.size = r.size;
+                it.entry.xattrs = std::move(r.xattrs);
                 if (r.new_object) {
                     m_new_objects.fetch_add(1, std::memory_order_relaxed);
                     m_new_bytes.fetch_add(r.size, std::memory_order_relaxed);

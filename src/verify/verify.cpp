@@ -106,6 +106,8 @@ void check_tree(Task& t, int store_fd) {
             }
             if (m.type != EntryType::symlink && m.mode != it.entry.mode)
                 t.add(path, "mode differs: manifest " + octal(m.mode) + ", legacy tree " + octal(it.entry.mode));
+            if (m.type == EntryType::dir && m.xattrs != it.entry.xattrs)
+                t.add(path, "extended attributes differ from the manifest");
             if (m.type == EntryType::symlink && m.target != it.entry.target)
                 t.add(path, "symlink target differs: manifest '" + util::printable(m.target) + "', legacy tree '" +
                                 util::printable(it.entry.target) + "'");
@@ -115,6 +117,7 @@ void check_tree(Task& t, int store_fd) {
                     if (!m.digest || r.digest != *m.digest)
                         t.add(path, "content differs: manifest " + (m.digest ? m.digest->hex() : std::string("none")) +
                                         ", legacy tree " + r.digest.hex());
+                    if (r.xattrs != m.xattrs) t.add(path, "extended attributes differ from the manifest");
                 } catch (const walk::PackageError& e) {
                     t.add(path, e.what());
                 }

@@ -7,6 +7,8 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include "casmig/util/xattr.hpp"
+
 namespace casmig::walk {
 
 std::string unsupported_type(mode_t mode) {
@@ -31,6 +33,11 @@ PackageWalker::PackageWalker(int store_fd, const std::string& package) {
                                    (errno == EACCES ? " (run casmig as the store's owner)" : ""));
     auto sfd = std::make_shared<util::Fd>(fd);
     if (::fstat(fd, &m_root_st) != 0) throw PackageError("", "cannot stat the package directory: " + errno_text(errno));
+    try {
+        m_root_xattrs = util::read_xattrs(fd, package);
+    } catch (const util::SystemError& e) {
+        throw PackageError("", std::string("cannot read extended attributes: ") + errno_text(e.code()));
+    }
     push_dir(std::move(sfd), "");
 }
 
@@ -55,6 +62,7 @@ bool PackageWalker::next(Item& out) {
         out.entry.type = catalog::EntryType::dir;
         out.entry.mode = m_root_st.st_mode & 07777;
         out.entry.mtime_ns = mtime_ns(m_root_st);
+        out.entry.xattrs = m_root_xattrs;
         out.entry.uid = m_root_st.st_uid;
         out.entry.gid = m_root_st.st_gid;
         out.st = m_root_st;
@@ -88,6 +96,12 @@ bool PackageWalker::next(Item& out) {
                 int e = errno;
                 throw PackageError(path, "cannot open directory: " + errno_text(e) +
                                              (e == EACCES ? " (make it readable or run casmig as its owner)" : ""));
+            }
+            try {
+                out.entry.xattrs = util::read_xattrs(fd, path);
+            } catch (const util::SystemError& e) {
+                ::close(fd);
+                throw PackageError(path, std::string("cannot read extended attributes: ") + errno_text(e.code()));
             }
             push_dir(std::make_shared<util::Fd>(fd), path); // invalidates f
             return true;

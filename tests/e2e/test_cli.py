@@ -285,6 +285,30 @@ def full_lifecycle_exact_with_owners_setuid_hardlinks(t):
 
 
 @test
+def extended_attributes_survive_cleanup_and_rollback(t):
+    def extra(root):
+        p = os.path.join(root, "pkg00")
+        os.setxattr(os.path.join(p, "LICENSE"), "user.origin", b"upstream")
+        os.setxattr(os.path.join(p, "share"), "user.note", b"dir attr")
+    try:
+        s = t.store("xattr", 2, extra)
+    except OSError:
+        print("  (skipped: the filesystem has no user xattrs)")
+        return
+    t.run(s, "migrate", code=0)
+    t.run(s, "cutover", code=0)
+    t.run(s, "cleanup", code=0)
+    t.run(s, "rollback", code=0)
+    p = os.path.join(s, "pkg00")
+    expect(os.getxattr(os.path.join(p, "LICENSE"), "user.origin") == b"upstream", "file xattr lost")
+    expect(os.getxattr(os.path.join(p, "share"), "user.note") == b"dir attr", "dir xattr lost")
+    t.run(s, "migrate", code=0)
+    os.setxattr(os.path.join(p, "LICENSE"), "user.origin", b"changed")
+    code, _, err = t.run(s, "verify", "pkg00")
+    expect(code == 1 and "LICENSE" in err and "extended attributes" in err, f"xattr drift: {code} {err!r}")
+
+
+@test
 def materialize_link_modes(t):
     s = t.store("mat", 2, lambda r: put(os.path.join(r, "pkg00"), "bin/suid", b"x", 0o4755))
     t.run(s, "migrate", code=0)

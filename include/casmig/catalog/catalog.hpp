@@ -39,6 +39,7 @@ struct Entry {
     std::int64_t mtime_ns = 0;
     std::uint32_t uid = 0, gid = 0;  // owner, restored when casmig runs as root
     std::optional<std::string> link_to; // files only: an earlier path of the same package this is a hard link of
+    std::string xattrs;              // files and dirs: extended attributes (util/xattr.hpp encoding), "" if none
 };
 
 struct Package {

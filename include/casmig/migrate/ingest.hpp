@@ -15,6 +15,7 @@ struct IngestResult {
     hash::Digest digest;
     std::uint64_t size = 0;
     bool new_object = false; // staged by this call
+    std::string xattrs;      // encoded extended attributes (util/xattr.hpp), "" if none
 };
 
 /// Opens item.name relative to item.parent with O_NOFOLLOW, checks it is the inode the walker saw,

@@ -62,6 +62,7 @@ private:
     std::vector<Frame> m_stack;
     bool m_root_pending = true;
     struct stat m_root_st {};
+    std::string m_root_xattrs;
     std::map<std::pair<dev_t, ino_t>, std::string> m_links; // hard-linked inodes seen: first path
 };
 
