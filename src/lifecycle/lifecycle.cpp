@@ -1,6 +1,7 @@
 #include "casmig/lifecycle/lifecycle.hpp"
 
 #include "casmig/util/error.hpp"
+#include "casmig/util/threads.hpp"
 #include "casmig/verify/verify.hpp"
 #include "materialize.hpp"
 
@@ -66,12 +67,6 @@ std::uint64_t tree_bytes(int dirfd, const std::string& name) {
     }
     ::closedir(d);
     return total;
-}
-
-unsigned thread_count(unsigned requested) {
-    if (requested) return requested;
-    unsigned n = std::thread::hardware_concurrency();
-    return n ? n : 2;
 }
 
 } // namespace
@@ -189,7 +184,7 @@ CleanupResult cleanup(store::Store& s, DryRun dry, const ProgressSink& progress,
     std::atomic<std::uint64_t> bytes{0};
     std::mutex mutex;
     std::exception_ptr first_error;
-    tbb::task_arena arena(static_cast<int>(thread_count(0)));
+    tbb::task_arena arena(static_cast<int>(util::thread_count(0)));
     arena.execute([&] {
         tbb::parallel_for_each(trashed.begin(), trashed.end(), [&](const std::string& trash) {
             try {
@@ -237,7 +232,7 @@ RollbackResult rollback(store::Store& s, const ProgressSink& progress, const Pro
     std::vector<size_t> idx(rebuild.size());
     for (size_t i = 0; i < idx.size(); ++i) idx[i] = i;
     std::exception_ptr first_error;
-    tbb::task_arena arena(static_cast<int>(thread_count(0)));
+    tbb::task_arena arena(static_cast<int>(util::thread_count(0)));
     arena.execute([&] {
         tbb::parallel_for_each(idx.begin(), idx.end(), [&](size_t i) {
             const auto& p = rebuild[i];

@@ -2,6 +2,7 @@
 
 #include "casmig/migrate/ingest.hpp"
 #include "casmig/util/error.hpp"
+#include "casmig/util/threads.hpp"
 #include "casmig/verify/verify.hpp"
 
 #include <atomic>
@@ -436,12 +437,6 @@ private:
     std::unordered_map<hash::Digest, std::uint64_t, hash::DigestHash> m_plan_digests;
 };
 
-unsigned thread_count(unsigned requested) {
-    if (requested) return requested;
-    unsigned n = std::thread::hardware_concurrency();
-    return n ? n : 2;
-}
-
 } // namespace
 
 Result migrate(store::Store& store, const Options& opts, const ProgressSink& progress, const ProblemSink& problems) {
@@ -456,7 +451,7 @@ Result migrate(store::Store& store, const Options& opts, const ProgressSink& pro
         store.objects().trust_catalog(std::move(known));
     }
     Pipeline p(store, Mode::migrate, opts, std::move(selected), progress, problems);
-    p.run(thread_count(opts.threads));
+    p.run(util::thread_count(opts.threads));
     Result r = p.result();
     r.failed += p.verify_failed();
     if (opts.verify == Verify::yes) {
@@ -505,7 +500,7 @@ PlanResult plan(store::Store& store, const Options& opts, const ProgressSink& pr
         selected = select_packages(nullptr, legacy, opts);
     }
     Pipeline p(store, Mode::plan, opts, std::move(selected), progress, problems);
-    p.run(thread_count(opts.threads));
+    p.run(util::thread_count(opts.threads));
     PlanResult r;
     r.packages = p.result().packages;
     r.failed = p.result().failed;

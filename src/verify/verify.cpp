@@ -2,6 +2,7 @@
 
 #include "casmig/migrate/ingest.hpp"
 #include "casmig/util/error.hpp"
+#include "casmig/util/threads.hpp"
 #include "casmig/walk/walker.hpp"
 
 #include <atomic>
@@ -26,12 +27,6 @@ using catalog::PackageState;
 namespace {
 
 constexpr size_t k_max_problems_per_package = 20;
-
-unsigned thread_count(unsigned requested) {
-    if (requested) return requested;
-    unsigned n = std::thread::hardware_concurrency();
-    return n ? n : 2;
-}
 
 const char* type_name(EntryType t) {
     switch (t) {
@@ -162,7 +157,7 @@ Result verify_packages(store::Store& store, const std::vector<catalog::Package>&
     size_t next = 0;
     std::mutex own_mutex;
     std::mutex& db_mutex = opts.db_mutex ? *opts.db_mutex : own_mutex;
-    unsigned threads = thread_count(opts.threads);
+    unsigned threads = util::thread_count(opts.threads);
     tbb::task_arena arena(static_cast<int>(threads));
     arena.execute([&] {
         tbb::parallel_pipeline(
@@ -238,7 +233,7 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
     report.phase = "verify objects";
     report.packages_total = files.size();
     std::atomic<std::uint64_t> done{0}, bytes{0};
-    unsigned threads = thread_count(opts.threads);
+    unsigned threads = util::thread_count(opts.threads);
     tbb::task_arena arena(static_cast<int>(threads));
     arena.execute([&] {
         tbb::parallel_for_each(files.begin(), files.end(), [&](const std::string& rel) {
