@@ -6,6 +6,8 @@
 #include "casmig/verify/verify.hpp"
 
 #include <atomic>
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <condition_variable>
 #include <deque>
 #include <mutex>
@@ -63,16 +65,22 @@ struct Unit {
 };
 using UnitPtr = std::shared_ptr<Unit>;
 
-std::vector<catalog::Package> select_packages(catalog::Catalog* cat, const std::vector<std::string>& legacy,
+/// Packages a run works on, from the catalog's packages (`all`) and the legacy directories now present.
+/// Legacy directories the catalog does not know count as pending (migrate discovers them first; plan
+/// sees them this way without writing).
+std::vector<catalog::Package> select_packages(std::vector<catalog::Package> all, const std::vector<std::string>& legacy,
                                               const Options& opts) {
-    std::vector<catalog::Package> all;
-    if (cat) all = cat->packages();
-    else
-        for (const auto& d : legacy) {
-            catalog::Package p;
-            p.name = d;
-            all.push_back(p);
-        }
+    {
+        std::set<std::string> known;
+        for (const auto& p : all) known.insert(p.name);
+        for (const auto& d : legacy)
+            if (!known.count(d)) {
+                catalog::Package p;
+                p.name = d;
+                all.push_back(p);
+            }
+        std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
+    }
     std::set<std::string> on_disk(legacy.begin(), legacy.end());
     std::vector<catalog::Package> out;
     auto wanted = [&](const catalog::Package& p, bool named) {
@@ -444,7 +452,7 @@ Result migrate(store::Store& store, const Options& opts, const ProgressSink& pro
     util::raise_fd_limit();
     store.discover();
     auto& cat = store.catalog();
-    auto selected = select_packages(&cat, store.legacy_dirs(), opts);
+    auto selected = select_packages(cat.packages(), store.legacy_dirs(), opts);
     {
         std::vector<hash::Digest> known;
         for (const auto& o : cat.objects()) known.push_back(o.digest);
@@ -475,30 +483,7 @@ PlanResult plan(store::Store& store, const Options& opts, const ProgressSink& pr
     util::raise_fd_limit();
     std::unique_ptr<catalog::Catalog> cat;
     if (store.has_catalog()) cat = std::make_unique<catalog::Catalog>(store.db_path(), catalog::OpenMode::read_only);
-    auto legacy = store.legacy_dirs();
-    std::vector<catalog::Package> selected;
-    if (cat) {
-        // Packages the catalog does not know yet are pending too (migrate would discover them).
-        auto known = cat->packages();
-        std::set<std::string> names;
-        for (const auto& p : known) names.insert(p.name);
-        selected = select_packages(cat.get(), legacy, opts);
-        Options o2 = opts;
-        std::vector<catalog::Package> fresh;
-        for (const auto& d : legacy)
-            if (!names.count(d)) {
-                catalog::Package p;
-                p.name = d;
-                fresh.push_back(p);
-            }
-        if (opts.packages.empty()) {
-            selected.insert(selected.end(), fresh.begin(), fresh.end());
-            std::sort(selected.begin(), selected.end(), [](auto& a, auto& b) { return a.name < b.name; });
-            if (opts.limit && selected.size() > *opts.limit) selected.resize(static_cast<size_t>(*opts.limit));
-        }
-    } else {
-        selected = select_packages(nullptr, legacy, opts);
-    }
+    auto selected = select_packages(cat ? cat->packages() : std::vector<catalog::Package>{}, store.legacy_dirs(), opts);
     Pipeline p(store, Mode::plan, opts, std::move(selected), progress, problems);
     p.run(util::thread_count(opts.threads));
     PlanResult r;
@@ -506,11 +491,11 @@ PlanResult plan(store::Store& store, const Options& opts, const ProgressSink& pr
     r.failed = p.result().failed;
     r.files = p.result().files;
     r.bytes = p.result().bytes;
-    bool have_objects = ::access(store.objects_dir().c_str(), F_OK) == 0;
-    std::unique_ptr<cas::ObjectStore> objs;
-    if (have_objects) objs = std::make_unique<cas::ObjectStore>(store.objects_dir(), store.objects_dir());
+    // Contents already under objects/ cost nothing (plan writes nothing, so it only looks).
+    util::Fd objects(::open(store.objects_dir().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
     for (const auto& [d, s] : p.plan_digests()) {
-        if (objs && objs->on_disk(d)) continue;
+        struct stat st {};
+        if (objects && ::fstatat(objects.get(), cas::object_relpath(d).c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) continue;
         r.unique_bytes += s;
         ++r.unique_objects;
     }

@@ -94,6 +94,19 @@ TEST_SUITE("migrate::Pipeline") {
         struct stat st {};
         CHECK(::stat((t / "objects").c_str(), &st) != 0);
         CHECK(::stat((t / "store.db").c_str(), &st) != 0);
+        // after a migrate, a new package named on the command line is planned before discovery,
+        // and content already in the CAS costs nothing
+        {
+            auto lock = s.lock("test");
+            migrate::migrate(s, {}, nullptr, nullptr);
+        }
+        test::write_file(t / "late/LICENSE", "shared license text\n");
+        migrate::Options named;
+        named.packages = {"late"};
+        auto late = migrate::plan(s, named, nullptr, nullptr);
+        CHECK(late.packages == 1);
+        CHECK(late.files == 1);
+        CHECK(late.unique_bytes == 0);
     }
     TEST_CASE("a package killed in progress is migrated by the next run") {
         test::TempDir t;
