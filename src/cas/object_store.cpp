@@ -1,11 +1,13 @@
 #include "casmig/cas/object_store.hpp"
 
+#include "casmig/util/aligned_buffer.hpp"
 #include "casmig/util/error.hpp"
 
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cctype>
+#include <cstdint>
 #include <cerrno>
 #include <cstdio>
 #include <dirent.h>
@@ -21,7 +23,7 @@ std::string object_relpath(const hash::Digest& d) {
 }
 
 TempFile::TempFile(TempFile&& o) noexcept
-    : m_dirfd(o.m_dirfd), m_name(std::exchange(o.m_name, {})), m_fd(std::move(o.m_fd)) {}
+    : m_dirfd(o.m_dirfd), m_name(std::exchange(o.m_name, {})), m_fd(std::move(o.m_fd)), m_direct(o.m_direct) {}
 
 TempFile& TempFile::operator=(TempFile&& o) noexcept {
     if (this != &o) {
@@ -29,8 +31,38 @@ TempFile& TempFile::operator=(TempFile&& o) noexcept {
         m_dirfd = o.m_dirfd;
         m_name = std::exchange(o.m_name, {});
         m_fd = std::move(o.m_fd);
+        m_direct = o.m_direct;
     }
     return *this;
+}
+
+void TempFile::stop_direct() {
+    int fl = ::fcntl(m_fd.get(), F_GETFL);
+    if (fl < 0 || ::fcntl(m_fd.get(), F_SETFL, fl & ~O_DIRECT) != 0)
+        util::throw_errno("cannot switch off O_DIRECT", "temp/" + m_name);
+    m_direct = false;
+}
+
+void TempFile::append(const char* data, size_t len) {
+    if (m_direct) {
+        size_t aligned = len / util::k_direct_align * util::k_direct_align;
+        if (reinterpret_cast<std::uintptr_t>(data) % util::k_direct_align != 0) aligned = 0;
+        while (aligned > 0) {
+            ssize_t n = ::write(m_fd.get(), data, aligned);
+            if (n < 0 && errno == EINTR) continue;
+            if (n < 0 && errno == EINVAL) break; // the filesystem wants another alignment: buffered from here
+            if (n < 0) util::throw_errno("write failed", "temp/" + m_name);
+            // A short direct write ends on a block boundary of the device, which may not be ours:
+            // finish buffered rather than reason about it.
+            data += n;
+            len -= static_cast<size_t>(n);
+            aligned -= static_cast<size_t>(n);
+            if (static_cast<size_t>(n) % util::k_direct_align != 0) break;
+        }
+        if (len == 0) return;
+        stop_direct();
+    }
+    util::write_all(m_fd.get(), data, len, "temp/" + m_name);
 }
 
 TempFile::~TempFile() {
@@ -80,7 +112,7 @@ void ObjectStore::trust_catalog(std::vector<hash::Digest> known) {
     m_trusting = true;
 }
 
-TempFile ObjectStore::create_temp() {
+TempFile ObjectStore::create_temp(std::uint64_t size_hint) {
     // Process-wide counter: several ObjectStores of one process (and threads) never pick one name.
     static std::atomic<std::uint64_t> counter{0};
     std::uint64_t n = ++counter;
@@ -102,14 +134,25 @@ TempFile ObjectStore::create_temp() {
     name.reserve(subdir.size() + prefix.size() + 20);
     name.append(subdir).append(prefix).append(std::to_string(n));
     // Created read-only: the fd we hold may still write, nobody else can, and no fchmod is needed.
-    int fd = ::openat(m_temp.get(), name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
+    bool direct = size_hint >= k_direct_min && !m_no_direct.load(std::memory_order_relaxed);
+    auto open_it = [&] {
+        int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | (direct ? O_DIRECT : 0);
+        int fd = ::openat(m_temp.get(), name.c_str(), flags, 0444);
+        if (fd < 0 && errno == EINVAL && direct) { // tmpfs and others refuse O_DIRECT: remember, go buffered
+            m_no_direct.store(true, std::memory_order_relaxed);
+            direct = false;
+            fd = ::openat(m_temp.get(), name.c_str(), flags & ~O_DIRECT, 0444);
+        }
+        return fd;
+    };
+    int fd = open_it();
     if (fd < 0 && errno == ENOENT) { // publish() tidied the subdirectory away meanwhile
         ::mkdirat(m_temp.get(), subdir.substr(0, subdir.size() - 1).c_str(), 0700);
         m_subdir_made[slot].store(true, std::memory_order_release);
-        fd = ::openat(m_temp.get(), name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0444);
+        fd = open_it();
     }
     if (fd < 0) util::throw_errno("cannot create temp file", m_temp_path + "/" + name);
-    return TempFile(m_temp.get(), std::move(name), util::Fd(fd));
+    return TempFile(m_temp.get(), std::move(name), util::Fd(fd), direct);
 }
 
 StageResult ObjectStore::stage(const hash::Digest& d, TempFile&& tmp, std::uint64_t size) {
@@ -129,8 +172,8 @@ StageResult ObjectStore::stage_checked(const hash::Digest& d, TempFile&& tmp, st
 
 StageResult ObjectStore::stage_bytes(const hash::Digest& d, std::string_view data) {
     if (exists(d)) return StageResult::already_present;
-    TempFile t = create_temp();
-    util::write_all(t.fd(), data.data(), data.size(), m_temp_path + "/" + t.name());
+    TempFile t = create_temp(data.size());
+    t.append(data.data(), data.size());
     return stage_checked(d, std::move(t), data.size(), DiskChecked::yes); // exists() just looked
 }
 

@@ -1,11 +1,13 @@
 #include "casmig/migrate/ingest.hpp"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fcntl.h>
 #include <unistd.h>
 #include <vector>
 
+#include "casmig/util/aligned_buffer.hpp"
 #include "casmig/util/xattr.hpp"
 
 namespace casmig::migrate {
@@ -13,9 +15,10 @@ namespace casmig::migrate {
 // Files up to this size are read into one buffer, hashed, and written only if the object is new
 // (most files of a package store are small and already present). Larger files are streamed: each
 // buffer is hashed and written to the temp file in the same pass, so the object can never differ
-// from what was hashed, and memory stays at one buffer per worker thread.
-static constexpr std::uint64_t k_small_file = 1 << 20;
-static constexpr size_t k_chunk = 256 * 1024;
+// from what was hashed, and memory stays at one buffer per worker thread (at most k_whole_file).
+// Buffers are aligned so that large objects can be written with O_DIRECT (cas::TempFile::append()).
+static constexpr std::uint64_t k_whole_file = 8 << 20;
+static constexpr size_t k_chunk = 1 << 20;
 
 static bool same_file(const struct stat& a, const struct stat& b) {
     return a.st_dev == b.st_dev && a.st_ino == b.st_ino && a.st_size == b.st_size &&
@@ -36,9 +39,7 @@ static ssize_t read_some(int fd, char* buf, size_t len, util::RateLimiter* limit
     }
 }
 
-IngestResult ingest_file(const walk::Item& item, cas::ObjectStore* objects, StoreObject store,
-                         util::RateLimiter* limiter) {
-    const std::string& path = item.entry.path;
+util::Fd open_item(const walk::Item& item) {
     // O_NONBLOCK: if a fifo was swapped in since the walk, open() must not wait for a writer.
     constexpr int k_flags = O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK;
     int fd = ::openat(item.parent->get(), item.name.c_str(), k_flags | O_NOATIME);
@@ -47,10 +48,28 @@ IngestResult ingest_file(const walk::Item& item, cas::ObjectStore* objects, Stor
     if (fd < 0) {
         int e = errno;
         if (e == ENOENT || e == ELOOP) changed(item);
-        throw walk::PackageError(path, std::string("cannot open: ") + std::strerror(e) +
-                                           (e == EACCES ? " (make it readable or run casmig as its owner)" : ""));
+        throw walk::PackageError(item.entry.path, std::string("cannot open: ") + std::strerror(e) +
+                                                      (e == EACCES ? " (make it readable or run casmig as its owner)" : ""));
     }
-    util::Fd owned(fd);
+    return util::Fd(fd);
+}
+
+void prefetch(int fd, std::uint64_t size) {
+    // Asynchronous: the kernel queues the reads and returns. Capped, so that a huge file does not
+    // push the rest of the page cache out before it is read (its streaming reads get read-ahead anyway).
+    constexpr std::uint64_t k_max = 4 << 20;
+    if (size > 0) ::posix_fadvise(fd, 0, static_cast<off_t>(std::min(size, k_max)), POSIX_FADV_WILLNEED);
+}
+
+IngestResult ingest_file(const walk::Item& item, cas::ObjectStore* objects, StoreObject store,
+                         util::RateLimiter* limiter) {
+    return ingest_open(item, open_item(item), objects, store, limiter);
+}
+
+IngestResult ingest_open(const walk::Item& item, util::Fd owned, cas::ObjectStore* objects, StoreObject store,
+                         util::RateLimiter* limiter) {
+    const std::string& path = item.entry.path;
+    const int fd = owned.get();
     // The walker's lstat is the "before" state: one fstat after the read, compared with it, proves
     // this is the same inode, unchanged in size, mtime and ctime from walk to end of read.
     const struct stat& before = item.st;
@@ -64,15 +83,16 @@ IngestResult ingest_file(const walk::Item& item, cas::ObjectStore* objects, Stor
     IngestResult r;
     hash::Hasher hasher;
     std::uint64_t total = 0;
-    if (expected <= k_small_file) {
+    thread_local util::AlignedBuffer buf;
+    if (expected <= k_whole_file) {
         // One extra byte detects a file that grew since fstat.
-        thread_local std::vector<char> buf;
-        buf.resize(static_cast<size_t>(expected) + 1);
+        const size_t want = static_cast<size_t>(expected) + 1;
+        buf.reserve(want);
         // A short read of a regular file means end of file, so one read() usually suffices; a
         // file that grew meanwhile fills the extra byte, one that changed otherwise is caught by
         // the fstat below.
-        while (total < buf.size()) {
-            ssize_t n = read_some(fd, buf.data() + total, buf.size() - total, limiter);
+        while (total < want) {
+            ssize_t n = read_some(fd, buf.data() + total, want - total, limiter);
             if (n < 0) read_error(errno);
             if (n == 0) break;
             total += static_cast<std::uint64_t>(n);
@@ -87,17 +107,16 @@ IngestResult ingest_file(const walk::Item& item, cas::ObjectStore* objects, Stor
             r.new_object = objects->stage_bytes(r.digest, std::string_view(buf.data(), total)) == cas::StageResult::staged;
     } else {
         ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
-        thread_local std::vector<char> buf;
-        buf.resize(k_chunk);
+        buf.reserve(k_chunk);
         cas::TempFile tmp;
         bool writing = store == StoreObject::yes && objects;
-        if (writing) tmp = objects->create_temp();
+        if (writing) tmp = objects->create_temp(expected);
         for (;;) {
-            ssize_t n = read_some(fd, buf.data(), buf.size(), limiter);
+            ssize_t n = read_some(fd, buf.data(), k_chunk, limiter);
             if (n < 0) read_error(errno);
             if (n == 0) break;
             hasher.update(buf.data(), static_cast<size_t>(n));
-            if (writing) util::write_all(tmp.fd(), buf.data(), static_cast<size_t>(n), "temp/" + tmp.name());
+            if (writing) tmp.append(buf.data(), static_cast<size_t>(n));
             total += static_cast<std::uint64_t>(n);
         }
         if (total != expected) changed(item);

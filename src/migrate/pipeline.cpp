@@ -18,6 +18,7 @@
 #include <tbb/task_arena.h>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 
 namespace casmig::migrate {
 
@@ -138,6 +139,7 @@ public:
     }
 
     void run(unsigned threads) {
+        m_threads = threads;
         if (m_mode == Mode::migrate) m_committer = std::thread([this] { committer_loop(); });
         // oneTBB caps workers at cores-1 unless told otherwise; -j may ask for more threads than cores
         // (useful when file I/O blocks).
@@ -159,6 +161,9 @@ public:
         }
         m_result.seconds = std::chrono::duration<double>(Clock::now() - m_start).count();
     }
+
+    /// Digests the catalog's objects table already lists.
+    void set_cataloged(const std::vector<hash::Digest>& known) { m_cataloged.insert(known.begin(), known.end()); }
 
     Result& result() {
         m_result.verified = m_verified;
@@ -182,9 +187,10 @@ private:
             m_job = std::make_shared<Job>();
             m_job->pkg = m_packages[m_next++];
             if (m_mode == Mode::migrate) {
-                std::lock_guard lk(m_db_mutex);
-                auto& cat = m_store.catalog();
-                cat.set_state(m_job->pkg.id, PackageState::in_progress);
+                // Recorded by the committer in its next transaction: the walker never waits for the
+                // catalog (the committer holds it for a whole batch).
+                std::lock_guard lk(m_started_mutex);
+                m_started.push_back(m_job->pkg.id);
             }
             try {
                 m_walker = std::make_unique<walk::PackageWalker>(m_store.root_fd(), m_job->pkg.name);
@@ -223,11 +229,27 @@ private:
     // ---- stage 2: ingest (parallel)
     UnitPtr ingest_stage(UnitPtr u) {
         Job& job = *u->job;
-        for (auto& it : u->items) {
+        // Pass 1 opens every file of the unit and starts its read-ahead; pass 2 reads and hashes them in
+        // order. On a cold cache — the normal case for a store that is being migrated — the disk then
+        // has the whole unit's reads queued at once instead of one small read per worker thread.
+        std::vector<util::Fd> fds(u->items.size());
+        for (size_t i = 0; i < u->items.size() && !job.failed; ++i) {
+            const auto& it = u->items[i];
+            if (it.entry.type != catalog::EntryType::file) continue;
+            try {
+                fds[i] = open_item(it);
+                prefetch(fds[i].get(), it.entry.size);
+            } catch (const walk::PackageError& e) {
+                job.fail(e.path(), e.what());
+            }
+        }
+        for (size_t i = 0; i < u->items.size(); ++i) {
+            auto& it = u->items[i];
             if (job.failed) break; // the package is lost for this run: do not read the rest of it
             if (it.entry.type != catalog::EntryType::file) continue;
             try {
-                auto r = ingest_file(it, m_objects, m_mode == Mode::migrate ? StoreObject::yes : StoreObject::no,
+                auto r = ingest_open(it, std::move(fds[i]), m_objects,
+                                     m_mode == Mode::migrate ? StoreObject::yes : StoreObject::no,
                                      m_limiter.limited() ? &m_limiter : nullptr);
                 it.entry.digest = r.digest;
                 it.entry.size = r.size;
@@ -239,8 +261,8 @@ private:
             } catch (const walk::PackageError& e) {
                 job.fail(e.path(), e.what());
             }
-            it.parent.reset(); // release the directory fd as early as possible
         }
+        for (auto& it : u->items) it.parent.reset(); // release the directory fds as early as possible
         return u;
     }
 
@@ -349,9 +371,11 @@ private:
             p.has_manifest = true;
             pkgs.push_back(std::move(p));
         }
-        if (pkgs.empty()) return;
+        // Its own task arena with every thread: oneTBB shares the workers between this arena and the
+        // pipeline's, so verification takes the cores the pipeline leaves idle while it waits for the
+        // disk, and all of them once the pipeline is done (no single-threaded tail).
         verify::Options vo;
-        vo.threads = 1;
+        vo.threads = m_threads;
         vo.db_mutex = &m_db_mutex;
         auto vr = verify::verify_packages(m_store, pkgs, vo, nullptr, [this](const Problem& p) { problem(p); });
         m_verified += vr.ok;
@@ -364,7 +388,17 @@ private:
         std::lock_guard lk(m_db_mutex);
         auto& cat = m_store.catalog();
         catalog::Transaction tx(cat.db());
+        {
+            std::vector<std::int64_t> started;
+            {
+                std::lock_guard slk(m_started_mutex);
+                started.swap(m_started);
+            }
+            // Packages the walker began; those of this batch get their final state below.
+            for (auto id : started) cat.set_state(id, PackageState::in_progress);
+        }
         bool any_migrated = false;
+        std::unordered_set<hash::Digest, hash::DigestHash> added; // to m_cataloged once committed
         for (auto& jp : batch) {
             Job& job = *jp;
             std::string pid = util::printable(job.pkg.name);
@@ -379,7 +413,8 @@ private:
             }
             cat.put_manifest(job.pkg.id, job.entries);
             for (const auto& e : job.entries)
-                if (e.type == catalog::EntryType::file && e.digest)
+                if (e.type == catalog::EntryType::file && e.digest && !m_cataloged.count(*e.digest) &&
+                    added.insert(*e.digest).second)
                     cat.add_object({*e.digest, static_cast<std::int64_t>(e.size), static_cast<std::int64_t>(e.size)});
             cat.set_state(job.pkg.id, PackageState::migrated);
             cat.journal("migrate", pid, from, "migrated",
@@ -395,6 +430,7 @@ private:
             cat.journal("migrate", "", "legacy", "dual", "store mode");
         }
         tx.commit();
+        m_cataloged.merge(added);
         for (auto& jp : batch)
             if (jp->failed) problem(jp->problem());
         m_result.new_objects = m_new_objects.load();
@@ -439,6 +475,10 @@ private:
     std::uint64_t m_verified = 0, m_verify_failed = 0;
     std::exception_ptr m_committer_error;
     std::vector<std::int64_t> m_migrated_ids;
+    unsigned m_threads = 1;
+    std::mutex m_started_mutex;
+    std::vector<std::int64_t> m_started; // walked, not yet recorded as in_progress
+    std::unordered_set<hash::Digest, hash::DigestHash> m_cataloged; // rows in objects (skip INSERT OR IGNORE)
     Progress m_report;
     Result m_result;
     std::vector<std::pair<hash::Digest, std::uint64_t>> m_unit_digests, m_job_digests;
@@ -453,12 +493,11 @@ Result migrate(store::Store& store, const Options& opts, const ProgressSink& pro
     store.discover();
     auto& cat = store.catalog();
     auto selected = select_packages(cat.packages(), store.legacy_dirs(), opts);
-    {
-        std::vector<hash::Digest> known;
-        for (const auto& o : cat.objects()) known.push_back(o.digest);
-        store.objects().trust_catalog(std::move(known));
-    }
+    std::vector<hash::Digest> known;
+    for (const auto& o : cat.objects()) known.push_back(o.digest);
     Pipeline p(store, Mode::migrate, opts, std::move(selected), progress, problems);
+    p.set_cataloged(known);
+    store.objects().trust_catalog(std::move(known));
     p.run(util::thread_count(opts.threads));
     Result r = p.result();
     r.failed += p.verify_failed();

@@ -2,6 +2,7 @@
 
 #include "../support/tempdir.hpp"
 #include "casmig/cas/object_store.hpp"
+#include "casmig/util/aligned_buffer.hpp"
 #include "casmig/util/fd.hpp"
 
 #include <sys/stat.h>
@@ -72,5 +73,28 @@ TEST_SUITE("cas::ObjectStore") {
         s.remove_stale_temp();
         util::Fd tmp = util::open_dir(t / "temp");
         CHECK(util::list_dir(tmp.get(), "temp").empty());
+    }
+    TEST_CASE("a large temp file gets every byte whatever the alignment of the appends") {
+        test::TempDir t;
+        util::ensure_dir(t / "objects");
+        util::ensure_dir(t / "temp");
+        cas::ObjectStore s(t / "objects", t / "temp");
+        util::AlignedBuffer buf;
+        buf.reserve(1 << 20);
+        for (size_t i = 0; i < (1 << 20); ++i) buf.data()[i] = static_cast<char>(i * 131 + (i >> 12));
+        std::string want;
+        cas::TempFile f = s.create_temp(1 << 20);
+        auto add = [&](const char* p, size_t n) {
+            f.append(p, n);
+            want.append(p, n);
+        };
+        add(buf.data(), 256 << 10);         // aligned start and length: straight to disk where supported
+        add(buf.data() + 4096, 8192);       // aligned again
+        add(buf.data() + 1, 5000);          // unaligned pointer: from here on buffered
+        add(buf.data(), 64 << 10);          // aligned, but the file has gone buffered: still appended
+        CHECK_FALSE(f.direct());
+        std::string tmpname = f.release();
+        CHECK(test::read_file(t / ("temp/" + tmpname)) == want);
+        ::unlink((t / ("temp/" + tmpname)).c_str());
     }
 }

@@ -29,16 +29,24 @@ TEST_SUITE("migrate::ingest_file") {
         }
         cas::ObjectStore objects(t / "objects", t / "temp");
         util::Fd root = util::open_dir(t.path());
-        for (size_t size : {size_t(10), size_t(3 << 20)}) {
+        // Buffered (small), O_DIRECT whole-file (aligned and with an unaligned tail) and streamed
+        // (over 8 MiB, with a tail): every byte lands in the object, at its offset.
+        for (size_t size : {size_t(0), size_t(10), size_t(64 << 10), size_t((64 << 10) + 123), size_t(3 << 20),
+                            size_t((9 << 20) + 7)}) {
             CAPTURE(size);
-            std::string data(size, 'q');
-            data[size / 2] = 'z';
+            std::string data(size, '\0');
+            std::uint32_t x = 2463534242u + static_cast<std::uint32_t>(size);
+            for (auto& c : data) {
+                x ^= x << 13, x ^= x >> 17, x ^= x << 5;
+                c = static_cast<char>(x);
+            }
             std::string pkg = "p" + std::to_string(size);
             test::write_file(t / (pkg + "/f"), data);
             auto item = first_file(root.get(), pkg);
             auto r = migrate::ingest_file(item, &objects, migrate::StoreObject::yes, nullptr);
             CHECK(r.new_object);
             CHECK(r.size == size);
+            CHECK(objects.staged_count() == 1);
             CHECK(r.digest == hash::hash_bytes(data));
             objects.publish();
             CHECK(test::read_file(t / ("objects/" + cas::object_relpath(r.digest))) == data);

@@ -10,8 +10,11 @@
 //
 // Durability policy (the one place it is written down)
 //   Objects are staged, then published in batches, the way OSTree commits:
-//     1. each new object is written to temp/tmp-casmig-<pid>-<n>, fchmod 0444, closed (no fsync);
-//     2. publish(): one syncfs() of the store's filesystem makes every staged file's data durable;
+//     1. each new object is written to temp/w<N>/tmp-casmig-<pid>-<n>, created mode 0444, closed (no
+//        fsync); objects of k_direct_min bytes or more bypass the page cache (O_DIRECT), except for the
+//        unaligned tail;
+//     2. publish(): one syncfs() of the store's filesystem makes every staged file's data durable
+//        (buffered data is written back; the device cache, holding O_DIRECT data, is flushed);
 //     3. each staged file is renamed into objects/ with RENAME_NOREPLACE (EEXIST: the content is
 //        already there, the temp file is dropped) — an object name never points at unsynced data;
 //     4. a second syncfs() makes the renames (the fan-out directory entries) durable;
@@ -46,16 +49,30 @@ std::string object_relpath(const hash::Digest& d);
 /// Marker every temp file name starts with, so leftovers from a crash are recognisable.
 inline constexpr const char* k_temp_marker = "tmp-casmig-";
 
+/// Objects at least this large are written with O_DIRECT (see TempFile::append()).
+inline constexpr std::uint64_t k_direct_min = 64 * 1024;
+
 /// A temp file being written in temp/; unlinked in the destructor unless handed to stage().
 class TempFile {
 public:
     TempFile() = default;
-    TempFile(int temp_dirfd, std::string name, util::Fd fd) : m_dirfd(temp_dirfd), m_name(std::move(name)), m_fd(std::move(fd)) {}
+    TempFile(int temp_dirfd, std::string name, util::Fd fd, bool direct = false)
+        : m_dirfd(temp_dirfd), m_name(std::move(name)), m_fd(std::move(fd)), m_direct(direct) {}
     TempFile(TempFile&& o) noexcept;
     TempFile& operator=(TempFile&& o) noexcept;
     ~TempFile();
     int fd() const { return m_fd.get(); }
     const std::string& name() const { return m_name; }
+    /// True while the file is open with O_DIRECT.
+    bool direct() const { return m_direct; }
+    /// Appends len bytes. With O_DIRECT (create_temp() chose it for a large object), a write whose
+    /// buffer start and length are multiples of util::k_direct_align goes straight to the disk: migrate
+    /// writes each object once and does not read it back soon, and on a VM filling fresh page-cache
+    /// pages costs more than the disk write (docs/benchmarks.md). Anything unaligned — the tail of the
+    /// file, or a filesystem that refuses O_DIRECT at write time — switches the file to buffered
+    /// writes for good, so every byte is written either way. Durability is unchanged: publish()'s
+    /// syncfs() flushes the device cache and the buffered tail alike. Throws util::SystemError.
+    void append(const char* data, size_t len);
     /// Closes the fd and gives up ownership of the name (it is now the store's to publish).
     std::string release();
 
@@ -63,6 +80,8 @@ private:
     int m_dirfd = -1;
     std::string m_name;
     util::Fd m_fd;
+    bool m_direct = false;
+    void stop_direct();
 };
 
 enum class StageResult { staged, already_present };
@@ -92,8 +111,9 @@ public:
     /// True only if the object is under objects/; size gets its on-disk size.
     bool on_disk(const hash::Digest& d, std::uint64_t* size = nullptr) const;
 
-    /// A new, empty, writable temp file in temp/.
-    TempFile create_temp();
+    /// A new, empty, writable temp file in temp/. size_hint ≥ k_direct_min opens it with O_DIRECT where
+    /// the filesystem supports it.
+    TempFile create_temp(std::uint64_t size_hint = 0);
     /// Hands a completely written temp file over for publication under digest d. If d is already
     /// present or staged, the temp file is removed and already_present is returned (dedup).
     StageResult stage(const hash::Digest& d, TempFile&& tmp, std::uint64_t size);
@@ -124,6 +144,7 @@ private:
     std::unordered_map<hash::Digest, std::string, hash::DigestHash> m_staged; // digest -> temp name
     bool m_trusting = false;
     std::array<std::atomic<bool>, 64> m_subdir_made{}; // temp/w<N>/ exists
+    std::atomic<bool> m_no_direct{false};               // the filesystem refused O_DIRECT once
     std::vector<hash::Digest> m_known;                                       // sorted
     std::unordered_set<hash::Digest, hash::DigestHash> m_published;          // by this process
     std::uint64_t m_staged_bytes = 0;

@@ -27,6 +27,16 @@ struct IngestResult {
 IngestResult ingest_file(const walk::Item& item, cas::ObjectStore* objects, StoreObject store,
                          util::RateLimiter* limiter);
 
+/// The open ingest_file() does: O_NOFOLLOW|O_NONBLOCK (and O_NOATIME where allowed), relative to the
+/// item's directory fd. Throws walk::PackageError naming the path.
+util::Fd open_item(const walk::Item& item);
+/// Starts reading the first few MiB of an open file into the page cache and returns at once, so that
+/// the disk works on many files while the caller hashes them one by one. A hint: errors are ignored.
+void prefetch(int fd, std::uint64_t size);
+/// ingest_file() on a file open_item() opened.
+IngestResult ingest_open(const walk::Item& item, util::Fd fd, cas::ObjectStore* objects, StoreObject store,
+                         util::RateLimiter* limiter);
+
 /// Same open/hash/change-detection, hash only (verify, plan).
 inline IngestResult hash_file(const walk::Item& item, util::RateLimiter* limiter = nullptr) {
     return ingest_file(item, nullptr, StoreObject::no, limiter);
