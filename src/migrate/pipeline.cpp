@@ -232,13 +232,15 @@ private:
         // Pass 1 opens every file of the unit and starts its read-ahead; pass 2 reads and hashes them in
         // order. On a cold cache — the normal case for a store that is being migrated — the disk then
         // has the whole unit's reads queued at once instead of one small read per worker thread.
+        // With --io-limit there is no read-ahead: it would read in bursts the limiter never sees.
         std::vector<util::Fd> fds(u->items.size());
+        const bool read_ahead = !m_limiter.limited();
         for (size_t i = 0; i < u->items.size() && !job.failed; ++i) {
             const auto& it = u->items[i];
             if (it.entry.type != catalog::EntryType::file) continue;
             try {
                 fds[i] = open_item(it);
-                prefetch(fds[i].get(), it.entry.size);
+                if (read_ahead) prefetch(fds[i].get(), it.entry.size);
             } catch (const walk::PackageError& e) {
                 job.fail(e.path(), e.what());
             }
