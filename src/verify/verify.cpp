@@ -5,6 +5,7 @@
 #include "casmig/util/threads.hpp"
 #include "casmig/walk/walker.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
@@ -12,6 +13,7 @@
 #include <fcntl.h>
 #include <map>
 #include <mutex>
+#include <sys/stat.h>
 #include <tbb/parallel_for_each.h>
 #include <tbb/parallel_pipeline.h>
 #include <tbb/task_arena.h>
@@ -30,9 +32,12 @@ constexpr size_t k_max_problems_per_package = 20;
 
 const char* type_name(EntryType t) {
     switch (t) {
-    case EntryType::file: return "file";
-    case EntryType::dir: return "directory";
-    case EntryType::symlink: return "symlink";
+    case EntryType::file:
+        return "file";
+    case EntryType::dir:
+        return "directory";
+    case EntryType::symlink:
+        return "symlink";
     }
     return "?";
 }
@@ -49,9 +54,11 @@ struct Task {
     std::vector<std::pair<std::string, std::string>> problems; // path, message
     std::vector<hash::Digest> missing_objects;
     void add(const std::string& path, const std::string& msg) {
-        if (problems.size() < k_max_problems_per_package) problems.emplace_back(path, msg);
+        if (problems.size() < k_max_problems_per_package)
+            problems.emplace_back(path, msg);
         else if (problems.size() == k_max_problems_per_package)
-            problems.emplace_back("", "more problems not shown (limit " + std::to_string(k_max_problems_per_package) + ")");
+            problems.emplace_back("",
+                                  "more problems not shown (limit " + std::to_string(k_max_problems_per_package) + ")");
     }
 };
 
@@ -62,17 +69,55 @@ void check_objects(Task& t, const cas::ObjectStore& objects) {
         if (!objects.on_disk(*e.digest, &size)) {
             t.add(e.path, "object " + e.digest->hex() + " is missing from objects/");
             t.missing_objects.push_back(*e.digest);
-        }
-        else if (size != e.size)
+        } else if (size != e.size)
             t.add(e.path, "object " + e.digest->hex() + " has " + std::to_string(size) + " bytes, the manifest says " +
                               std::to_string(e.size));
     }
 }
 
+/// Files whose reads are started together (open + read-ahead), then hashed one by one: on a cold
+/// cache the disk gets them all at once (the same as migrate's ingest stage).
+constexpr size_t k_read_ahead_files = 256;
+
+struct PendingFile {
+    walk::Item item;
+    const catalog::Entry* manifest;
+};
+
+/// Hashes each pending legacy file, compares it with its manifest entry and clears the list.
+void hash_files(Task& t, std::vector<PendingFile>& files) {
+    std::vector<util::Fd> fds(files.size());
+    for (size_t i = 0; i < files.size(); ++i) {
+        try {
+            fds[i] = migrate::open_item(files[i].item);
+            migrate::prefetch(fds[i].get(), files[i].item.entry.size);
+        } catch (const walk::PackageError& e) {
+            t.add(e.path(), e.what());
+        }
+    }
+    for (size_t i = 0; i < files.size(); ++i) {
+        if (!fds[i]) continue;
+        const std::string& path = files[i].item.entry.path;
+        const catalog::Entry& m = *files[i].manifest;
+        try {
+            auto r = migrate::ingest_open(files[i].item, std::move(fds[i]), nullptr, migrate::StoreObject::no, nullptr);
+            if (!m.digest || r.digest != *m.digest)
+                t.add(path, "content differs: manifest " + (m.digest ? m.digest->hex() : std::string("none")) +
+                                ", legacy tree " + r.digest.hex());
+            if (r.xattrs != m.xattrs) t.add(path, "extended attributes differ from the manifest");
+        } catch (const walk::PackageError& e) {
+            t.add(path, e.what());
+        }
+    }
+    files.clear();
+}
+
 void check_tree(Task& t, int store_fd) {
+    std::vector<PendingFile> files;
     std::unordered_map<std::string, const catalog::Entry*> want;
     want.reserve(t.manifest.size());
-    for (const auto& e : t.manifest) want.emplace(e.path, &e);
+    for (const auto& e : t.manifest)
+        want.emplace(e.path, &e);
     size_t seen = 0;
     try {
         walk::PackageWalker w(store_fd, t.pkg.name);
@@ -88,8 +133,8 @@ void check_tree(Task& t, int store_fd) {
             const std::string& path = it.entry.path;
             auto f = want.find(path);
             if (f == want.end()) {
-                t.add(path, std::string("is in the legacy tree but not in the manifest (a ") + type_name(it.entry.type) +
-                                " added after migration)");
+                t.add(path, std::string("is in the legacy tree but not in the manifest (a ") +
+                                type_name(it.entry.type) + " added after migration)");
                 continue;
             }
             ++seen;
@@ -107,17 +152,11 @@ void check_tree(Task& t, int store_fd) {
                 t.add(path, "symlink target differs: manifest '" + util::printable(m.target) + "', legacy tree '" +
                                 util::printable(it.entry.target) + "'");
             if (m.type == EntryType::file) {
-                try {
-                    auto r = migrate::hash_file(it);
-                    if (!m.digest || r.digest != *m.digest)
-                        t.add(path, "content differs: manifest " + (m.digest ? m.digest->hex() : std::string("none")) +
-                                        ", legacy tree " + r.digest.hex());
-                    if (r.xattrs != m.xattrs) t.add(path, "extended attributes differ from the manifest");
-                } catch (const walk::PackageError& e) {
-                    t.add(path, e.what());
-                }
+                files.push_back({std::move(it), &m});
+                if (files.size() == k_read_ahead_files) hash_files(t, files);
             }
         }
+        hash_files(t, files);
     } catch (const walk::PackageError& e) {
         t.add(e.path(), e.what());
         return;
@@ -128,12 +167,14 @@ void check_tree(Task& t, int store_fd) {
         walk::PackageWalker w(store_fd, t.pkg.name);
         walk::Item it;
         try {
-            while (w.next(it)) present[it.entry.path] = true;
+            while (w.next(it))
+                present[it.entry.path] = true;
         } catch (const walk::PackageError&) {
         }
         for (const auto& e : t.manifest)
-            if (!present.count(e.path)) t.add(e.path, std::string("is in the manifest but missing from the legacy tree (a ") +
-                                                          type_name(e.type) + ")");
+            if (!present.count(e.path))
+                t.add(e.path,
+                      std::string("is in the manifest but missing from the legacy tree (a ") + type_name(e.type) + ")");
     }
 }
 
@@ -162,19 +203,18 @@ Result verify_packages(store::Store& store, const std::vector<catalog::Package>&
     arena.execute([&] {
         tbb::parallel_pipeline(
             threads * 2,
-            tbb::make_filter<void, std::shared_ptr<Task>>(
-                tbb::filter_mode::serial_in_order,
-                [&](tbb::flow_control& fc) -> std::shared_ptr<Task> {
-                    if (next == packages.size()) {
-                        fc.stop();
-                        return nullptr;
-                    }
-                    auto t = std::make_shared<Task>();
-                    t->pkg = packages[next++];
-                    std::lock_guard lk(db_mutex);
-                    t->manifest = cat.manifest(t->pkg.id);
-                    return t;
-                }) &
+            tbb::make_filter<void, std::shared_ptr<Task>>(tbb::filter_mode::serial_in_order,
+                                                          [&](tbb::flow_control& fc) -> std::shared_ptr<Task> {
+                                                              if (next == packages.size()) {
+                                                                  fc.stop();
+                                                                  return nullptr;
+                                                              }
+                                                              auto t = std::make_shared<Task>();
+                                                              t->pkg = packages[next++];
+                                                              std::lock_guard lk(db_mutex);
+                                                              t->manifest = cat.manifest(t->pkg.id);
+                                                              return t;
+                                                          }) &
                 tbb::make_filter<std::shared_ptr<Task>, std::shared_ptr<Task>>(
                     tbb::filter_mode::parallel,
                     [&](std::shared_ptr<Task> t) {
@@ -193,12 +233,15 @@ Result verify_packages(store::Store& store, const std::vector<catalog::Package>&
                         std::string pid = util::printable(t->pkg.name);
                         for (auto& [path, msg] : t->problems)
                             if (problems) problems({pid, util::printable(path), msg});
-                        if (t->problems.empty()) ++r.ok;
-                        else ++r.mismatched;
+                        if (t->problems.empty())
+                            ++r.ok;
+                        else
+                            ++r.mismatched;
                         if (!t->missing_objects.empty()) {
                             // Make the catalog truthful, so that a later migrate rewrites the content.
                             std::lock_guard lk(db_mutex);
-                            for (const auto& d : t->missing_objects) cat.delete_object(d);
+                            for (const auto& d : t->missing_objects)
+                                cat.delete_object(d);
                         }
                         if (record && t->pkg.has_manifest) {
                             std::lock_guard lk(db_mutex);
@@ -236,37 +279,57 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
     unsigned threads = util::thread_count(opts.threads);
     tbb::task_arena arena(static_cast<int>(threads));
     arena.execute([&] {
-        tbb::parallel_for_each(files.begin(), files.end(), [&](const std::string& rel) {
-            std::string hex = rel.substr(0, 2) + rel.substr(3, 62);
-            auto named = hash::Digest::from_hex(hex);
-            bool ok = false;
-            std::string why;
-            if (!named || rel.size() < 65) {
-                why = "is not named by a BLAKE3 digest";
-            } else {
-                int fd = ::openat(objects.dirfd(), rel.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+        // Chunks of objects are opened and read ahead together, then hashed one by one: objects
+        // are usually not in the page cache (migrate writes large ones with O_DIRECT).
+        std::vector<std::pair<size_t, size_t>> chunks;
+        for (size_t i = 0; i < files.size(); i += k_read_ahead_files)
+            chunks.emplace_back(i, std::min(files.size(), i + k_read_ahead_files));
+        tbb::parallel_for_each(chunks.begin(), chunks.end(), [&](std::pair<size_t, size_t> chunk) {
+            std::vector<util::Fd> fds(chunk.second - chunk.first);
+            std::vector<int> open_errno(fds.size(), 0);
+            for (size_t i = chunk.first; i < chunk.second; ++i) {
+                int fd = ::openat(objects.dirfd(), files[i].c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
                 if (fd < 0) {
-                    why = std::string("cannot be opened: ") + std::strerror(errno);
-                } else {
-                    util::Fd owned(fd);
-                    std::uint64_t n = 0;
-                    try {
-                        auto d = hash::hash_fd(fd, objects.dir() + "/" + rel, &n);
-                        ok = d == *named;
-                        if (!ok) why = "content does not match its name (BLAKE3 " + d.hex() + ")";
-                    } catch (const util::SystemError& e) {
-                        why = e.what();
-                    }
-                    bytes += n;
+                    open_errno[i - chunk.first] = errno;
+                    continue;
                 }
+                fds[i - chunk.first] = util::Fd(fd);
+                struct stat st {};
+                if (::fstat(fd, &st) == 0) migrate::prefetch(fd, static_cast<std::uint64_t>(st.st_size));
             }
-            std::uint64_t k = ++done;
-            std::lock_guard lk(mutex);
-            if (!ok) bad.emplace_back(rel, named.value_or(hash::Digest{}));
-            if (!ok && problems) problems({"-", "objects/" + rel, why});
-            report.packages_done = k;
-            report.bytes_done = bytes;
-            if (progress && (k % 256 == 0 || k == files.size())) progress(report);
+            for (size_t i = chunk.first; i < chunk.second; ++i) {
+                const std::string& rel = files[i];
+                std::string hex = rel.substr(0, 2) + rel.substr(3, 62);
+                auto named = hash::Digest::from_hex(hex);
+                bool ok = false;
+                std::string why;
+                if (!named || rel.size() < 65) {
+                    why = "is not named by a BLAKE3 digest";
+                } else {
+                    util::Fd owned = std::move(fds[i - chunk.first]);
+                    const int fd = owned.get();
+                    if (fd < 0) {
+                        why = std::string("cannot be opened: ") + std::strerror(open_errno[i - chunk.first]);
+                    } else {
+                        std::uint64_t n = 0;
+                        try {
+                            auto d = hash::hash_fd(fd, objects.dir() + "/" + rel, &n);
+                            ok = d == *named;
+                            if (!ok) why = "content does not match its name (BLAKE3 " + d.hex() + ")";
+                        } catch (const util::SystemError& e) {
+                            why = e.what();
+                        }
+                        bytes += n;
+                    }
+                }
+                std::uint64_t k = ++done;
+                std::lock_guard lk(mutex);
+                if (!ok) bad.emplace_back(rel, named.value_or(hash::Digest{}));
+                if (!ok && problems) problems({"-", "objects/" + rel, why});
+                report.packages_done = k;
+                report.bytes_done = bytes;
+                if (progress && (k % 256 == 0 || k == files.size())) progress(report);
+            }
         });
     });
     r.objects_checked = files.size();
@@ -276,7 +339,8 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
         std::string qdir = store.migration_dir() + "/corrupt";
         util::ensure_dir(qdir);
         util::Fd q = util::open_dir(qdir);
-        catalog::Stmt who(cat.db(), "SELECT DISTINCT p.id, p.name, p.tree, p.state FROM entries e JOIN packages p ON p.id = e.package WHERE e.digest = ?");
+        catalog::Stmt who(cat.db(), "SELECT DISTINCT p.id, p.name, p.tree, p.state FROM entries e JOIN packages p ON "
+                                    "p.id = e.package WHERE e.digest = ?");
         catalog::Transaction tx(cat.db());
         for (auto& [rel, d] : bad) {
             std::string qname = rel.substr(0, 2) + rel.substr(3);
@@ -293,11 +357,13 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
                 ids.push_back(who.i64(0));
             }
             who.reset();
-            for (auto id : ids) cat.set_state(id, PackageState::failed, "verify --objects: object " + d.hex() + " was corrupt");
+            for (auto id : ids)
+                cat.set_state(id, PackageState::failed, "verify --objects: object " + d.hex() + " was corrupt");
             cat.journal("verify", names, "", "failed", "corrupt object " + rel + " moved to migration/corrupt/");
             if (problems)
                 problems({"-", "objects/" + rel,
-                          "moved to migration/corrupt/; needed by " + (names.empty() ? std::string("no package") : names) +
+                          "moved to migration/corrupt/; needed by " +
+                              (names.empty() ? std::string("no package") : names) +
                               (names.empty() ? ""
                                : recoverable ? "; run casmig migrate --retry-failed to rewrite it from a legacy tree"
                                              : "; no legacy tree holds it any more: restore it from a backup")});
@@ -313,7 +379,8 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
                 if (b.second == o.digest) quarantined = true;
             if (quarantined) continue;
             ++r.objects_bad;
-            if (problems) problems({"-", "objects/" + cas::object_relpath(o.digest), "is in the catalog but missing on disk"});
+            if (problems)
+                problems({"-", "objects/" + cas::object_relpath(o.digest), "is in the catalog but missing on disk"});
         }
     }
     return r;
