@@ -4,6 +4,7 @@
 #include <cerrno>
 #include <cstring>
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <unistd.h>
 #include <vector>
 
@@ -48,10 +49,29 @@ util::Fd open_item(const walk::Item& item) {
     if (fd < 0) {
         int e = errno;
         if (e == ENOENT || e == ELOOP) changed(item);
-        throw walk::PackageError(item.entry.path, std::string("cannot open: ") + std::strerror(e) +
-                                                      (e == EACCES ? " (make it readable or run casmig as its owner)" : ""));
+        throw walk::PackageError(item.entry.path,
+                                 std::string("cannot open: ") + std::strerror(e) +
+                                     (e == EACCES ? " (make it readable or run casmig as its owner)" : ""));
     }
     return util::Fd(fd);
+}
+
+util::Fd try_open_item(const walk::Item& item) noexcept {
+    constexpr int k_flags = O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK;
+    int fd = ::openat(item.parent->get(), item.name.c_str(), k_flags | O_NOATIME);
+    if (fd < 0 && errno == EPERM) fd = ::openat(item.parent->get(), item.name.c_str(), k_flags);
+    return util::Fd(fd);
+}
+
+size_t read_ahead_files(unsigned holders) {
+    struct rlimit rl {};
+    std::uint64_t avail = 1024;
+    if (::getrlimit(RLIMIT_NOFILE, &rl) == 0)
+        avail = rl.rlim_cur == RLIM_INFINITY ? (1u << 20) : static_cast<std::uint64_t>(rl.rlim_cur);
+    // Half of the descriptors for read-ahead; the rest stay for the directories of deep trees, the
+    // catalog, temp files and whatever the caller holds.
+    std::uint64_t each = avail / 2 / std::max(1u, holders);
+    return static_cast<size_t>(std::clamp<std::uint64_t>(each, 1, 256));
 }
 
 void prefetch(int fd, std::uint64_t size) {
@@ -104,7 +124,8 @@ IngestResult ingest_open(const walk::Item& item, util::Fd owned, cas::ObjectStor
         struct stat after {};
         if (::fstat(fd, &after) != 0 || !same_file(before, after)) changed(item);
         if (store == StoreObject::yes && objects)
-            r.new_object = objects->stage_bytes(r.digest, std::string_view(buf.data(), total)) == cas::StageResult::staged;
+            r.new_object =
+                objects->stage_bytes(r.digest, std::string_view(buf.data(), total)) == cas::StageResult::staged;
     } else {
         ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
         buf.reserve(k_chunk);

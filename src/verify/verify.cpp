@@ -75,9 +75,8 @@ void check_objects(Task& t, const cas::ObjectStore& objects) {
     }
 }
 
-/// Files whose reads are started together (open + read-ahead), then hashed one by one: on a cold
-/// cache the disk gets them all at once (the same as migrate's ingest stage).
-constexpr size_t k_read_ahead_files = 256;
+// Files are opened and read ahead in groups (migrate::read_ahead_files() of them), then hashed one by
+// one: on a cold cache the disk gets a whole group at once (the same as migrate's ingest stage).
 
 struct PendingFile {
     walk::Item item;
@@ -88,18 +87,14 @@ struct PendingFile {
 void hash_files(Task& t, std::vector<PendingFile>& files) {
     std::vector<util::Fd> fds(files.size());
     for (size_t i = 0; i < files.size(); ++i) {
-        try {
-            fds[i] = migrate::open_item(files[i].item);
-            migrate::prefetch(fds[i].get(), files[i].item.entry.size);
-        } catch (const walk::PackageError& e) {
-            t.add(e.path(), e.what());
-        }
+        fds[i] = migrate::try_open_item(files[i].item); // a failure is reported below, by open_item()
+        if (fds[i]) migrate::prefetch(fds[i].get(), files[i].item.entry.size);
     }
     for (size_t i = 0; i < files.size(); ++i) {
-        if (!fds[i]) continue;
         const std::string& path = files[i].item.entry.path;
         const catalog::Entry& m = *files[i].manifest;
         try {
+            if (!fds[i]) fds[i] = migrate::open_item(files[i].item);
             auto r = migrate::ingest_open(files[i].item, std::move(fds[i]), nullptr, migrate::StoreObject::no, nullptr);
             if (!m.digest || r.digest != *m.digest)
                 t.add(path, "content differs: manifest " + (m.digest ? m.digest->hex() : std::string("none")) +
@@ -112,7 +107,7 @@ void hash_files(Task& t, std::vector<PendingFile>& files) {
     files.clear();
 }
 
-void check_tree(Task& t, int store_fd) {
+void check_tree(Task& t, int store_fd, size_t read_ahead) {
     std::vector<PendingFile> files;
     std::unordered_map<std::string, const catalog::Entry*> want;
     want.reserve(t.manifest.size());
@@ -153,7 +148,7 @@ void check_tree(Task& t, int store_fd) {
                                 util::printable(it.entry.target) + "'");
             if (m.type == EntryType::file) {
                 files.push_back({std::move(it), &m});
-                if (files.size() == k_read_ahead_files) hash_files(t, files);
+                if (files.size() == read_ahead) hash_files(t, files);
             }
         }
         hash_files(t, files);
@@ -199,6 +194,8 @@ Result verify_packages(store::Store& store, const std::vector<catalog::Package>&
     std::mutex own_mutex;
     std::mutex& db_mutex = opts.db_mutex ? *opts.db_mutex : own_mutex;
     unsigned threads = util::thread_count(opts.threads);
+    // migrate runs this beside its own pipeline, which holds as many files open.
+    const size_t read_ahead = migrate::read_ahead_files(2 * threads);
     tbb::task_arena arena(static_cast<int>(threads));
     arena.execute([&] {
         tbb::parallel_pipeline(
@@ -224,7 +221,7 @@ Result verify_packages(store::Store& store, const std::vector<catalog::Package>&
                             return t;
                         }
                         check_objects(*t, objects);
-                        if (t->pkg.tree != catalog::TreeState::removed) check_tree(*t, store.root_fd());
+                        if (t->pkg.tree != catalog::TreeState::removed) check_tree(*t, store.root_fd(), read_ahead);
                         return t;
                     }) &
                 tbb::make_filter<std::shared_ptr<Task>, void>(
@@ -282,18 +279,17 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
         // Chunks of objects are opened and read ahead together, then hashed one by one: objects
         // are usually not in the page cache (migrate writes large ones with O_DIRECT).
         std::vector<std::pair<size_t, size_t>> chunks;
-        for (size_t i = 0; i < files.size(); i += k_read_ahead_files)
-            chunks.emplace_back(i, std::min(files.size(), i + k_read_ahead_files));
+        const size_t chunk_size = migrate::read_ahead_files(threads);
+        for (size_t i = 0; i < files.size(); i += chunk_size)
+            chunks.emplace_back(i, std::min(files.size(), i + chunk_size));
         tbb::parallel_for_each(chunks.begin(), chunks.end(), [&](std::pair<size_t, size_t> chunk) {
             std::vector<util::Fd> fds(chunk.second - chunk.first);
-            std::vector<int> open_errno(fds.size(), 0);
+            auto open_object = [&](const std::string& rel) {
+                return util::Fd(::openat(objects.dirfd(), rel.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
+            };
             for (size_t i = chunk.first; i < chunk.second; ++i) {
-                int fd = ::openat(objects.dirfd(), files[i].c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
-                if (fd < 0) {
-                    open_errno[i - chunk.first] = errno;
-                    continue;
-                }
-                fds[i - chunk.first] = util::Fd(fd);
+                int fd = (fds[i - chunk.first] = open_object(files[i])).get();
+                if (fd < 0) continue; // opened again below, which reports the error
                 struct stat st {};
                 if (::fstat(fd, &st) == 0) migrate::prefetch(fd, static_cast<std::uint64_t>(st.st_size));
             }
@@ -307,9 +303,10 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
                     why = "is not named by a BLAKE3 digest";
                 } else {
                     util::Fd owned = std::move(fds[i - chunk.first]);
+                    if (!owned) owned = open_object(rel);
                     const int fd = owned.get();
                     if (fd < 0) {
-                        why = std::string("cannot be opened: ") + std::strerror(open_errno[i - chunk.first]);
+                        why = std::string("cannot be opened: ") + std::strerror(errno);
                     } else {
                         std::uint64_t n = 0;
                         try {

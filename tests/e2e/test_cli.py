@@ -12,6 +12,7 @@ import os
 import signal
 import sqlite3
 import stat
+import resource
 import subprocess
 import sys
 import tempfile
@@ -164,6 +165,21 @@ def migrate_bounds_and_retry(t):
     expect(st["packages"]["migrated"] == 2 and st["packages"]["pending"] == 0, f"--no-verify: {st['packages']}")
     t.run(s, "verify", code=0)
     expect(t.json(s, "status")["packages"]["verified"] == 6, "verify did not mark migrated packages verified")
+
+
+@test
+def many_threads_under_a_low_open_file_limit(t):
+    # Read-ahead keeps files open; it must shrink to the open-file limit, never fail a package.
+    def extra(root):
+        for i in range(300):
+            put(os.path.join(root, "pkg00"), f"many/f{i:03d}", f"file {i}\n".encode() * (i + 1))
+    s = t.store("fdlimit", 3, extra)
+    limit = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (96, 96))
+    for args in (["-j", "16", "migrate"], ["-j", "16", "verify"], ["-j", "16", "verify", "--objects"]):
+        p = subprocess.run([t.casmig, "--store", s] + args, capture_output=True, text=True, preexec_fn=limit,
+                           timeout=300)
+        expect(p.returncode == 0, f"{' '.join(args)} under 96 open files: exit {p.returncode}: {p.stderr[-400:]}")
+    expect(t.json(s, "status")["packages"]["verified"] == 3, "not every package verified")
 
 
 @test

@@ -1,5 +1,6 @@
 // casmig::migrate — reading one legacy file: open safely, hash, optionally store, detect change.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 
 #include "casmig/cas/object_store.hpp"
@@ -30,6 +31,12 @@ IngestResult ingest_file(const walk::Item& item, cas::ObjectStore* objects, Stor
 /// The open ingest_file() does: O_NOFOLLOW|O_NONBLOCK (and O_NOATIME where allowed), relative to the
 /// item's directory fd. Throws walk::PackageError naming the path.
 util::Fd open_item(const walk::Item& item);
+/// open_item() for read-ahead: an empty Fd instead of an error (the caller then opens the file with
+/// open_item(), which names the problem). Never throws.
+util::Fd try_open_item(const walk::Item& item) noexcept;
+/// How many files each of `holders` threads may keep open for read-ahead at once: at most 256, and
+/// together at most half of RLIMIT_NOFILE, so that read-ahead never makes an open fail with EMFILE.
+size_t read_ahead_files(unsigned holders);
 /// Starts reading the first few MiB of an open file into the page cache and returns at once, so that
 /// the disk works on many files while the caller hashes them one by one. A hint: errors are ignored.
 void prefetch(int fd, std::uint64_t size);
