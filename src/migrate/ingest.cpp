@@ -6,7 +6,6 @@
 #include <fcntl.h>
 #include <sys/resource.h>
 #include <unistd.h>
-#include <vector>
 
 #include "casmig/util/aligned_buffer.hpp"
 #include "casmig/util/xattr.hpp"
@@ -40,27 +39,24 @@ static ssize_t read_some(int fd, char* buf, size_t len, util::RateLimiter* limit
     }
 }
 
-util::Fd open_item(const walk::Item& item) {
+util::Fd try_open_item(const walk::Item& item) noexcept {
     // O_NONBLOCK: if a fifo was swapped in since the walk, open() must not wait for a writer.
     constexpr int k_flags = O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK;
     int fd = ::openat(item.parent->get(), item.name.c_str(), k_flags | O_NOATIME);
     if (fd < 0 && errno == EPERM) // O_NOATIME is only allowed to the file's owner
         fd = ::openat(item.parent->get(), item.name.c_str(), k_flags);
-    if (fd < 0) {
-        int e = errno;
-        if (e == ENOENT || e == ELOOP) changed(item);
-        throw walk::PackageError(item.entry.path,
-                                 std::string("cannot open: ") + std::strerror(e) +
-                                     (e == EACCES ? " (make it readable or run casmig as its owner)" : ""));
-    }
     return util::Fd(fd);
 }
 
-util::Fd try_open_item(const walk::Item& item) noexcept {
-    constexpr int k_flags = O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK;
-    int fd = ::openat(item.parent->get(), item.name.c_str(), k_flags | O_NOATIME);
-    if (fd < 0 && errno == EPERM) fd = ::openat(item.parent->get(), item.name.c_str(), k_flags);
-    return util::Fd(fd);
+util::Fd open_item(const walk::Item& item) {
+    util::Fd fd = try_open_item(item);
+    if (!fd) {
+        int e = errno;
+        if (e == ENOENT || e == ELOOP) changed(item);
+        throw walk::PackageError(item.entry.path, std::string("cannot open: ") + std::strerror(e) +
+                                                      (e == EACCES ? " (make it readable or run casmig as its owner)" : ""));
+    }
+    return fd;
 }
 
 size_t read_ahead_files(unsigned holders) {
@@ -124,8 +120,7 @@ IngestResult ingest_open(const walk::Item& item, util::Fd owned, cas::ObjectStor
         struct stat after {};
         if (::fstat(fd, &after) != 0 || !same_file(before, after)) changed(item);
         if (store == StoreObject::yes && objects)
-            r.new_object =
-                objects->stage_bytes(r.digest, std::string_view(buf.data(), total)) == cas::StageResult::staged;
+            r.new_object = objects->stage_bytes(r.digest, std::string_view(buf.data(), total)) == cas::StageResult::staged;
     } else {
         ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
         buf.reserve(k_chunk);

@@ -6,12 +6,12 @@
 #include "casmig/verify/verify.hpp"
 
 #include <atomic>
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <condition_variable>
 #include <deque>
-#include <fcntl.h>
 #include <mutex>
 #include <set>
-#include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <tbb/global_control.h>
 #include <tbb/parallel_pipeline.h>
@@ -33,9 +33,7 @@ constexpr size_t k_unit_files = 256;
 constexpr std::uint64_t k_unit_bytes = 16ull << 20;
 // Tokens in flight: enough for every worker to have a unit while the serial stages work on others;
 // each unit holds at most k_unit_files open directory references, so fds stay bounded too.
-unsigned tokens_for(unsigned threads) {
-    return threads * 8;
-}
+unsigned tokens_for(unsigned threads) { return threads * 8; }
 // A batch is published and committed when any bound is reached: less often means fewer syncfs calls,
 // more often means less work redone after a crash.
 constexpr auto k_batch_interval = std::chrono::milliseconds(1000);
@@ -75,8 +73,7 @@ std::vector<catalog::Package> select_packages(std::vector<catalog::Package> all,
                                               const Options& opts) {
     {
         std::set<std::string> known;
-        for (const auto& p : all)
-            known.insert(p.name);
+        for (const auto& p : all) known.insert(p.name);
         for (const auto& d : legacy)
             if (!known.count(d)) {
                 catalog::Package p;
@@ -92,24 +89,19 @@ std::vector<catalog::Package> select_packages(std::vector<catalog::Package> all,
         switch (p.state) {
         case PackageState::pending:
         case PackageState::in_progress:
-        case PackageState::rolled_back:
-            return true;
-        case PackageState::failed:
-            return named || opts.retry_failed == RetryFailed::yes;
-        default:
-            return false;
+        case PackageState::rolled_back: return true;
+        case PackageState::failed: return named || opts.retry_failed == RetryFailed::yes;
+        default: return false;
         }
     };
     if (!opts.packages.empty()) {
         std::unordered_map<std::string, const catalog::Package*> by_name;
-        for (const auto& p : all)
-            by_name[p.name] = &p;
+        for (const auto& p : all) by_name[p.name] = &p;
         std::set<std::string> seen;
         for (const auto& n : opts.packages) {
             auto it = by_name.find(n);
             if (it == by_name.end())
-                throw util::UsageError("package " + util::printable(n) +
-                                       " is not in store: no such legacy directory "
+                throw util::UsageError("package " + util::printable(n) + " is not in store: no such legacy directory "
                                        "(see 'casmig status' for the packages it knows)");
             if (seen.insert(n).second && wanted(*it->second, true)) out.push_back(*it->second);
         }
@@ -156,13 +148,12 @@ public:
         arena.execute([&] {
             tbb::parallel_pipeline(
                 tokens_for(threads),
-                tbb::make_filter<void, UnitPtr>(tbb::filter_mode::serial_in_order, [this](tbb::flow_control& fc) {
-                    return walk_stage(fc);
-                }) & tbb::make_filter<UnitPtr, UnitPtr>(tbb::filter_mode::parallel, [this](UnitPtr u) {
-                    return ingest_stage(std::move(u));
-                }) & tbb::make_filter<UnitPtr, void>(tbb::filter_mode::serial_in_order, [this](UnitPtr u) {
-                    commit_stage(std::move(u));
-                }));
+                tbb::make_filter<void, UnitPtr>(tbb::filter_mode::serial_in_order,
+                                                [this](tbb::flow_control& fc) { return walk_stage(fc); }) &
+                    tbb::make_filter<UnitPtr, UnitPtr>(tbb::filter_mode::parallel,
+                                                       [this](UnitPtr u) { return ingest_stage(std::move(u)); }) &
+                    tbb::make_filter<UnitPtr, void>(tbb::filter_mode::serial_in_order,
+                                                    [this](UnitPtr u) { commit_stage(std::move(u)); }));
         });
         if (m_mode == Mode::migrate) {
             flush();
@@ -187,7 +178,8 @@ private:
     // ---- stage 1: walk (serial, in order)
     UnitPtr walk_stage(tbb::flow_control& fc) {
         if (!m_walker) {
-            if (m_next == m_packages.size() || (m_opts.time_budget && Clock::now() - m_start >= *m_opts.time_budget)) {
+            if (m_next == m_packages.size() ||
+                (m_opts.time_budget && Clock::now() - m_start >= *m_opts.time_budget)) {
                 if (m_next < m_packages.size()) m_result.stopped_by_budget = true;
                 fc.stop();
                 return nullptr;
@@ -275,8 +267,7 @@ private:
                 job.fail(e.path(), e.what());
             }
         }
-        for (auto& it : u->items)
-            it.parent.reset(); // release the directory fds as early as possible
+        for (auto& it : u->items) it.parent.reset(); // release the directory fds as early as possible
         return u;
     }
 
@@ -289,14 +280,12 @@ private:
                 job.bytes += it.entry.size;
                 ++m_report.files_done;
                 m_report.bytes_done += it.entry.size;
-                if (m_mode == Mode::plan && it.entry.digest && !job.failed)
-                    m_unit_digests.push_back({*it.entry.digest, it.entry.size});
+                if (m_mode == Mode::plan && it.entry.digest && !job.failed) m_unit_digests.push_back({*it.entry.digest, it.entry.size});
             }
             if (m_mode == Mode::migrate) job.entries.push_back(std::move(it.entry));
         }
         if (m_mode == Mode::plan && !job.failed) {
-            for (auto& [d, s] : m_unit_digests)
-                m_job_digests.push_back({d, s});
+            for (auto& [d, s] : m_unit_digests) m_job_digests.push_back({d, s});
         }
         m_unit_digests.clear();
         if (!u->last) {
@@ -312,8 +301,7 @@ private:
             } else {
                 m_result.files += job.files;
                 m_result.bytes += job.bytes;
-                for (auto& [d, s] : m_job_digests)
-                    m_plan_digests.emplace(d, s);
+                for (auto& [d, s] : m_job_digests) m_plan_digests.emplace(d, s);
             }
             m_job_digests.clear();
             report();
@@ -391,6 +379,7 @@ private:
         // Its own task arena with every thread: oneTBB shares the workers between this arena and the
         // pipeline's, so verification takes the cores the pipeline leaves idle while it waits for the
         // disk, and all of them once the pipeline is done (no single-threaded tail).
+        if (pkgs.empty()) return;
         verify::Options vo;
         vo.threads = m_threads;
         vo.db_mutex = &m_db_mutex;
@@ -412,8 +401,7 @@ private:
                 started.swap(m_started);
             }
             // Packages the walker began; those of this batch get their final state below.
-            for (auto id : started)
-                cat.set_state(id, PackageState::in_progress);
+            for (auto id : started) cat.set_state(id, PackageState::in_progress);
         }
         bool any_migrated = false;
         std::unordered_set<hash::Digest, hash::DigestHash> added; // to m_cataloged once committed
@@ -512,8 +500,7 @@ Result migrate(store::Store& store, const Options& opts, const ProgressSink& pro
     auto& cat = store.catalog();
     auto selected = select_packages(cat.packages(), store.legacy_dirs(), opts);
     std::vector<hash::Digest> known;
-    for (const auto& o : cat.objects())
-        known.push_back(o.digest);
+    for (const auto& o : cat.objects()) known.push_back(o.digest);
     Pipeline p(store, Mode::migrate, opts, std::move(selected), progress, problems);
     p.set_cataloged(known);
     store.objects().trust_catalog(std::move(known));
@@ -553,14 +540,12 @@ PlanResult plan(store::Store& store, const Options& opts, const ProgressSink& pr
     util::Fd objects(::open(store.objects_dir().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
     for (const auto& [d, s] : p.plan_digests()) {
         struct stat st {};
-        if (objects && ::fstatat(objects.get(), cas::object_relpath(d).c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0)
-            continue;
+        if (objects && ::fstatat(objects.get(), cas::object_relpath(d).c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) continue;
         r.unique_bytes += s;
         ++r.unique_objects;
     }
     struct statvfs vfs {};
-    if (::statvfs(store.root().c_str(), &vfs) == 0)
-        r.free_bytes = static_cast<std::uint64_t>(vfs.f_bavail) * vfs.f_frsize;
+    if (::statvfs(store.root().c_str(), &vfs) == 0) r.free_bytes = static_cast<std::uint64_t>(vfs.f_bavail) * vfs.f_frsize;
     // Objects are rounded up to the filesystem block; the catalog needs about 200 bytes per entry.
     std::uint64_t block = vfs.f_frsize ? vfs.f_frsize : 4096;
     std::uint64_t padded = r.unique_bytes + r.unique_objects * (block / 2);

@@ -5,15 +5,15 @@
 #include "casmig/util/threads.hpp"
 #include "casmig/walk/walker.hpp"
 
-#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <fcntl.h>
+#include <algorithm>
 #include <map>
-#include <mutex>
 #include <sys/stat.h>
+#include <mutex>
 #include <tbb/parallel_for_each.h>
 #include <tbb/parallel_pipeline.h>
 #include <tbb/task_arena.h>
@@ -32,12 +32,9 @@ constexpr size_t k_max_problems_per_package = 20;
 
 const char* type_name(EntryType t) {
     switch (t) {
-    case EntryType::file:
-        return "file";
-    case EntryType::dir:
-        return "directory";
-    case EntryType::symlink:
-        return "symlink";
+    case EntryType::file: return "file";
+    case EntryType::dir: return "directory";
+    case EntryType::symlink: return "symlink";
     }
     return "?";
 }
@@ -54,11 +51,9 @@ struct Task {
     std::vector<std::pair<std::string, std::string>> problems; // path, message
     std::vector<hash::Digest> missing_objects;
     void add(const std::string& path, const std::string& msg) {
-        if (problems.size() < k_max_problems_per_package)
-            problems.emplace_back(path, msg);
+        if (problems.size() < k_max_problems_per_package) problems.emplace_back(path, msg);
         else if (problems.size() == k_max_problems_per_package)
-            problems.emplace_back("",
-                                  "more problems not shown (limit " + std::to_string(k_max_problems_per_package) + ")");
+            problems.emplace_back("", "more problems not shown (limit " + std::to_string(k_max_problems_per_package) + ")");
     }
 };
 
@@ -69,7 +64,8 @@ void check_objects(Task& t, const cas::ObjectStore& objects) {
         if (!objects.on_disk(*e.digest, &size)) {
             t.add(e.path, "object " + e.digest->hex() + " is missing from objects/");
             t.missing_objects.push_back(*e.digest);
-        } else if (size != e.size)
+        }
+        else if (size != e.size)
             t.add(e.path, "object " + e.digest->hex() + " has " + std::to_string(size) + " bytes, the manifest says " +
                               std::to_string(e.size));
     }
@@ -111,8 +107,7 @@ void check_tree(Task& t, int store_fd, size_t read_ahead) {
     std::vector<PendingFile> files;
     std::unordered_map<std::string, const catalog::Entry*> want;
     want.reserve(t.manifest.size());
-    for (const auto& e : t.manifest)
-        want.emplace(e.path, &e);
+    for (const auto& e : t.manifest) want.emplace(e.path, &e);
     size_t seen = 0;
     try {
         walk::PackageWalker w(store_fd, t.pkg.name);
@@ -128,8 +123,8 @@ void check_tree(Task& t, int store_fd, size_t read_ahead) {
             const std::string& path = it.entry.path;
             auto f = want.find(path);
             if (f == want.end()) {
-                t.add(path, std::string("is in the legacy tree but not in the manifest (a ") +
-                                type_name(it.entry.type) + " added after migration)");
+                t.add(path, std::string("is in the legacy tree but not in the manifest (a ") + type_name(it.entry.type) +
+                                " added after migration)");
                 continue;
             }
             ++seen;
@@ -162,14 +157,12 @@ void check_tree(Task& t, int store_fd, size_t read_ahead) {
         walk::PackageWalker w(store_fd, t.pkg.name);
         walk::Item it;
         try {
-            while (w.next(it))
-                present[it.entry.path] = true;
+            while (w.next(it)) present[it.entry.path] = true;
         } catch (const walk::PackageError&) {
         }
         for (const auto& e : t.manifest)
-            if (!present.count(e.path))
-                t.add(e.path,
-                      std::string("is in the manifest but missing from the legacy tree (a ") + type_name(e.type) + ")");
+            if (!present.count(e.path)) t.add(e.path, std::string("is in the manifest but missing from the legacy tree (a ") +
+                                                          type_name(e.type) + ")");
     }
 }
 
@@ -200,18 +193,19 @@ Result verify_packages(store::Store& store, const std::vector<catalog::Package>&
     arena.execute([&] {
         tbb::parallel_pipeline(
             threads * 2,
-            tbb::make_filter<void, std::shared_ptr<Task>>(tbb::filter_mode::serial_in_order,
-                                                          [&](tbb::flow_control& fc) -> std::shared_ptr<Task> {
-                                                              if (next == packages.size()) {
-                                                                  fc.stop();
-                                                                  return nullptr;
-                                                              }
-                                                              auto t = std::make_shared<Task>();
-                                                              t->pkg = packages[next++];
-                                                              std::lock_guard lk(db_mutex);
-                                                              t->manifest = cat.manifest(t->pkg.id);
-                                                              return t;
-                                                          }) &
+            tbb::make_filter<void, std::shared_ptr<Task>>(
+                tbb::filter_mode::serial_in_order,
+                [&](tbb::flow_control& fc) -> std::shared_ptr<Task> {
+                    if (next == packages.size()) {
+                        fc.stop();
+                        return nullptr;
+                    }
+                    auto t = std::make_shared<Task>();
+                    t->pkg = packages[next++];
+                    std::lock_guard lk(db_mutex);
+                    t->manifest = cat.manifest(t->pkg.id);
+                    return t;
+                }) &
                 tbb::make_filter<std::shared_ptr<Task>, std::shared_ptr<Task>>(
                     tbb::filter_mode::parallel,
                     [&](std::shared_ptr<Task> t) {
@@ -230,15 +224,12 @@ Result verify_packages(store::Store& store, const std::vector<catalog::Package>&
                         std::string pid = util::printable(t->pkg.name);
                         for (auto& [path, msg] : t->problems)
                             if (problems) problems({pid, util::printable(path), msg});
-                        if (t->problems.empty())
-                            ++r.ok;
-                        else
-                            ++r.mismatched;
+                        if (t->problems.empty()) ++r.ok;
+                        else ++r.mismatched;
                         if (!t->missing_objects.empty()) {
                             // Make the catalog truthful, so that a later migrate rewrites the content.
                             std::lock_guard lk(db_mutex);
-                            for (const auto& d : t->missing_objects)
-                                cat.delete_object(d);
+                            for (const auto& d : t->missing_objects) cat.delete_object(d);
                         }
                         if (record && t->pkg.has_manifest) {
                             std::lock_guard lk(db_mutex);
@@ -336,8 +327,7 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
         std::string qdir = store.migration_dir() + "/corrupt";
         util::ensure_dir(qdir);
         util::Fd q = util::open_dir(qdir);
-        catalog::Stmt who(cat.db(), "SELECT DISTINCT p.id, p.name, p.tree, p.state FROM entries e JOIN packages p ON "
-                                    "p.id = e.package WHERE e.digest = ?");
+        catalog::Stmt who(cat.db(), "SELECT DISTINCT p.id, p.name, p.tree, p.state FROM entries e JOIN packages p ON p.id = e.package WHERE e.digest = ?");
         catalog::Transaction tx(cat.db());
         for (auto& [rel, d] : bad) {
             std::string qname = rel.substr(0, 2) + rel.substr(3);
@@ -354,13 +344,11 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
                 ids.push_back(who.i64(0));
             }
             who.reset();
-            for (auto id : ids)
-                cat.set_state(id, PackageState::failed, "verify --objects: object " + d.hex() + " was corrupt");
+            for (auto id : ids) cat.set_state(id, PackageState::failed, "verify --objects: object " + d.hex() + " was corrupt");
             cat.journal("verify", names, "", "failed", "corrupt object " + rel + " moved to migration/corrupt/");
             if (problems)
                 problems({"-", "objects/" + rel,
-                          "moved to migration/corrupt/; needed by " +
-                              (names.empty() ? std::string("no package") : names) +
+                          "moved to migration/corrupt/; needed by " + (names.empty() ? std::string("no package") : names) +
                               (names.empty() ? ""
                                : recoverable ? "; run casmig migrate --retry-failed to rewrite it from a legacy tree"
                                              : "; no legacy tree holds it any more: restore it from a backup")});
@@ -376,8 +364,7 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
                 if (b.second == o.digest) quarantined = true;
             if (quarantined) continue;
             ++r.objects_bad;
-            if (problems)
-                problems({"-", "objects/" + cas::object_relpath(o.digest), "is in the catalog but missing on disk"});
+            if (problems) problems({"-", "objects/" + cas::object_relpath(o.digest), "is in the catalog but missing on disk"});
         }
     }
     return r;
