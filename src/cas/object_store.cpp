@@ -2,6 +2,7 @@
 
 #include "casmig/util/aligned_buffer.hpp"
 #include "casmig/util/error.hpp"
+#include "casmig/util/io.hpp"
 
 #include <algorithm>
 #include <atomic>
@@ -48,7 +49,7 @@ void TempFile::append(const char* data, size_t len) {
         size_t aligned = len / util::k_direct_align * util::k_direct_align;
         if (reinterpret_cast<std::uintptr_t>(data) % util::k_direct_align != 0) aligned = 0;
         while (aligned > 0) {
-            ssize_t n = ::write(m_fd.get(), data, aligned);
+            ssize_t n = io::write(m_fd.get(), data, aligned);
             if (n < 0 && errno == EINTR) continue;
             if (n < 0 && errno == EINVAL) break; // the filesystem wants another alignment: buffered from here
             if (n < 0) util::throw_errno("write failed", "temp/" + m_name);
@@ -69,7 +70,7 @@ TempFile::~TempFile() {
     m_fd.reset();
     // Destructors never throw: a temp file we fail to unlink is removed by the next run's
     // remove_stale_temp().
-    if (!m_name.empty()) ::unlinkat(m_dirfd, m_name.c_str(), 0);
+    if (!m_name.empty()) io::unlinkat(m_dirfd, m_name.c_str(), 0);
 }
 
 std::string TempFile::release() {
@@ -78,7 +79,7 @@ std::string TempFile::release() {
 }
 
 void sync_filesystem(int fd, const std::string& display) {
-    if (::syncfs(fd) != 0) util::throw_errno("syncfs failed", display);
+    if (io::syncfs(fd) != 0) util::throw_errno("syncfs failed", display);
 }
 
 ObjectStore::ObjectStore(const std::string& objects_dir, const std::string& temp_dir)
@@ -125,7 +126,7 @@ TempFile ObjectStore::create_temp(std::uint64_t size_hint) {
     const std::string subdir = subdir_buf;
     if (!m_subdir_made[slot].load(std::memory_order_acquire)) {
         std::string d = subdir.substr(0, subdir.size() - 1);
-        if (::mkdirat(m_temp.get(), d.c_str(), 0700) != 0 && errno != EEXIST)
+        if (io::mkdirat(m_temp.get(), d.c_str(), 0700) != 0 && errno != EEXIST)
             util::throw_errno("cannot create directory", m_temp_path + "/" + d);
         m_subdir_made[slot].store(true, std::memory_order_release);
     }
@@ -137,17 +138,17 @@ TempFile ObjectStore::create_temp(std::uint64_t size_hint) {
     bool direct = size_hint >= k_direct_min && !m_no_direct.load(std::memory_order_relaxed);
     auto open_it = [&] {
         int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | (direct ? O_DIRECT : 0);
-        int fd = ::openat(m_temp.get(), name.c_str(), flags, 0444);
+        int fd = io::openat_create(m_temp.get(), name.c_str(), flags, 0444);
         if (fd < 0 && errno == EINVAL && direct) { // tmpfs and others refuse O_DIRECT: remember, go buffered
             m_no_direct.store(true, std::memory_order_relaxed);
             direct = false;
-            fd = ::openat(m_temp.get(), name.c_str(), flags & ~O_DIRECT, 0444);
+            fd = io::openat_create(m_temp.get(), name.c_str(), flags & ~O_DIRECT, 0444);
         }
         return fd;
     };
     int fd = open_it();
     if (fd < 0 && errno == ENOENT) { // publish() tidied the subdirectory away meanwhile
-        ::mkdirat(m_temp.get(), subdir.substr(0, subdir.size() - 1).c_str(), 0700);
+        io::mkdirat(m_temp.get(), subdir.substr(0, subdir.size() - 1).c_str(), 0700);
         m_subdir_made[slot].store(true, std::memory_order_release);
         fd = open_it();
     }
@@ -209,23 +210,25 @@ PublishStats ObjectStore::publish() {
     if (batch.empty()) return stats;
     // Step 2: every staged file's data reaches the disk before any of them gets an object name.
     sync_filesystem(m_temp.get(), m_temp_path);
+    io::crash_point("publish.staged-durable");
     for (auto& [digest, tmpname] : batch) {
+        io::crash_point("publish.rename");
         std::string rel = object_relpath(digest);
-        int rc = ::renameat2(m_temp.get(), tmpname.c_str(), m_objects.get(), rel.c_str(), RENAME_NOREPLACE);
+        int rc = io::renameat2(m_temp.get(), tmpname.c_str(), m_objects.get(), rel.c_str(), RENAME_NOREPLACE);
         if (rc != 0 && errno == EINVAL) {
             // Filesystems without RENAME_NOREPLACE: link() never replaces either.
-            rc = ::linkat(m_temp.get(), tmpname.c_str(), m_objects.get(), rel.c_str(), 0);
-            if (rc == 0) ::unlinkat(m_temp.get(), tmpname.c_str(), 0);
+            rc = io::linkat(m_temp.get(), tmpname.c_str(), m_objects.get(), rel.c_str(), 0);
+            if (rc == 0) io::unlinkat(m_temp.get(), tmpname.c_str(), 0);
         }
         if (rc != 0) {
             if (errno == EEXIST) {
-                ::unlinkat(m_temp.get(), tmpname.c_str(), 0);
+                io::unlinkat(m_temp.get(), tmpname.c_str(), 0);
                 continue;
             }
             if (errno == ENOENT) {
                 // The fan-out directory is missing (deleted by hand): recreate it and retry once.
-                ::mkdirat(m_objects.get(), rel.substr(0, 2).c_str(), 0755);
-                if (::renameat2(m_temp.get(), tmpname.c_str(), m_objects.get(), rel.c_str(), RENAME_NOREPLACE) == 0) {
+                io::mkdirat(m_objects.get(), rel.substr(0, 2).c_str(), 0755);
+                if (io::renameat2(m_temp.get(), tmpname.c_str(), m_objects.get(), rel.c_str(), RENAME_NOREPLACE) == 0) {
                     ++stats.objects;
                     continue;
                 }
@@ -240,7 +243,9 @@ PublishStats ObjectStore::publish() {
     }
     stats.bytes = bytes;
     // Step 4: the new directory entries are durable before the catalog refers to them.
+    io::crash_point("publish.renamed");
     sync_filesystem(m_objects.get(), m_objects_path);
+    io::crash_point("publish.durable");
     tidy_temp();
     return stats;
 }

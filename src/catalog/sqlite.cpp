@@ -17,11 +17,12 @@ Db::Db(const std::string& path, OpenMode mode) : m_path(path) {
     sqlite3_busy_timeout(m_db, 60'000);
     if (mode == OpenMode::read_write) {
         // WAL: status and other readers never block the migrating writer and vice versa.
-        // synchronous=NORMAL: in WAL mode a power loss can only drop the newest transactions, never
-        // corrupt the file; every state change is written after the data it describes is durable,
-        // so a dropped transaction just means the work is redone.
+        // synchronous=FULL: a commit is durable when it returns (the WAL is fsynced at every commit).
+        // Intent records ("tree moved aside", "rollback rebuilt X") must survive a power cut that
+        // the act they announce survives; with NORMAL the newest commits could be lost while the
+        // renames they describe persist. Migrate commits once a batch, so the cost is one fsync a second.
         exec("PRAGMA journal_mode=WAL");
-        exec("PRAGMA synchronous=NORMAL");
+        exec("PRAGMA synchronous=FULL");
     }
     exec("PRAGMA foreign_keys=ON");
     exec("PRAGMA temp_store=MEMORY");

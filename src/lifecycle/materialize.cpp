@@ -1,6 +1,7 @@
 #include "materialize.hpp"
 
 #include "casmig/util/error.hpp"
+#include "casmig/util/io.hpp"
 #include "casmig/util/xattr.hpp"
 
 #include <cerrno>
@@ -50,7 +51,7 @@ void copy_data(int src, int dst, std::uint64_t size, const std::string& display)
     std::uint64_t left = size;
     bool kernel = true;
     while (left > 0 && kernel) {
-        ssize_t n = ::copy_file_range(src, nullptr, dst, nullptr, static_cast<size_t>(std::min<std::uint64_t>(left, 1ull << 30)), 0);
+        ssize_t n = io::copy_file_range(src, dst, static_cast<size_t>(std::min<std::uint64_t>(left, 1ull << 30)));
         if (n < 0) {
             if (errno == EINTR) continue;
             if (errno == EXDEV || errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP) {
@@ -103,7 +104,7 @@ public:
             std::string disp = m_display + "/" + util::printable(path);
             switch (e->type) {
             case EntryType::dir:
-                if (::mkdirat(pfd, name.c_str(), 0700) != 0) util::throw_errno("cannot create directory", disp);
+                if (io::mkdirat(pfd, name.c_str(), 0700) != 0) util::throw_errno("cannot create directory", disp);
                 m_dirs.insert(path);
                 dirs.push_back(e);
                 ++m_r.dirs;
@@ -168,11 +169,12 @@ private:
 
     void copy_file(const Entry& e, int pfd, const std::string& name, const std::string& disp, bool try_reflink) {
         util::Fd src = m_objects.open(*e.digest);
-        int fd = ::openat(pfd, name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+        int fd = io::openat_create(pfd, name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
         if (fd < 0) util::throw_errno("cannot create file", disp);
         util::Fd dst(fd);
         bool cloned = false;
         if (try_reflink && e.size > 0) cloned = ::ioctl(fd, FICLONE, src.get()) == 0;
+        if (cloned) io::note_written(fd);
         if (!cloned) copy_data(src.get(), fd, e.size, disp);
         finish_copy(fd, e, disp);
         if (cloned) ++m_r.reflinked;
@@ -195,7 +197,7 @@ private:
         if (::fchmod(tmp.fd(), mode) != 0) util::throw_errno("cannot chmod", "temp/" + tmp.name());
         util::fsync_fd(tmp.fd(), "temp/" + tmp.name());
         std::string tname = tmp.name();
-        if (::linkat(m_objects.temp_dirfd(), tname.c_str(), m_objects.dirfd(), variant.c_str(), 0) != 0 && errno != EEXIST)
+        if (io::linkat(m_objects.temp_dirfd(), tname.c_str(), m_objects.dirfd(), variant.c_str(), 0) != 0 && errno != EEXIST)
             util::throw_errno("cannot create object variant", m_objects.dir() + "/" + variant);
         return variant; // tmp's destructor unlinks the temp name
     }
@@ -210,7 +212,7 @@ private:
             if (it != m_files.end()) {
                 auto [lparent, lname] = split(*e.link_to, m_display);
                 auto lfd = dir_fd(lparent);
-                if (::linkat(lfd->get(), lname.c_str(), pfd, name.c_str(), 0) == 0) {
+                if (io::linkat(lfd->get(), lname.c_str(), pfd, name.c_str(), 0) == 0) {
                     ++m_r.linked;
                     return;
                 }
@@ -225,7 +227,7 @@ private:
             if (!(mode & 06000) && e.xattrs.empty()) {
                 try {
                     std::string src = link_source(e, mode & 0555);
-                    if (::linkat(m_objects.dirfd(), src.c_str(), pfd, name.c_str(), 0) == 0) {
+                    if (io::linkat(m_objects.dirfd(), src.c_str(), pfd, name.c_str(), 0) == 0) {
                         ++m_r.linked;
                         m_files.emplace(e.path, true);
                         return;

@@ -2,6 +2,7 @@
 
 #include "casmig/migrate/ingest.hpp"
 #include "casmig/util/error.hpp"
+#include "casmig/util/io.hpp"
 #include "casmig/util/threads.hpp"
 #include "casmig/verify/verify.hpp"
 
@@ -436,6 +437,7 @@ private:
             cat.journal("migrate", "", "legacy", "dual", "store mode");
         }
         tx.commit();
+        io::crash_point("migrate.committed");
         m_cataloged.merge(added);
         for (auto& jp : batch)
             if (jp->failed) problem(jp->problem());

@@ -1,6 +1,7 @@
 #include "casmig/store/store.hpp"
 
 #include "casmig/util/error.hpp"
+#include "casmig/util/io.hpp"
 
 #include <algorithm>
 #include <cerrno>
@@ -66,7 +67,7 @@ void Store::ensure_layout() {
     bool created = false;
     for (int i = 0; i < 256; ++i) {
         std::string p = base + hex[i >> 4] + hex[i & 15];
-        if (::mkdir(p.c_str(), 0755) == 0) created = true;
+        if (io::mkdirat(AT_FDCWD, p.c_str(), 0755) == 0) created = true;
         else if (errno != EEXIST) util::throw_errno("cannot create directory", p);
     }
     if (created) {

@@ -1,6 +1,7 @@
 #include "casmig/util/fd.hpp"
 
 #include "casmig/util/error.hpp"
+#include "casmig/util/io.hpp"
 
 #include <cerrno>
 #include <dirent.h>
@@ -31,13 +32,13 @@ Fd open_dir(const std::string& path) {
 }
 
 void fsync_fd(int fd, const std::string& display) {
-    if (::fsync(fd) != 0) throw_errno("fsync failed", display);
+    if (io::fsync(fd) != 0) throw_errno("fsync failed", display);
 }
 
 void write_all(int fd, const void* buf, size_t len, const std::string& display) {
     auto p = static_cast<const char*>(buf);
     while (len > 0) {
-        ssize_t n = ::write(fd, p, len);
+        ssize_t n = io::write(fd, p, len);
         if (n < 0) {
             if (errno == EINTR) continue;
             throw_errno("write failed", display);
@@ -100,7 +101,7 @@ static unsigned long long remove_children(int fd, const std::string& display) {
             bytes += remove_tree_at(fd, n, display + "/" + printable(n));
         } else {
             if (S_ISREG(st.st_mode)) bytes += static_cast<unsigned long long>(st.st_size);
-            if (::unlinkat(fd, n.c_str(), 0) != 0 && errno != ENOENT)
+            if (io::unlinkat(fd, n.c_str(), 0) != 0 && errno != ENOENT)
                 throw_errno("cannot remove", display + "/" + printable(n));
         }
     }
@@ -111,7 +112,7 @@ unsigned long long remove_tree_at(int dirfd, const std::string& name, const std:
     struct stat st {};
     if (!lstat_at(dirfd, name, st, display)) return 0;
     if (!S_ISDIR(st.st_mode)) {
-        if (::unlinkat(dirfd, name.c_str(), 0) != 0 && errno != ENOENT) throw_errno("cannot remove", display);
+        if (io::unlinkat(dirfd, name.c_str(), 0) != 0 && errno != ENOENT) throw_errno("cannot remove", display);
         return S_ISREG(st.st_mode) ? static_cast<unsigned long long>(st.st_size) : 0;
     }
     // A read-only directory (mode 0555) cannot have its entries removed until it is writable.
@@ -121,13 +122,13 @@ unsigned long long remove_tree_at(int dirfd, const std::string& name, const std:
         Fd fd = open_dir_at(dirfd, name, display);
         bytes = remove_children(fd.get(), display);
     }
-    if (::unlinkat(dirfd, name.c_str(), AT_REMOVEDIR) != 0 && errno != ENOENT)
+    if (io::unlinkat(dirfd, name.c_str(), AT_REMOVEDIR) != 0 && errno != ENOENT)
         throw_errno("cannot remove directory", display);
     return bytes;
 }
 
 void ensure_dir(const std::string& path, mode_t mode) {
-    if (::mkdir(path.c_str(), mode) != 0 && errno != EEXIST) throw_errno("cannot create directory", path);
+    if (io::mkdirat(AT_FDCWD, path.c_str(), mode) != 0 && errno != EEXIST) throw_errno("cannot create directory", path);
 }
 
 void raise_fd_limit() {
