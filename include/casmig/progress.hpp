@@ -22,6 +22,7 @@ struct Problem {
     std::string package; // printable package id
     std::string path;    // printable path inside the package ("" for the package itself)
     std::string message;
+    bool warning = false; // something was found and put right (repaired, moved aside): no failure
     std::string line() const {
         return "package " + package + (path.empty() ? "" : ": " + path) + ": " + message;
     }

@@ -273,7 +273,11 @@ util::Fd ObjectStore::open(const hash::Digest& d) const {
 void ObjectStore::remove_stale_temp() {
     std::vector<std::string> names = util::list_dir(m_temp.get(), m_temp_path);
     // Everything in temp/ belongs to a run that is over: we hold the store lock.
-    for (const auto& n : names) util::remove_tree_at(m_temp.get(), n, m_temp_path + "/" + util::printable(n));
+    for (const auto& n : names) {
+        // Legacy trees cleanup or remove moved aside are lifecycle::recover()'s to put back or delete.
+        if (n.rfind("trash-", 0) == 0 || n.rfind("rollback-", 0) == 0) continue;
+        util::remove_tree_at(m_temp.get(), n, m_temp_path + "/" + util::printable(n));
+    }
 }
 
 std::vector<std::string> ObjectStore::list_files() const {

@@ -48,11 +48,21 @@ struct Ctx {
         bool on = g.progress == "always" || (g.progress == "auto" && tty && !g.quiet);
         bar = std::make_unique<cli::ProgressBar>(on);
     }
+    /// The store lock, then recovery of whatever a stopped run left half done (lifecycle::recover).
+    std::unique_ptr<store::StoreLock> lock(const std::string& command) {
+        auto l = store->lock(command);
+        lifecycle::recover(*store, problem_sink());
+        return l;
+    }
     ProgressSink progress() {
         return [this](const Progress& p) { bar->update(p); };
     }
     ProblemSink problem_sink() {
         return [this](const Problem& p) {
+            if (p.warning) {
+                bar->println("casmig: warning: " + p.line());
+                return;
+            }
             ++problems;
             bar->println("casmig: " + p.line());
         };
@@ -98,7 +108,7 @@ int cmd_plan(Ctx& c, const migrate::Options& o) {
 // ------------------------------------------------------------------ migrate
 
 int cmd_migrate(Ctx& c, const migrate::Options& o) {
-    auto lock = c.store->lock("migrate");
+    auto lock = c.lock("migrate");
     auto r = migrate::migrate(*c.store, o, c.progress(), c.problem_sink());
     json j = {{"packages", r.packages}, {"migrated", r.migrated}, {"verified", r.verified}, {"failed", r.failed},
               {"files", r.files}, {"bytes", r.bytes}, {"new_objects", r.new_objects},
@@ -204,7 +214,7 @@ int cmd_status(Ctx& c, int journal_lines) {
 // ------------------------------------------------------------------ verify
 
 int cmd_verify(Ctx& c, const std::vector<std::string>& names, bool objects, std::optional<std::uint64_t> sample) {
-    auto lock = c.store->lock("verify");
+    auto lock = c.lock("verify");
     auto& s = *c.store;
     s.discover();
     auto& cat = s.catalog();
@@ -242,7 +252,7 @@ int cmd_verify(Ctx& c, const std::vector<std::string>& names, bool objects, std:
 // ------------------------------------------------------------------ lifecycle
 
 int cmd_cutover(Ctx& c) {
-    auto lock = c.store->lock("cutover");
+    auto lock = c.lock("cutover");
     auto r = lifecycle::cutover(*c.store, c.g.jobs, c.progress(), c.problem_sink());
     c.out({{"mode", "file-level"}, {"packages", r.packages}, {"marked", r.marked}},
           fmt("cutover: %llu packages verified, store is file-level, %llu legacy trees marked for cleanup\n",
@@ -251,8 +261,8 @@ int cmd_cutover(Ctx& c) {
 }
 
 int cmd_cleanup(Ctx& c, bool dry) {
-    auto lock = c.store->lock("cleanup");
-    auto r = lifecycle::cleanup(*c.store, dry ? lifecycle::DryRun::yes : lifecycle::DryRun::no, c.progress(),
+    auto lock = c.lock("cleanup");
+    auto r = lifecycle::cleanup(*c.store, dry ? lifecycle::DryRun::yes : lifecycle::DryRun::no, c.g.jobs, c.progress(),
                                 c.problem_sink());
     c.out({{"dry_run", dry}, {"trees", r.trees}, {"freed_bytes", r.bytes}, {"skipped", r.skipped}},
           fmt("cleanup%s: %llu legacy trees %s, %s %s%s\n", dry ? " --dry-run" : "", (unsigned long long)r.trees,
@@ -261,14 +271,22 @@ int cmd_cleanup(Ctx& c, bool dry) {
     return r.skipped || c.problems ? k_failed : k_ok;
 }
 
-int cmd_rollback(Ctx& c) {
-    auto lock = c.store->lock("rollback");
-    auto r = lifecycle::rollback(*c.store, c.progress(), c.problem_sink());
-    c.out({{"mode", "legacy"}, {"packages", r.packages}, {"rebuilt", r.rebuilt}, {"files", r.files}, {"bytes", r.bytes}},
-          fmt("rollback: store is legacy; %llu packages rolled back, %llu legacy trees rebuilt from the CAS (%llu files, %s)\n",
-              (unsigned long long)r.packages, (unsigned long long)r.rebuilt, (unsigned long long)r.files,
-              hb(r.bytes).c_str()));
-    return c.problems ? k_failed : k_ok;
+int cmd_rollback(Ctx& c, bool space_check) {
+    auto lock = c.lock("rollback");
+    auto r = lifecycle::rollback(*c.store, c.g.jobs, space_check ? lifecycle::SpaceCheck::yes : lifecycle::SpaceCheck::no,
+                                 c.progress(), c.problem_sink());
+    std::string mode = catalog::to_string(c.store->catalog().mode());
+    c.out({{"mode", mode}, {"packages", r.packages}, {"rebuilt", r.rebuilt}, {"files", r.files}, {"bytes", r.bytes},
+           {"failed", r.failed}},
+          r.failed ? fmt("rollback: %llu package(s) could not be restored (listed above), store stays %s; %llu packages "
+                         "rolled back, %llu legacy trees rebuilt; fix the cause and rollback again\n",
+                         (unsigned long long)r.failed, mode.c_str(), (unsigned long long)r.packages,
+                         (unsigned long long)r.rebuilt)
+                   : fmt("rollback: store is legacy; %llu packages rolled back, %llu legacy trees rebuilt from the CAS "
+                         "(%llu files, %s)\n",
+                         (unsigned long long)r.packages, (unsigned long long)r.rebuilt, (unsigned long long)r.files,
+                         hb(r.bytes).c_str()));
+    return r.failed || c.problems ? k_failed : k_ok;
 }
 
 int cmd_materialize(Ctx& c, const std::string& pkg, const std::string& dest, const std::string& link) {
@@ -287,14 +305,14 @@ int cmd_materialize(Ctx& c, const std::string& pkg, const std::string& dest, con
 }
 
 int cmd_remove(Ctx& c, const std::string& pkg) {
-    auto lock = c.store->lock("remove");
+    auto lock = c.lock("remove");
     lifecycle::remove_package(*c.store, pkg);
     c.out({{"removed", pkg}}, c.g.verbose ? "removed " + util::printable(pkg) + "\n" : "");
     return k_ok;
 }
 
 int cmd_gc(Ctx& c, bool dry) {
-    auto lock = c.store->lock("gc");
+    auto lock = c.lock("gc");
     auto r = lifecycle::gc(*c.store, dry ? lifecycle::DryRun::yes : lifecycle::DryRun::no);
     c.out({{"dry_run", dry}, {"removed_objects", r.removed_objects}, {"freed_bytes", r.freed_bytes}},
           fmt("gc%s: %llu unreferenced objects %s, %s\n", dry ? " --dry-run" : "", (unsigned long long)r.removed_objects,
@@ -350,6 +368,8 @@ int main(int argc, char** argv) {
     bool dry = false;
     clean->add_flag("--dry-run", dry, "Report what would be deleted");
     auto* rb = app.add_subcommand("rollback", "Back to legacy mode, rebuilding removed legacy trees from the CAS");
+    bool rb_no_space_check = false;
+    rb->add_flag("--no-space-check", rb_no_space_check, "Rebuild even if free space looks short (reflink filesystems)");
     auto* mat = app.add_subcommand("materialize", "Rebuild a package tree at DEST from its manifest");
     std::string mat_pkg, mat_dest, mat_link = "copy";
     mat->add_option("package", mat_pkg, "Package id")->required();
@@ -389,7 +409,7 @@ int main(int argc, char** argv) {
         if (*ver) return cmd_verify(c, verify_pkgs, verify_objects, sample ? std::optional(sample) : std::nullopt);
         if (*cut) return cmd_cutover(c);
         if (*clean) return cmd_cleanup(c, dry);
-        if (*rb) return cmd_rollback(c);
+        if (*rb) return cmd_rollback(c, !rb_no_space_check);
         if (*mat) return cmd_materialize(c, mat_pkg, mat_dest, mat_link);
         if (*rem) return cmd_remove(c, rem_pkg);
         if (*gcc) return cmd_gc(c, gc_dry);

@@ -1,11 +1,17 @@
 #include "casmig/lifecycle/lifecycle.hpp"
 
 #include "casmig/util/error.hpp"
+#include "casmig/util/io.hpp"
+#include "casmig/util/parse.hpp"
 #include "casmig/util/threads.hpp"
 #include "casmig/verify/verify.hpp"
 #include "materialize.hpp"
 
+#include <array>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <sys/statvfs.h>
 #include <cerrno>
 #include <dirent.h>
 #include <fcntl.h>
@@ -16,6 +22,7 @@
 #include <tbb/task_arena.h>
 #include <thread>
 #include <unistd.h>
+#include <unordered_map>
 #include <unordered_set>
 
 namespace casmig::lifecycle {
@@ -28,24 +35,22 @@ namespace {
 
 std::string gc_lock_path(store::Store& s) { return s.migration_dir() + "/gc.lock"; }
 
-/// Name of the staging / trash entry of a package in temp/ (package ids may be 255 bytes long).
-std::string temp_name(const char* what, std::int64_t id) { return std::string(what) + "-" + std::to_string(id); }
+/// Name under temp/ of a legacy tree that cleanup or remove moved aside: "trash-<id>-<16 hex>", the hex
+/// being the start of BLAKE3(package name), so that recovery never takes one package's tree for
+/// another's (SQLite may reuse the id of a deleted row).
+std::string name_tag(const std::string& name) {
+    hash::Hasher h;
+    h.update(name.data(), name.size());
+    return h.finish().hex().substr(0, 16);
+}
+std::string trash_name(const catalog::Package& p) { return "trash-" + std::to_string(p.id) + "-" + name_tag(p.name); }
+std::string stage_name(const catalog::Package& p) { return "rollback-" + std::to_string(p.id); }
 
-bool objects_complete(store::Store& s, const catalog::Package& p, const ProblemSink& problems) {
-    auto& cat = s.catalog();
-    auto& objects = s.objects();
-    for (const auto& e : cat.manifest(p.id)) {
-        if (e.type != catalog::EntryType::file || !e.digest) continue;
-        std::uint64_t size = 0;
-        if (!objects.on_disk(*e.digest, &size) || size != e.size) {
-            if (problems)
-                problems({util::printable(p.name), util::printable(e.path),
-                          "object " + e.digest->hex() + " is missing or has the wrong size; the legacy tree is kept: "
-                          "run casmig verify --objects, then casmig rollback or migrate --retry-failed"});
-            return false;
-        }
-    }
-    return true;
+enum class AtName { absent, directory, other };
+AtName at_name(int dirfd, const std::string& name, const std::string& display) {
+    struct stat st {};
+    if (!util::lstat_at(dirfd, name, st, display)) return AtName::absent;
+    return S_ISDIR(st.st_mode) ? AtName::directory : AtName::other;
 }
 
 std::uint64_t tree_bytes(int dirfd, const std::string& name) {
@@ -69,7 +74,223 @@ std::uint64_t tree_bytes(int dirfd, const std::string& name) {
     return total;
 }
 
+/// Opens the regular file at the package-relative `path` below dirfd, never following a symlink.
+util::Fd open_beneath(int dirfd, const std::string& path, const std::string& display) {
+    util::Fd cur(::dup(dirfd));
+    if (!cur) util::throw_errno("cannot open", display);
+    size_t pos = 0;
+    for (;;) {
+        size_t slash = path.find('/', pos);
+        std::string comp = path.substr(pos, slash == std::string::npos ? std::string::npos : slash - pos);
+        if (comp.empty() || comp == "." || comp == "..") throw util::Error("refusing path " + display + ": not a plain relative path");
+        if (slash == std::string::npos) {
+            int fd = ::openat(cur.get(), comp.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+            if (fd < 0) util::throw_errno("cannot open", display);
+            return util::Fd(fd);
+        }
+        int fd = ::openat(cur.get(), comp.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0) util::throw_errno("cannot open directory", display);
+        cur = util::Fd(fd);
+        pos = slash + 1;
+    }
+}
+
+/// What a manifest needs that only root can put back: foreign owners, file capabilities.
+std::string needs_root(const std::vector<catalog::Entry>& manifest) {
+    if (::geteuid() == 0) return {};
+    const auto uid = ::geteuid(), gid = ::getegid();
+    for (const auto& e : manifest) {
+        if (e.uid != uid || e.gid != gid)
+            return "'" + util::printable(e.path) + "' is owned by " + std::to_string(e.uid) + ":" + std::to_string(e.gid);
+        if (e.xattrs.find("security.capability") != std::string::npos || e.xattrs.find("trusted.") != std::string::npos)
+            return "'" + util::printable(e.path) + "' has file capabilities or trusted attributes";
+    }
+    return {};
+}
+
+/// Objects proven (re-hashed) in this run, shared by every package of the run: each object is read
+/// once, and two packages never repair the same object at once.
+class ObjectProver {
+public:
+    ObjectProver(store::Store& s, std::mutex& db_mutex) : m_s(s), m_db_mutex(db_mutex) {}
+
+    /// "" if every object the manifest needs hashes to its name (repairing a bad one from the legacy
+    /// tree at dirfd/tree when `repair_from_tree`: the caller proved that tree equals the manifest);
+    /// otherwise the first problem, as "path: message".
+    std::string prove(const catalog::Package& p, const std::vector<catalog::Entry>& manifest, int dirfd,
+                      const std::string& tree, bool repair_from_tree, const ProblemSink& problems) {
+        for (const auto& e : manifest) {
+            if (e.type != catalog::EntryType::file) continue;
+            if (!e.digest) return util::printable(e.path) + ": manifest entry has no object (damaged catalog)";
+            auto& shard = m_shards[e.digest->raw()[0] & 63];
+            std::lock_guard lk(shard.mutex);
+            auto it = shard.known.find(*e.digest);
+            if (it != shard.known.end() && it->second) continue;
+            std::string why = verify::prove_object(m_s.objects(), *e.digest, e.size);
+            if (why.empty()) {
+                shard.known[*e.digest] = true;
+                continue;
+            }
+            if (!repair_from_tree)
+                return util::printable(e.path) + ": object " + e.digest->hex() + " " + why;
+            std::string fixed = repair(p, e, dirfd, tree, why, problems);
+            if (!fixed.empty()) return util::printable(e.path) + ": object " + e.digest->hex() + " " + why + "; " + fixed;
+            shard.known[*e.digest] = true;
+        }
+        return {};
+    }
+
+private:
+    /// Rewrites object e.digest from the legacy file (which the caller proved equal to the manifest):
+    /// the bad object is quarantined in migration/corrupt/ (never deleted), the new one staged in
+    /// temp/, hashed while copied, made durable, then linked into place. "" on success.
+    std::string repair(const catalog::Package& p, const catalog::Entry& e, int dirfd, const std::string& tree,
+                       const std::string& why, const ProblemSink& problems) {
+        auto& objects = m_s.objects();
+        std::string pid = util::printable(p.name);
+        std::string rel = cas::object_relpath(*e.digest);
+        try {
+            util::Fd tfd = util::open_dir_at(dirfd, tree, tree);
+            util::Fd src = open_beneath(tfd.get(), e.path, pid + "/" + util::printable(e.path));
+            cas::TempFile tmp = objects.create_temp();
+            hash::Hasher h;
+            std::vector<char> buf(1 << 20);
+            std::uint64_t total = 0;
+            for (;;) {
+                ssize_t n = ::read(src.get(), buf.data(), buf.size());
+                if (n < 0 && errno == EINTR) continue;
+                if (n < 0) util::throw_errno("read failed", pid + "/" + util::printable(e.path));
+                if (n == 0) break;
+                h.update(buf.data(), static_cast<size_t>(n));
+                tmp.append(buf.data(), static_cast<size_t>(n));
+                total += static_cast<std::uint64_t>(n);
+            }
+            if (total != e.size || h.finish() != *e.digest)
+                return "the legacy file changed too; the tree is kept";
+            util::fsync_fd(tmp.fd(), "temp/" + tmp.name());
+            // Quarantine the bad object: moved, never deleted.
+            std::string qdir = m_s.migration_dir() + "/corrupt";
+            util::ensure_dir(qdir);
+            util::Fd q = util::open_dir(qdir);
+            std::string qname = e.digest->hex() + "." + std::to_string(::time(nullptr));
+            if (io::renameat2(objects.dirfd(), rel.c_str(), q.get(), qname.c_str(), RENAME_NOREPLACE) != 0 && errno != ENOENT)
+                util::throw_errno("cannot quarantine object", objects.dir() + "/" + rel);
+            util::fsync_fd(q.get(), qdir);
+            std::string tname = tmp.name();
+            if (io::linkat(objects.temp_dirfd(), tname.c_str(), objects.dirfd(), rel.c_str(), 0) != 0)
+                util::throw_errno("cannot place repaired object", objects.dir() + "/" + rel);
+            util::Fd fan = util::open_dir_at(objects.dirfd(), rel.substr(0, 2), objects.dir() + "/" + rel.substr(0, 2));
+            util::fsync_fd(fan.get(), objects.dir() + "/" + rel.substr(0, 2));
+            io::crash_point("cleanup.repaired");
+            {
+                std::lock_guard lk(m_db_mutex);
+                auto& cat = m_s.catalog();
+                catalog::Transaction tx(cat.db());
+                cat.journal("cleanup", pid, "", "", "object " + e.digest->hex() + " " + why +
+                                                        ": repaired from " + util::printable(e.path) +
+                                                        ", bad copy in migration/corrupt/" + qname);
+                tx.commit();
+            }
+            if (problems)
+                problems({pid, util::printable(e.path),
+                          "object " + e.digest->hex() + " " + why + ": repaired from this legacy file (bad copy kept in "
+                          "migration/corrupt/" + qname + ")",
+                          true});
+            return {};
+        } catch (const util::Error& err) {
+            return std::string("repair failed: ") + err.what();
+        }
+    }
+
+    store::Store& m_s;
+    std::mutex& m_db_mutex;
+    struct Shard {
+        std::mutex mutex;
+        std::unordered_map<hash::Digest, bool, hash::DigestHash> known;
+    };
+    std::array<Shard, 64> m_shards;
+};
+
+void report_tree_problems(const catalog::Package& p, const std::vector<std::pair<std::string, std::string>>& diffs,
+                          const std::string& suffix, const ProblemSink& problems) {
+    if (!problems) return;
+    for (const auto& [path, msg] : diffs) problems({util::printable(p.name), util::printable(path), msg + suffix});
+}
+
 } // namespace
+
+// ------------------------------------------------------------------ recovery
+
+RecoverResult recover(store::Store& s, const ProblemSink& problems) {
+    RecoverResult r;
+    auto& objects = s.objects();
+    std::vector<std::string> names;
+    for (auto& n : util::list_dir(objects.temp_dirfd(), s.temp_dir()))
+        if (n.rfind("trash-", 0) == 0 || n.rfind("rollback-", 0) == 0) names.push_back(std::move(n));
+    if (names.empty()) return r;
+    auto& cat = s.catalog();
+    std::unordered_map<std::int64_t, catalog::Package> by_id;
+    for (auto& p : cat.packages()) by_id.emplace(p.id, p);
+    std::mutex db_mutex;
+    ObjectProver prover(s, db_mutex);
+    for (const auto& n : names) {
+        std::string display = s.temp_dir() + "/" + util::printable(n);
+        if (n.rfind("rollback-", 0) == 0) {
+            // A tree a killed rollback was building: rebuildable from the CAS, never the only copy.
+            util::remove_tree_at(objects.temp_dirfd(), n, display);
+            continue;
+        }
+        // trash-<id>-<tag>: a legacy tree cleanup or remove moved aside.
+        std::int64_t id = std::atoll(n.c_str() + 6);
+        auto dash = n.find('-', 6);
+        std::string tag = dash == std::string::npos ? std::string() : n.substr(dash + 1);
+        auto it = by_id.find(id);
+        if (it == by_id.end() || name_tag(it->second.name) != tag) {
+            // No package of that name any more: `remove` recorded the removal, then was stopped.
+            util::remove_tree_at(objects.temp_dirfd(), n, display);
+            ++r.deleted;
+            continue;
+        }
+        const auto& p = it->second;
+        std::string pid = util::printable(p.name);
+        if (p.tree == TreeState::removed && p.has_manifest) {
+            // cleanup proved and recorded it removed, then was stopped while deleting (so the tree may
+            // be partly gone): prove the CAS holds the package again — re-hash every object it needs,
+            // repairing from what is left of the tree — then finish the deletion.
+            auto manifest = cat.manifest(p.id);
+            std::string bad = prover.prove(p, manifest, objects.temp_dirfd(), n, true, problems);
+            if (bad.empty()) {
+                util::remove_tree_at(objects.temp_dirfd(), n, display);
+                ++r.deleted;
+                continue;
+            }
+            if (problems)
+                problems({pid, "", bad + "; what is left of its legacy tree (cleanup was interrupted while deleting it) "
+                                   "goes back under its name: run casmig verify --objects, then rollback"});
+        }
+        // Not recorded removed (a stop between move-aside and record), or no longer provable: put it
+        // back under its name. Never over something else.
+        if (io::renameat2(objects.temp_dirfd(), n.c_str(), s.root_fd(), p.name.c_str(), RENAME_NOREPLACE) != 0) {
+            if (problems)
+                problems({pid, "", "its legacy tree, moved aside by an interrupted cleanup or remove, is kept at " + display +
+                                       " because " + s.root() + "/" + pid + " " +
+                                       (errno == EEXIST ? "is taken" : std::string("cannot be written: ") + std::strerror(errno)) +
+                                       "; move it back by hand"});
+            ++r.kept;
+            continue;
+        }
+        cas::sync_filesystem(s.root_fd(), s.root());
+        io::crash_point("recover.moved-back");
+        catalog::Transaction tx(cat.db());
+        if (p.tree == TreeState::removed) cat.set_tree(p.id, TreeState::marked);
+        cat.journal("recover", pid, catalog::to_string(p.tree),
+                    p.tree == TreeState::removed ? "marked" : catalog::to_string(p.tree),
+                    "legacy tree moved back from " + n + " (an interrupted cleanup or remove)");
+        tx.commit();
+        ++r.restored;
+    }
+    return r;
+}
 
 // ------------------------------------------------------------------ cutover
 
@@ -121,136 +342,147 @@ CutoverResult cutover(store::Store& s, unsigned threads, const ProgressSink& pro
     cat.journal("cutover", "", catalog::to_string(mode), "file-level",
                 std::to_string(r.marked) + " legacy trees marked for cleanup");
     tx.commit();
+    io::crash_point("cutover.recorded");
     return r;
 }
 
 // ------------------------------------------------------------------ cleanup
 
-CleanupResult cleanup(store::Store& s, DryRun dry, const ProgressSink& progress, const ProblemSink& problems) {
+CleanupResult cleanup(store::Store& s, DryRun dry, unsigned threads, const ProgressSink& progress,
+                      const ProblemSink& problems) {
     auto& cat = s.catalog();
     if (cat.mode() != StoreMode::file_level)
         throw util::RefusedError("cleanup runs only after cutover (store mode is " + std::string(catalog::to_string(cat.mode())) +
                                  "); run casmig cutover first; nothing was deleted");
     CleanupResult r;
-    std::vector<catalog::Package> marked;
+    struct Candidate {
+        catalog::Package pkg;
+        std::vector<catalog::Entry> manifest;
+        bool present = false, proven = false;
+        std::string trash;
+    };
+    std::vector<Candidate> todo;
     for (const auto& p : cat.packages()) {
         // A package migrated and verified after cutover is cleaned up like the others.
         bool late = p.tree == TreeState::present && p.state == PackageState::verified && p.has_manifest;
-        if (p.tree == TreeState::marked || late) marked.push_back(p);
-    }
-    Progress report;
-    report.phase = dry == DryRun::yes ? "cleanup (dry run)" : "cleanup";
-    report.packages_total = marked.size();
-    auto& objects = s.objects();
-    std::vector<std::string> trashed;
-    for (const auto& p : marked) {
-        ++report.packages_done;
-        // Never delete a tree whose content is not provably in the CAS.
-        if (!p.has_manifest || !objects_complete(s, p, problems)) {
-            if (!p.has_manifest && problems)
-                problems({util::printable(p.name), "", "has no manifest; its legacy tree is kept"});
+        if (p.tree != TreeState::marked && !late) continue;
+        if (!p.has_manifest) {
+            if (problems) problems({util::printable(p.name), "", "has no manifest; its legacy tree is kept"});
             ++r.skipped;
             continue;
         }
-        struct stat st {};
-        bool present = ::fstatat(s.root_fd(), p.name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISDIR(st.st_mode);
-        if (dry == DryRun::yes) {
-            if (present) r.bytes += tree_bytes(s.root_fd(), p.name);
-            ++r.trees;
-            continue;
-        }
-        // 1. move the tree aside, atomically: it is either whole under its name or gone from it;
-        // 2. record it removed; 3. delete the moved trees (below, in parallel). A crash after 1
-        // leaves the tree in temp/, which the next locked run empties; the rerun then finds the tree
-        // gone and records it (step 2).
-        std::string trash = temp_name("trash", p.id);
-        if (present) {
-            util::remove_tree_at(objects.temp_dirfd(), trash, s.temp_dir() + "/" + trash);
-            if (::renameat(s.root_fd(), p.name.c_str(), objects.temp_dirfd(), trash.c_str()) != 0)
-                util::throw_errno("cannot move legacy tree aside", s.root() + "/" + util::printable(p.name));
-            trashed.push_back(trash);
-        }
-        {
-            catalog::Transaction tx(cat.db());
-            cat.set_tree(p.id, TreeState::removed);
-            cat.journal("cleanup", util::printable(p.name), catalog::to_string(p.tree), "removed");
-            tx.commit();
-        }
-        ++r.trees;
-        if (progress) progress(report);
+        Candidate c;
+        c.pkg = p;
+        c.manifest = cat.manifest(p.id);
+        c.trash = trash_name(p);
+        todo.push_back(std::move(c));
     }
-    // 3. Unlinking is the slow part (one journalled metadata update per file): spread the trees over
-    // the cores.
+    // Run as non-root, a rollback could not put back foreign owners or file capabilities: refuse
+    // before anything is touched.
+    for (const auto& c : todo)
+        if (auto why = needs_root(c.manifest); !why.empty())
+            throw util::RefusedError("cleanup as a non-root user could not be undone exactly: package " +
+                                     util::printable(c.pkg.name) + ": " + why +
+                                     "; run casmig cleanup as root; nothing was deleted");
+    Progress report;
+    report.phase = dry == DryRun::yes ? "cleanup (dry run)" : "cleanup";
+    report.packages_total = todo.size();
+    for (auto& c : todo) c.present = at_name(s.root_fd(), c.pkg.name, s.root() + "/" + util::printable(c.pkg.name)) != AtName::absent;
+    auto& objects = s.objects();
+    // 1. Intent, durable before any tree moves: which trees are about to be moved aside, and where.
+    if (dry == DryRun::no) {
+        catalog::Transaction tx(cat.db());
+        for (const auto& c : todo)
+            if (c.present)
+                cat.journal("cleanup", util::printable(c.pkg.name), catalog::to_string(c.pkg.tree), "",
+                            "intent: move the legacy tree aside to temp/" + c.trash + ", prove it, then delete it");
+        tx.commit();
+        io::crash_point("cleanup.intent");
+    }
+    // 2. Per package, in parallel: move the tree aside (out of every reader's way, so that what is
+    // proven is what is deleted), prove it equals its manifest and that every object it needs hashes
+    // to its name (repairing a bad object from the proven legacy file), or put it back and report.
+    std::mutex db_mutex, sink_mutex;
+    ObjectProver prover(s, db_mutex);
+    auto sink = [&](const Problem& p) {
+        std::lock_guard lk(sink_mutex);
+        if (problems) problems(p);
+    };
     std::atomic<std::uint64_t> bytes{0};
-    std::mutex mutex;
-    std::exception_ptr first_error;
-    tbb::task_arena arena(static_cast<int>(util::thread_count(0)));
+    tbb::task_arena arena(static_cast<int>(util::thread_count(threads)));
     arena.execute([&] {
-        tbb::parallel_for_each(trashed.begin(), trashed.end(), [&](const std::string& trash) {
+        tbb::parallel_for_each(todo.begin(), todo.end(), [&](Candidate& c) {
+            const std::string pid = util::printable(c.pkg.name);
             try {
-                bytes += util::remove_tree_at(objects.temp_dirfd(), trash, s.temp_dir() + "/" + trash);
-            } catch (...) {
-                std::lock_guard lk(mutex);
-                if (!first_error) first_error = std::current_exception();
+                if (!c.present) {
+                    // Nothing at its name (it vanished): nothing to delete; record it removed only if
+                    // the CAS provably holds it.
+                    std::string bad = prover.prove(c.pkg, c.manifest, -1, "", false, sink);
+                    if (bad.empty()) c.proven = true;
+                    else sink({pid, "", "its legacy tree is gone and " + bad + "; run casmig verify --objects"});
+                    return;
+                }
+                int from_fd = s.root_fd();
+                std::string from = c.pkg.name;
+                if (dry == DryRun::no) {
+                    if (io::renameat2(s.root_fd(), c.pkg.name.c_str(), objects.temp_dirfd(), c.trash.c_str(), RENAME_NOREPLACE) != 0)
+                        util::throw_errno("cannot move legacy tree aside", s.root() + "/" + pid);
+                    io::crash_point("cleanup.moved-aside");
+                    from_fd = objects.temp_dirfd();
+                    from = c.trash;
+                }
+                auto diffs = verify::compare_tree(from_fd, from, c.pkg, c.manifest, dry == DryRun::no);
+                std::string bad;
+                if (diffs.empty()) bad = prover.prove(c.pkg, c.manifest, from_fd, from, dry == DryRun::no, sink);
+                if (!diffs.empty() || !bad.empty()) {
+                    report_tree_problems(c.pkg, diffs, "; the legacy tree is kept", sink);
+                    if (!bad.empty()) sink({pid, "", bad + "; the legacy tree is kept"});
+                    if (dry == DryRun::no &&
+                        io::renameat2(objects.temp_dirfd(), c.trash.c_str(), s.root_fd(), c.pkg.name.c_str(), RENAME_NOREPLACE) != 0)
+                        util::throw_errno("cannot put legacy tree back (it stays in temp/, the next casmig run moves it back)",
+                                          s.root() + "/" + pid);
+                    return;
+                }
+                if (dry == DryRun::yes) bytes += tree_bytes(s.root_fd(), c.pkg.name);
+                c.proven = true;
+            } catch (const util::Error& e) {
+                sink({pid, "", std::string(e.what()) + "; the legacy tree is kept"});
             }
         });
     });
-    if (first_error) std::rethrow_exception(first_error); // already recorded removed; temp/ is emptied next run
-    r.bytes += bytes.load();
-    return r;
-}
-
-// ------------------------------------------------------------------ rollback
-
-RollbackResult rollback(store::Store& s, const ProgressSink& progress, const ProblemSink& problems) {
-    auto& cat = s.catalog();
-    auto& objects = s.objects();
-    auto mode = cat.mode();
-    auto pkgs = cat.packages();
-    RollbackResult r;
-    std::vector<catalog::Package> rebuild;
-    for (const auto& p : pkgs) {
-        if (p.tree != TreeState::removed) continue;
-        struct stat st {};
-        if (::fstatat(s.root_fd(), p.name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) {
-            // A killed rollback renamed this tree into place (only ever after it was complete and
-            // synced) but did not record it: it is whole.
-            continue;
-        }
-        if (!p.has_manifest)
-            throw util::Error("package " + util::printable(p.name) + " has no legacy tree and no manifest: it cannot be "
-                              "rebuilt; restore it from a backup or casmig remove it, then rollback again");
-        rebuild.push_back(p);
+    for (const auto& c : todo) {
+        if (c.proven) ++r.trees;
+        else ++r.skipped;
     }
-    // 1. Build every removed tree in temp/ (in parallel), from the manifest, exactly.
-    Progress report;
-    report.phase = "rollback";
-    report.packages_total = rebuild.size();
+    if (dry == DryRun::yes) {
+        r.bytes = bytes.load();
+        return r;
+    }
+    // The trees that could not be put back after a failed proof stay in temp/ and are not recorded.
+    cas::sync_filesystem(s.root_fd(), s.root());
+    io::crash_point("cleanup.proven");
+    // 3. Record, then 4. delete: a stop before the record puts every tree back (recover()); after it,
+    // recover() proves each moved-aside tree again and finishes deleting it.
+    {
+        catalog::Transaction tx(cat.db());
+        for (const auto& c : todo) {
+            if (!c.proven) continue;
+            cat.set_tree(c.pkg.id, TreeState::removed);
+            cat.journal("cleanup", util::printable(c.pkg.name), catalog::to_string(c.pkg.tree), "removed",
+                        c.present ? "proven equal to its manifest, objects re-hashed" : "legacy tree was already gone");
+        }
+        tx.commit();
+    }
+    io::crash_point("cleanup.recorded");
     std::mutex mutex;
-    std::vector<std::vector<catalog::Entry>> manifests;
-    for (const auto& p : rebuild) manifests.push_back(cat.manifest(p.id));
-    std::vector<size_t> idx(rebuild.size());
-    for (size_t i = 0; i < idx.size(); ++i) idx[i] = i;
     std::exception_ptr first_error;
-    tbb::task_arena arena(static_cast<int>(util::thread_count(0)));
     arena.execute([&] {
-        tbb::parallel_for_each(idx.begin(), idx.end(), [&](size_t i) {
-            const auto& p = rebuild[i];
-            std::string stage = temp_name("rollback", p.id);
+        tbb::parallel_for_each(todo.begin(), todo.end(), [&](Candidate& c) {
+            if (!c.proven || !c.present) return;
             try {
-                util::remove_tree_at(objects.temp_dirfd(), stage, s.temp_dir() + "/" + stage);
-                if (::mkdirat(objects.temp_dirfd(), stage.c_str(), 0700) != 0)
-                    util::throw_errno("cannot create staging directory", s.temp_dir() + "/" + stage);
-                util::Fd fd = util::open_dir_at(objects.temp_dirfd(), stage, s.temp_dir() + "/" + stage);
-                MaterializeResult mr;
-                detail::build_tree(fd.get(), s.root() + "/" + util::printable(p.name), manifests[i], objects,
-                                   LinkMode::reflink, mr);
+                bytes += util::remove_tree_at(objects.temp_dirfd(), c.trash, s.temp_dir() + "/" + c.trash);
                 std::lock_guard lk(mutex);
-                r.files += mr.files;
-                r.bytes += mr.bytes;
                 ++report.packages_done;
-                report.files_done += mr.files;
-                report.bytes_done += mr.bytes;
                 if (progress) progress(report);
             } catch (...) {
                 std::lock_guard lk(mutex);
@@ -258,35 +490,184 @@ RollbackResult rollback(store::Store& s, const ProgressSink& progress, const Pro
             }
         });
     });
-    if (first_error) std::rethrow_exception(first_error); // staged trees stay in temp/, emptied next run
-    // 2. Make every rebuilt tree durable before any of them gets a package name.
+    io::crash_point("cleanup.deleted");
+    if (first_error) std::rethrow_exception(first_error); // recorded removed; the next run finishes the deletion
+    r.bytes = bytes.load();
+    return r;
+}
+
+// ------------------------------------------------------------------ rollback
+
+RollbackResult rollback(store::Store& s, unsigned threads, SpaceCheck space, const ProgressSink& progress,
+                        const ProblemSink& problems) {
+    auto& cat = s.catalog();
+    auto& objects = s.objects();
+    const auto mode = cat.mode();
+    RollbackResult r;
+    struct Job {
+        catalog::Package pkg;
+        std::vector<catalog::Entry> manifest;
+        bool rebuild = false, aside = false, built = false, done = false;
+        std::string why; // of the rebuild
+    };
+    std::vector<Job> jobs;
+    std::vector<std::string> failed;
+    for (const auto& p : cat.packages()) {
+        const std::string pid = util::printable(p.name);
+        const std::string display = s.root() + "/" + pid;
+        Job j;
+        j.pkg = p;
+        AtName at = at_name(s.root_fd(), p.name, display);
+        if (!p.has_manifest) {
+            if (p.tree == TreeState::removed || at == AtName::absent) {
+                if (p.tree == TreeState::removed) {
+                    if (problems) problems({pid, "", "has no legacy tree and no manifest: it cannot be rebuilt; restore it "
+                                                     "from a backup or casmig remove it"});
+                    failed.push_back(pid);
+                }
+            }
+            continue;
+        }
+        j.manifest = cat.manifest(p.id);
+        if (at == AtName::absent) {
+            j.rebuild = true;
+            j.why = p.tree == TreeState::removed ? "removed by cleanup" : "its legacy tree vanished";
+        } else if (at == AtName::other) {
+            j.rebuild = j.aside = true;
+            j.why = "something that is not a directory is at its name";
+        } else if (p.tree == TreeState::removed || mode == StoreMode::file_level) {
+            // Trust nothing at a package's name: after cleanup a directory there is either the tree a
+            // stopped rollback put in place (then it is exact) or foreign; after cutover the manifest is
+            // the truth and a legacy tree that drifted is not what readers saw.
+            auto diffs = verify::compare_tree(s.root_fd(), p.name, p, j.manifest);
+            if (!diffs.empty()) {
+                j.rebuild = j.aside = true;
+                j.why = "'" + util::printable(diffs[0].first) + "' " + diffs[0].second;
+            }
+        }
+        if (j.rebuild) {
+            if (auto why = needs_root(j.manifest); !why.empty())
+                throw util::RefusedError("rollback as a non-root user cannot rebuild package " + pid + " exactly: " + why +
+                                         "; run casmig rollback as root; the store is unchanged");
+        }
+        jobs.push_back(std::move(j));
+    }
+    // Space first: a rollback that stops half-way for want of space helps nobody.
+    std::uint64_t need = 0;
+    for (const auto& j : jobs)
+        if (j.rebuild) need += static_cast<std::uint64_t>(j.pkg.bytes) + 4096 * (j.manifest.size() + 1);
+    struct statvfs vfs {};
+    if (space == SpaceCheck::yes && need && ::fstatvfs(s.root_fd(), &vfs) == 0) {
+        std::uint64_t free_bytes = static_cast<std::uint64_t>(vfs.f_bavail) * vfs.f_frsize;
+        if (need > free_bytes)
+            throw util::RefusedError("rollback needs about " + util::human_bytes(static_cast<double>(need)) + " to rebuild " +
+                                     "legacy trees but " + s.root() + " has " + util::human_bytes(static_cast<double>(free_bytes)) +
+                                     " free; free space (or pass --no-space-check if the filesystem shares blocks), then "
+                                     "rollback again; the store is unchanged");
+    }
+    // 1. Build every tree to rebuild in temp/, in parallel, exactly from its manifest.
+    Progress report;
+    report.phase = "rollback";
+    for (const auto& j : jobs) report.packages_total += j.rebuild;
+    std::mutex mutex;
+    tbb::task_arena arena(static_cast<int>(util::thread_count(threads)));
+    arena.execute([&] {
+        tbb::parallel_for_each(jobs.begin(), jobs.end(), [&](Job& j) {
+            if (!j.rebuild) return;
+            const std::string pid = util::printable(j.pkg.name);
+            std::string stage = stage_name(j.pkg);
+            try {
+                util::remove_tree_at(objects.temp_dirfd(), stage, s.temp_dir() + "/" + stage);
+                if (io::mkdirat(objects.temp_dirfd(), stage.c_str(), 0700) != 0)
+                    util::throw_errno("cannot create staging directory", s.temp_dir() + "/" + stage);
+                util::Fd fd = util::open_dir_at(objects.temp_dirfd(), stage, s.temp_dir() + "/" + stage);
+                MaterializeResult mr;
+                detail::build_tree(fd.get(), s.root() + "/" + pid, j.manifest, objects, LinkMode::reflink, mr);
+                j.built = true;
+                std::lock_guard lk(mutex);
+                r.files += mr.files;
+                r.bytes += mr.bytes;
+                ++report.packages_done;
+                report.files_done += mr.files;
+                report.bytes_done += mr.bytes;
+                if (progress) progress(report);
+            } catch (const std::exception& e) {
+                std::lock_guard lk(mutex);
+                if (problems) problems({pid, "", std::string("cannot be rebuilt: ") + e.what()});
+                try {
+                    util::remove_tree_at(objects.temp_dirfd(), stage, s.temp_dir() + "/" + stage);
+                } catch (const util::Error&) {
+                }
+            }
+        });
+    });
+    // 2. Every rebuilt tree is durable before any of them gets a package name.
     cas::sync_filesystem(objects.temp_dirfd(), s.temp_dir());
-    // 3. Rename each into place without replacing anything.
-    for (const auto& p : rebuild) {
-        std::string stage = temp_name("rollback", p.id);
-        if (::renameat2(objects.temp_dirfd(), stage.c_str(), s.root_fd(), p.name.c_str(), RENAME_NOREPLACE) != 0)
-            util::throw_errno("cannot move rebuilt tree into place", s.root() + "/" + util::printable(p.name));
-        ++r.rebuilt;
+    io::crash_point("rollback.built");
+    // 3. Move anything foreign aside (never deleted), then each tree into place, without replacing.
+    std::string aside_dir = s.migration_dir() + "/aside";
+    for (auto& j : jobs) {
+        if (!j.rebuild) {
+            j.done = true;
+            continue;
+        }
+        const std::string pid = util::printable(j.pkg.name);
+        if (!j.built) {
+            failed.push_back(pid);
+            continue;
+        }
+        try {
+            if (j.aside && at_name(s.root_fd(), j.pkg.name, s.root() + "/" + pid) != AtName::absent) {
+                util::ensure_dir(aside_dir, 0700);
+                util::Fd a = util::open_dir(aside_dir);
+                std::string an = (j.pkg.name.size() <= 200 ? j.pkg.name : "package-" + std::to_string(j.pkg.id)) + "." +
+                                 std::to_string(::time(nullptr));
+                if (io::renameat2(s.root_fd(), j.pkg.name.c_str(), a.get(), an.c_str(), RENAME_NOREPLACE) != 0)
+                    util::throw_errno("cannot move aside what is at", s.root() + "/" + pid);
+                util::fsync_fd(a.get(), aside_dir);
+                io::crash_point("rollback.moved-aside");
+                if (problems)
+                    problems({pid, "", "what was at its name (" + j.why + ") is kept at " + aside_dir + "/" +
+                                           util::printable(an) + "; the package was rebuilt from the CAS",
+                              true});
+                catalog::Transaction tx(cat.db());
+                cat.journal("rollback", pid, "", "", "moved aside to migration/aside/" + util::printable(an) + ": " + j.why);
+                tx.commit();
+            }
+            std::string stage = stage_name(j.pkg);
+            if (io::renameat2(objects.temp_dirfd(), stage.c_str(), s.root_fd(), j.pkg.name.c_str(), RENAME_NOREPLACE) != 0)
+                util::throw_errno("cannot move rebuilt tree into place", s.root() + "/" + pid);
+            io::crash_point("rollback.renamed");
+            j.done = true;
+            ++r.rebuilt;
+        } catch (const util::Error& e) {
+            if (problems) problems({pid, "", std::string(e.what()) + "; not restored"});
+            failed.push_back(pid);
+        }
     }
     cas::sync_filesystem(s.root_fd(), s.root());
-    // 4. Record it all in one transaction.
+    io::crash_point("rollback.synced");
+    // 4. Record what is now true, package by package; the store is legacy again only when every
+    // package is back.
     catalog::Transaction tx(cat.db());
-    for (const auto& p : pkgs) {
+    for (const auto& j : jobs) {
+        if (!j.done) continue;
+        const auto& p = j.pkg;
         if (p.tree != TreeState::present) cat.set_tree(p.id, TreeState::present);
-        if (p.has_manifest && p.state != PackageState::rolled_back) {
+        if (p.state != PackageState::rolled_back) {
             cat.set_state(p.id, PackageState::rolled_back);
             cat.journal("rollback", util::printable(p.name), catalog::to_string(p.state), "rolled_back",
-                        p.tree == TreeState::removed ? "legacy tree rebuilt from the CAS" : "");
+                        j.rebuild ? "legacy tree rebuilt from the CAS (" + j.why + ")" : "");
             ++r.packages;
         }
     }
-    if (mode != StoreMode::legacy) {
+    r.failed = failed.size();
+    if (failed.empty() && mode != StoreMode::legacy) {
         cat.set_mode(StoreMode::legacy);
-        cat.journal("rollback", "", catalog::to_string(mode), "legacy",
-                    std::to_string(r.rebuilt) + " legacy trees rebuilt");
+        cat.journal("rollback", "", catalog::to_string(mode), "legacy", std::to_string(r.rebuilt) + " legacy trees rebuilt");
     }
     tx.commit();
-    (void)problems;
+    io::crash_point("rollback.recorded");
     return r;
 }
 
@@ -329,16 +710,25 @@ void remove_package(store::Store& s, const std::string& name) {
     auto p = cat.package(name);
     if (!p) throw util::UsageError("package " + util::printable(name) + " is not in store " + s.root() + ": check the id with casmig status");
     auto& objects = s.objects();
-    std::string trash = temp_name("trash", p->id);
-    struct stat st {};
-    bool present = ::fstatat(s.root_fd(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0;
-    if (present && ::renameat(s.root_fd(), name.c_str(), objects.temp_dirfd(), trash.c_str()) != 0)
-        util::throw_errno("cannot move legacy tree aside", s.root() + "/" + util::printable(name));
-    catalog::Transaction tx(cat.db());
-    cat.delete_package(p->id);
-    cat.journal("remove", util::printable(name), catalog::to_string(p->state), "removed",
-                present ? "legacy tree deleted" : "");
-    tx.commit();
+    const std::string pid = util::printable(name);
+    std::string trash = trash_name(*p);
+    bool present = at_name(s.root_fd(), name, s.root() + "/" + pid) != AtName::absent;
+    // Intent, then move aside, then record, then delete: a stop before the record puts the tree back.
+    if (present) {
+        catalog::Transaction tx(cat.db());
+        cat.journal("remove", pid, catalog::to_string(p->state), "", "intent: move the legacy tree aside to temp/" + trash);
+        tx.commit();
+        if (io::renameat2(s.root_fd(), name.c_str(), objects.temp_dirfd(), trash.c_str(), RENAME_NOREPLACE) != 0)
+            util::throw_errno("cannot move legacy tree aside", s.root() + "/" + pid);
+        io::crash_point("remove.moved-aside");
+    }
+    {
+        catalog::Transaction tx(cat.db());
+        cat.delete_package(p->id);
+        cat.journal("remove", pid, catalog::to_string(p->state), "removed", present ? "legacy tree deleted" : "");
+        tx.commit();
+    }
+    io::crash_point("remove.recorded");
     util::remove_tree_at(objects.temp_dirfd(), trash, s.temp_dir() + "/" + trash);
 }
 
@@ -377,9 +767,12 @@ GcResult gc(store::Store& s, DryRun dry) {
     for (const auto& d : dead) cat.delete_object(d);
     cat.journal("gc", "", "", "", std::to_string(r.removed_objects) + " objects, " + std::to_string(r.freed_bytes) + " bytes");
     tx.commit();
-    for (const auto& rel : doomed)
-        if (::unlinkat(objects.dirfd(), rel.c_str(), 0) != 0 && errno != ENOENT)
+    io::crash_point("gc.recorded");
+    for (const auto& rel : doomed) {
+        if (io::unlinkat(objects.dirfd(), rel.c_str(), 0) != 0 && errno != ENOENT)
             util::throw_errno("cannot remove object", objects.dir() + "/" + rel);
+        io::crash_point("gc.unlinked");
+    }
     return r;
 }
 

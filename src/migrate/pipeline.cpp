@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 #include <condition_variable>
 #include <deque>
+#include <map>
 #include <mutex>
 #include <set>
 #include <sys/statvfs.h>
@@ -501,6 +502,46 @@ Result migrate(store::Store& store, const Options& opts, const ProgressSink& pro
     store.discover();
     auto& cat = store.catalog();
     auto selected = select_packages(cat.packages(), store.legacy_dirs(), opts);
+    std::uint64_t kept_changed = 0;
+    if (!opts.packages.empty()) {
+        // The package manager names a package on upgrade: one already verified is checked again, so
+        // that readers never keep a manifest its legacy tree no longer matches.
+        std::vector<catalog::Package> recheck;
+        std::set<std::string> seen;
+        for (const auto& n : opts.packages) {
+            auto p = cat.package(n);
+            if (p && seen.insert(n).second && p->state == PackageState::verified && p->tree != catalog::TreeState::removed)
+                recheck.push_back(*p);
+        }
+        if (!recheck.empty()) {
+            std::map<std::string, Problem> first;
+            verify::Options vo;
+            vo.threads = opts.threads;
+            vo.record = verify::RecordState::no;
+            verify::verify_packages(store, recheck, vo, nullptr, [&](const Problem& pr) { first.emplace(pr.package, pr); });
+            const bool file_level = cat.mode() == catalog::StoreMode::file_level;
+            for (const auto& p : recheck) {
+                auto it = first.find(util::printable(p.name));
+                if (it == first.end()) continue;
+                const std::string what = (it->second.path.empty() ? "" : "'" + it->second.path + "' ") + it->second.message;
+                if (file_level) {
+                    // After cutover the manifest is what readers use: keep it, keep the tree, say so.
+                    ++kept_changed;
+                    if (problems)
+                        problems({it->second.package, "", "its legacy tree changed after cutover (" + what +
+                                                              "); the manifest is kept and cleanup keeps the tree: "
+                                                              "restore the tree, or casmig remove the package and "
+                                                              "install it again"});
+                    continue;
+                }
+                catalog::Transaction tx(cat.db());
+                cat.journal("migrate", it->second.package, "verified", "pending",
+                            "legacy tree changed since it was verified (" + what + "): migrating it again");
+                tx.commit();
+                if (!opts.limit || selected.size() < *opts.limit) selected.push_back(p);
+            }
+        }
+    }
     std::vector<hash::Digest> known;
     for (const auto& o : cat.objects()) known.push_back(o.digest);
     Pipeline p(store, Mode::migrate, opts, std::move(selected), progress, problems);
@@ -508,7 +549,7 @@ Result migrate(store::Store& store, const Options& opts, const ProgressSink& pro
     store.objects().trust_catalog(std::move(known));
     p.run(util::thread_count(opts.threads));
     Result r = p.result();
-    r.failed += p.verify_failed();
+    r.failed += p.verify_failed() + kept_changed;
     if (opts.verify == Verify::yes) {
         // This run's packages, and any a killed run left migrated but unverified.
         std::vector<catalog::Package> todo;

@@ -119,12 +119,19 @@ int Store::discover() {
     for (const auto& p : cat.packages()) {
         known.insert(p.name);
         bool gone = !present.count(p.name);
-        if (gone && p.tree == catalog::TreeState::present &&
-            (p.state == catalog::PackageState::pending || p.state == catalog::PackageState::failed ||
-             p.state == catalog::PackageState::rolled_back || p.state == catalog::PackageState::in_progress)) {
+        if (!gone || p.tree == catalog::TreeState::removed) continue;
+        if (!p.has_manifest) {
+            // Nothing of it is in the store: the package manager removed it before it was migrated.
             cat.delete_package(p.id);
             cat.journal("discover", util::printable(p.name), catalog::to_string(p.state), "dropped",
                         "legacy directory vanished");
+        } else {
+            // Never drop what has a manifest: its content may now exist only in the CAS (a tree a stopped
+            // command moved aside, an admin's mistake). Record the tree as gone; rollback rebuilds it,
+            // `casmig remove` drops it on purpose.
+            cat.set_tree(p.id, catalog::TreeState::removed);
+            cat.journal("discover", util::printable(p.name), catalog::to_string(p.tree), "removed",
+                        "legacy directory vanished; manifest kept (casmig rollback rebuilds it, casmig remove drops it)");
         }
     }
     for (const auto& d : dirs) {

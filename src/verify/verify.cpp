@@ -103,14 +103,23 @@ void hash_files(Task& t, std::vector<PendingFile>& files) {
     files.clear();
 }
 
-void check_tree(Task& t, int store_fd, size_t read_ahead) {
+std::string ns_time(std::int64_t ns) {
+    char b[48];
+    std::snprintf(b, sizeof b, "%lld.%09lld", static_cast<long long>(ns / 1'000'000'000),
+                  static_cast<long long>(ns % 1'000'000'000));
+    return b;
+}
+
+/// Compares the tree at dirfd/name with t.manifest. `moved`: the tree was renamed aside by cleanup
+/// (its root's mtime and ctime moved with the rename; everything below must still be exact).
+void check_tree(Task& t, int store_fd, const std::string& name, size_t read_ahead, bool moved = false) {
     std::vector<PendingFile> files;
     std::unordered_map<std::string, const catalog::Entry*> want;
     want.reserve(t.manifest.size());
     for (const auto& e : t.manifest) want.emplace(e.path, &e);
     size_t seen = 0;
     try {
-        walk::PackageWalker w(store_fd, t.pkg.name);
+        walk::PackageWalker w(store_fd, name);
         walk::Item it;
         for (;;) {
             try {
@@ -141,6 +150,20 @@ void check_tree(Task& t, int store_fd, size_t read_ahead) {
             if (m.type == EntryType::symlink && m.target != it.entry.target)
                 t.add(path, "symlink target differs: manifest '" + util::printable(m.target) + "', legacy tree '" +
                                 util::printable(it.entry.target) + "'");
+            // Rollback restores mtimes (ns), owners and hard links exactly, so verify holds the legacy
+            // tree to all of them: a same-size edit with its mtime put back still changes ctime only,
+            // which is why content is always re-hashed too.
+            if (m.mtime_ns != it.entry.mtime_ns && !(moved && path.empty()))
+                t.add(path, "mtime differs: manifest " + ns_time(m.mtime_ns) + ", legacy tree " + ns_time(it.entry.mtime_ns));
+            if (m.uid != it.entry.uid || m.gid != it.entry.gid)
+                t.add(path, "owner differs: manifest " + std::to_string(m.uid) + ":" + std::to_string(m.gid) +
+                                ", legacy tree " + std::to_string(it.entry.uid) + ":" + std::to_string(it.entry.gid));
+            if (m.type == EntryType::file && m.link_to != it.entry.link_to)
+                t.add(path, "hard links differ: manifest " +
+                                (m.link_to ? "links it to '" + util::printable(*m.link_to) + "'" : std::string("has it alone")) +
+                                ", legacy tree " +
+                                (it.entry.link_to ? "links it to '" + util::printable(*it.entry.link_to) + "'"
+                                                  : std::string("has it alone")));
             if (m.type == EntryType::file) {
                 files.push_back({std::move(it), &m});
                 if (files.size() == read_ahead) hash_files(t, files);
@@ -154,7 +177,7 @@ void check_tree(Task& t, int store_fd, size_t read_ahead) {
     if (seen != want.size()) {
         // Report what the legacy tree lacks (slow path only when something is missing).
         std::map<std::string, bool> present;
-        walk::PackageWalker w(store_fd, t.pkg.name);
+        walk::PackageWalker w(store_fd, name);
         walk::Item it;
         try {
             while (w.next(it)) present[it.entry.path] = true;
@@ -168,6 +191,39 @@ void check_tree(Task& t, int store_fd, size_t read_ahead) {
 
 } // namespace
 
+std::vector<std::pair<std::string, std::string>> compare_tree(int dirfd, const std::string& name,
+                                                              const catalog::Package& pkg,
+                                                              const std::vector<catalog::Entry>& manifest, bool moved) {
+    Task t;
+    t.pkg = pkg;
+    t.manifest = manifest;
+    check_tree(t, dirfd, name, migrate::read_ahead_files(2 * util::thread_count(0)), moved);
+    return std::move(t.problems);
+}
+
+std::string prove_object(const cas::ObjectStore& objects, const hash::Digest& d, std::uint64_t size) {
+    std::string rel = cas::object_relpath(d);
+    int fd = ::openat(objects.dirfd(), rel.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0) {
+        if (errno == ENOENT) return "is missing";
+        return std::string("cannot be opened: ") + std::strerror(errno);
+    }
+    util::Fd owned(fd);
+    struct stat st {};
+    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) return "is not a regular file";
+    if (static_cast<std::uint64_t>(st.st_size) != size)
+        return "has " + std::to_string(st.st_size) + " bytes, the manifest says " + std::to_string(size);
+    std::uint64_t n = 0;
+    try {
+        auto got = hash::hash_fd(fd, objects.dir() + "/" + rel, &n);
+        if (n != size) return "changed while being read";
+        if (got != d) return "content does not match its name (BLAKE3 " + got.hex() + ")";
+    } catch (const util::SystemError& e) {
+        return e.what();
+    }
+    return {};
+}
+
 Result verify_packages(store::Store& store, const std::vector<catalog::Package>& packages, const Options& opts,
                        const ProgressSink& progress, const ProblemSink& problems) {
     auto& cat = store.catalog();
@@ -178,7 +234,10 @@ Result verify_packages(store::Store& store, const std::vector<catalog::Package>&
         if (opts.db_mutex) lk = std::unique_lock(*opts.db_mutex);
         file_level = cat.mode() == catalog::StoreMode::file_level;
     }
-    const bool record = opts.record == RecordState::yes && !file_level;
+    // In file-level mode the manifest is the truth for packages verified before: drift in their
+    // legacy trees is reported (cleanup keeps such trees), not recorded. A package migrated after the
+    // cutover is still only `migrated`: verify takes it to verified or failed like before cutover.
+    const bool record = opts.record == RecordState::yes;
     Result r;
     Progress report;
     report.phase = "verify";
@@ -215,7 +274,7 @@ Result verify_packages(store::Store& store, const std::vector<catalog::Package>&
                             return t;
                         }
                         check_objects(*t, objects);
-                        if (t->pkg.tree != catalog::TreeState::removed) check_tree(*t, store.root_fd(), read_ahead);
+                        if (t->pkg.tree != catalog::TreeState::removed) check_tree(*t, store.root_fd(), t->pkg.name, read_ahead);
                         return t;
                     }) &
                 tbb::make_filter<std::shared_ptr<Task>, void>(
@@ -231,7 +290,8 @@ Result verify_packages(store::Store& store, const std::vector<catalog::Package>&
                             std::lock_guard lk(db_mutex);
                             for (const auto& d : t->missing_objects) cat.delete_object(d);
                         }
-                        if (record && t->pkg.has_manifest) {
+                        if (record && t->pkg.has_manifest &&
+                            (!file_level || t->pkg.state != PackageState::verified)) {
                             std::lock_guard lk(db_mutex);
                             const char* from = catalog::to_string(t->pkg.state);
                             if (t->problems.empty() && t->pkg.state != PackageState::verified) {

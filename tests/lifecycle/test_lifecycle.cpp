@@ -41,6 +41,12 @@ struct Migrated {
     }
 };
 
+std::string trash_of(const catalog::Package& p) {
+    hash::Hasher h;
+    h.update(p.name.data(), p.name.size());
+    return "trash-" + std::to_string(p.id) + "-" + h.finish().hex().substr(0, 16);
+}
+
 std::vector<Problem> g_problems;
 ProblemSink collect() {
     g_problems.clear();
@@ -127,18 +133,20 @@ TEST_SUITE("lifecycle") {
         CHECK(m.store->catalog().mode() == catalog::StoreMode::dual);
         for (auto& p : m.store->catalog().packages()) CHECK(p.tree == TreeState::present);
     }
-    TEST_CASE("cleanup after a crash between move-aside and record finishes the job") {
+    TEST_CASE("a tree cleanup moved aside but did not record comes back under its name, then cleanup finishes") {
         Migrated m;
         std::string before = m.snapshot(m.dir / "pkg1");
-        CHECK_THROWS_AS(lifecycle::cleanup(*m.store, lifecycle::DryRun::no, nullptr, collect()), util::RefusedError);
+        CHECK_THROWS_AS(lifecycle::cleanup(*m.store, lifecycle::DryRun::no, 0, nullptr, collect()), util::RefusedError);
         lifecycle::cutover(*m.store, 0, nullptr, collect());
         // Crash point: the tree was renamed into temp/ but the catalog still says marked.
         auto p = m.store->catalog().package("pkg1");
-        std::string trash = "trash-" + std::to_string(p->id);
-        REQUIRE(::rename((m.dir / "pkg1").c_str(), (m.dir / ("temp/" + trash)).c_str()) == 0);
+        REQUIRE(::rename((m.dir / "pkg1").c_str(), (m.dir / ("temp/" + trash_of(*p))).c_str()) == 0);
         m.lock.reset();
-        m.lock = m.store->lock("test"); // the next run empties temp/
-        auto r = lifecycle::cleanup(*m.store, lifecycle::DryRun::no, nullptr, collect());
+        m.lock = m.store->lock("test");
+        auto rec = lifecycle::recover(*m.store, collect());
+        CHECK(rec.restored == 1);
+        CHECK(m.snapshot(m.dir / "pkg1") == before);
+        auto r = lifecycle::cleanup(*m.store, lifecycle::DryRun::no, 0, nullptr, collect());
         CHECK(g_problems.empty());
         CHECK(r.trees == 3);
         for (auto& pk : m.store->catalog().packages()) CHECK(pk.tree == TreeState::removed);
@@ -152,10 +160,27 @@ TEST_SUITE("lifecycle") {
         auto man = m.store->catalog().manifest(m.store->catalog().package("pkg2")->id);
         for (auto& e : man)
             if (e.path == "bin/tool") ::unlink((m.dir / ("objects/" + cas::object_relpath(*e.digest))).c_str());
-        auto r = lifecycle::cleanup(*m.store, lifecycle::DryRun::no, nullptr, collect());
-        CHECK(r.skipped == 1);
+        auto r = lifecycle::cleanup(*m.store, lifecycle::DryRun::no, 0, nullptr, collect());
+        // The legacy file still matches the manifest: the object is rewritten from it, then deleted.
+        CHECK(r.skipped == 0);
+        CHECK(r.trees == 3);
         REQUIRE(g_problems.size() == 1);
         CHECK(g_problems[0].package == "pkg2");
+        CHECK(g_problems[0].message.find("repaired") != std::string::npos);
+        auto mr = lifecycle::materialize(*m.store, "pkg2", m.dir / "back", lifecycle::LinkMode::copy);
+        CHECK(mr.files == 3);
+    }
+    TEST_CASE("cleanup keeps a tree whose object is missing and whose legacy file changed too") {
+        Migrated m;
+        lifecycle::cutover(*m.store, 0, nullptr, collect());
+        auto man = m.store->catalog().manifest(m.store->catalog().package("pkg2")->id);
+        for (auto& e : man)
+            if (e.path == "bin/tool") ::unlink((m.dir / ("objects/" + cas::object_relpath(*e.digest))).c_str());
+        test::write_file(m.dir / "pkg2/bin/tool", "#!/bin/sh\necho TOOL 2\n", 0755); // same size, other bytes
+        auto r = lifecycle::cleanup(*m.store, lifecycle::DryRun::no, 0, nullptr, collect());
+        CHECK(r.skipped == 1);
+        REQUIRE(!g_problems.empty());
+        for (auto& pr : g_problems) CHECK(pr.package == "pkg2");
         struct stat st {};
         CHECK(::stat((m.dir / "pkg2/bin/tool").c_str(), &st) == 0);
     }
@@ -163,14 +188,15 @@ TEST_SUITE("lifecycle") {
         Migrated m;
         std::string before0 = m.snapshot(m.dir / "pkg0"), before1 = m.snapshot(m.dir / "pkg1");
         lifecycle::cutover(*m.store, 0, nullptr, collect());
-        lifecycle::cleanup(*m.store, lifecycle::DryRun::no, nullptr, collect());
+        lifecycle::cleanup(*m.store, lifecycle::DryRun::no, 0, nullptr, collect());
         // Crash points: pkg0 was rebuilt and renamed into place but not recorded; a half-built
         // staging tree of pkg1 was left in temp/.
         lifecycle::materialize(*m.store, "pkg0", m.dir / "pkg0", lifecycle::LinkMode::copy);
         test::write_file(m.dir / ("temp/rollback-" + std::to_string(m.store->catalog().package("pkg1")->id) + "/half"), "x");
         m.lock.reset();
         m.lock = m.store->lock("test");
-        auto r = lifecycle::rollback(*m.store, nullptr, collect());
+        lifecycle::recover(*m.store, collect());
+        auto r = lifecycle::rollback(*m.store, 0, lifecycle::SpaceCheck::yes, nullptr, collect());
         CHECK(r.rebuilt == 2);
         CHECK(m.store->catalog().mode() == catalog::StoreMode::legacy);
         CHECK(m.snapshot(m.dir / "pkg0") == before0);
@@ -180,7 +206,7 @@ TEST_SUITE("lifecycle") {
             CHECK(p.tree == TreeState::present);
         }
         // idempotent
-        CHECK(lifecycle::rollback(*m.store, nullptr, collect()).rebuilt == 0);
+        CHECK(lifecycle::rollback(*m.store, 0, lifecycle::SpaceCheck::yes, nullptr, collect()).rebuilt == 0);
         // and a later migrate re-migrates cheaply: no new objects
         auto again = migrate::migrate(*m.store, {}, nullptr, nullptr);
         CHECK(again.verified == 3);

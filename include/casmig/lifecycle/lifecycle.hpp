@@ -14,6 +14,17 @@
 namespace casmig::lifecycle {
 
 enum class DryRun { no, yes };
+enum class SpaceCheck { no, yes };
+
+struct RecoverResult {
+    std::uint64_t restored = 0, deleted = 0, kept = 0;
+};
+/// Finishes or undoes what a stopped cleanup, remove or rollback left in temp/ (call with the store
+/// lock held, before anything else): a legacy tree moved aside but not recorded removed goes back under
+/// its name; one recorded removed is proven again (tree and objects) and deleted, or put back when the
+/// proof fails; a half-built rollback tree is deleted (it is rebuilt from the CAS). Never overwrites
+/// anything at a package's name: such a tree stays in temp/ and is reported.
+RecoverResult recover(store::Store& store, const ProblemSink& problems);
 enum class LinkMode { copy, reflink, hardlink };
 
 struct CutoverResult {
@@ -26,16 +37,28 @@ CutoverResult cutover(store::Store& store, unsigned threads, const ProgressSink&
 struct CleanupResult {
     std::uint64_t trees = 0, bytes = 0, skipped = 0;
 };
-/// Deletes marked legacy trees whose manifest and objects are all present (crash-safe: each tree is
-/// renamed into temp/ first, recorded removed, then deleted). Refuses before cutover.
-CleanupResult cleanup(store::Store& store, DryRun dry, const ProgressSink& progress, const ProblemSink& problems);
+/// Deletes each marked legacy tree (and each tree verified after cutover) only after proving, in this
+/// run, that it equals its manifest (path set, types, modes, owners, mtimes, symlink targets, hard
+/// links, xattrs, content) and that every object it needs hashes to its name. Order: intent journalled;
+/// tree renamed into temp/ (out of readers' way, so the proven tree is the deleted one); proven (a
+/// corrupt object is rewritten from the proven legacy file, the bad copy quarantined); recorded
+/// removed; deleted. A tree that differs goes back under its name and is reported (skipped). Refuses
+/// before cutover, and as non-root when a manifest holds what only root can restore.
+CleanupResult cleanup(store::Store& store, DryRun dry, unsigned threads, const ProgressSink& progress,
+                      const ProblemSink& problems);
 
 struct RollbackResult {
-    std::uint64_t packages = 0, rebuilt = 0, files = 0, bytes = 0;
+    std::uint64_t packages = 0, rebuilt = 0, files = 0, bytes = 0, failed = 0;
 };
-/// Back to mode legacy: rebuilds every removed tree exactly from the CAS (staged in temp/, renamed into
-/// place), unmarks marked trees, sets migrated packages rolled_back. Idempotent.
-RollbackResult rollback(store::Store& store, const ProgressSink& progress, const ProblemSink& problems);
+/// Back to mode legacy: every package with a manifest whose legacy tree is not exactly present (absent,
+/// not a directory, or — after cleanup or cutover — different from its manifest) is rebuilt from the CAS
+/// (staged in temp/, synced, renamed into place); whatever was at its name is moved to
+/// migration/aside/, never deleted. Package by package: one that cannot be rebuilt is reported and
+/// counted in `failed`, the others carry on, and the mode stays until every package is back.
+/// Refuses (store unchanged) when free space is short (unless SpaceCheck::no) and, as non-root, when
+/// a tree to rebuild has foreign owners or capabilities. Idempotent.
+RollbackResult rollback(store::Store& store, unsigned threads, SpaceCheck space, const ProgressSink& progress,
+                        const ProblemSink& problems);
 
 struct MaterializeResult {
     std::uint64_t files = 0, dirs = 0, symlinks = 0, bytes = 0;

@@ -35,6 +35,20 @@ struct Result {
 Result verify_packages(store::Store& store, const std::vector<catalog::Package>& packages, const Options& opts,
                        const ProgressSink& progress, const ProblemSink& problems);
 
+/// The differences between the tree at dirfd/name and `manifest` as (path, message), at most 21; empty
+/// when the tree is exact: path set, types, modes, owners, mtimes (ns), symlink targets, hard links,
+/// extended attributes and content (every file re-hashed). `moved`: the tree was renamed aside, so its
+/// root's mtime is not compared. Used by cleanup (prove before delete) and rollback (trust nothing at a
+/// package's name).
+std::vector<std::pair<std::string, std::string>> compare_tree(int dirfd, const std::string& name,
+                                                              const catalog::Package& pkg,
+                                                              const std::vector<catalog::Entry>& manifest,
+                                                              bool moved = false);
+
+/// Re-hashes one object: "" if objects/<d> is a regular file of `size` bytes whose BLAKE3 is d,
+/// otherwise what is wrong with it ("is missing", "content does not match its name …").
+std::string prove_object(const cas::ObjectStore& objects, const hash::Digest& d, std::uint64_t size);
+
 /// fsck: re-hashes every file under objects/ against its name and checks every catalogued object is
 /// present. A corrupt object is moved to migration/corrupt/ (so that a later migrate rewrites it from a
 /// legacy tree) and the packages that need it are named.
