@@ -146,7 +146,8 @@ int cmd_status(Ctx& c, int journal_lines) {
             bool present = on_disk.erase(p.name) > 0;
             bool droppable = p.state == catalog::PackageState::pending || p.state == catalog::PackageState::failed ||
                              p.state == catalog::PackageState::rolled_back;
-            if (!present && p.tree == catalog::TreeState::present && droppable) continue; // vanished: migrate drops it
+            if (!present && p.tree == catalog::TreeState::present && droppable && !p.has_manifest)
+                continue; // vanished before it was migrated: the next locked command drops it
             ++total;
             ++states[catalog::to_string(p.state)];
             ++trees[catalog::to_string(p.tree)];

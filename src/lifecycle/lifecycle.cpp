@@ -177,7 +177,7 @@ private:
                 util::throw_errno("cannot quarantine object", objects.dir() + "/" + rel);
             util::fsync_fd(q.get(), qdir);
             std::string tname = tmp.name();
-            if (io::linkat(objects.temp_dirfd(), tname.c_str(), objects.dirfd(), rel.c_str(), 0) != 0)
+            if (io::linkat(tmp.dirfd(), tname.c_str(), objects.dirfd(), rel.c_str(), 0) != 0)
                 util::throw_errno("cannot place repaired object", objects.dir() + "/" + rel);
             util::Fd fan = util::open_dir_at(objects.dirfd(), rel.substr(0, 2), objects.dir() + "/" + rel.substr(0, 2));
             util::fsync_fd(fan.get(), objects.dir() + "/" + rel.substr(0, 2));

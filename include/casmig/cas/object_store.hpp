@@ -62,6 +62,8 @@ public:
     TempFile& operator=(TempFile&& o) noexcept;
     ~TempFile();
     int fd() const { return m_fd.get(); }
+    /// The directory fd name() is relative to.
+    int dirfd() const { return m_dirfd; }
     const std::string& name() const { return m_name; }
     /// True while the file is open with O_DIRECT.
     bool direct() const { return m_direct; }
