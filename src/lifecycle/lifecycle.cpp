@@ -329,6 +329,38 @@ CutoverResult cutover(store::Store& s, unsigned threads, const ProgressSink& pro
         throw util::RefusedError("final verify found " + std::to_string(vr.mismatched) +
                                  " package(s) that differ from their legacy trees (listed above); run casmig verify "
                                  "and migrate --retry-failed, then cutover again; the store is unchanged");
+    // Readers switch to manifests at cutover: every object they will read is re-hashed first (sizes
+    // alone would let a corrupt or planted object through).
+    {
+        struct Need {
+            std::uint64_t size;
+            std::string package, path;
+        };
+        std::unordered_map<hash::Digest, Need, hash::DigestHash> need;
+        for (const auto& p : pkgs)
+            for (const auto& e : cat.manifest(p.id))
+                if (e.type == catalog::EntryType::file && e.digest)
+                    need.emplace(*e.digest, Need{e.size, util::printable(p.name), util::printable(e.path)});
+        std::vector<std::pair<hash::Digest, Need>> list(need.begin(), need.end());
+        std::mutex mutex;
+        std::vector<Problem> bad;
+        tbb::task_arena arena(static_cast<int>(util::thread_count(threads)));
+        arena.execute([&] {
+            tbb::parallel_for_each(list.begin(), list.end(), [&](const std::pair<hash::Digest, Need>& n) {
+                std::string why = verify::prove_object(s.objects(), n.first, n.second.size);
+                if (why.empty()) return;
+                std::lock_guard lk(mutex);
+                bad.push_back({n.second.package, n.second.path, "object " + n.first.hex() + " " + why});
+            });
+        });
+        if (!bad.empty()) {
+            for (const auto& b : bad)
+                if (problems) problems(b);
+            throw util::RefusedError(std::to_string(bad.size()) + " object(s) do not hash to their names (listed above); "
+                                     "run casmig verify --objects, then migrate --retry-failed, then cutover again; "
+                                     "the store is unchanged");
+        }
+    }
     CutoverResult r;
     catalog::Transaction tx(cat.db());
     for (const auto& p : pkgs) {

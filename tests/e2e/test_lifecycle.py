@@ -152,6 +152,25 @@ def cleanup_repairs_a_corrupt_object_from_the_proven_legacy_file(t):
 
 
 @test
+def cutover_rehashes_every_object(t):
+    """Found case 4: cutover checked only object sizes. A same-size corrupt object refuses the cutover."""
+    s = t.store("cutover-hash", 2)
+    t.run(s, "migrate", code=0)
+    objs = []
+    for dp, _, fs in os.walk(os.path.join(s, "objects")):
+        objs += [os.path.join(dp, f) for f in fs if os.path.getsize(os.path.join(dp, f)) > 100]
+    victim = sorted(objs)[0]
+    os.chmod(victim, 0o644)
+    data = bytearray(open(victim, "rb").read())
+    data[0] ^= 1
+    with open(victim, "wb") as f:
+        f.write(data)
+    code, out, err = t.run(s, "cutover", code=3)
+    expect("do not hash" in err or "does not match" in err, f"reason: {err}")
+    expect(t.json(s, "status")["mode"] == "dual", "mode changed")
+
+
+@test
 def packages_migrated_after_cutover_end_verified_and_get_cleaned(t):
     """Found case 8: a package migrated after cutover stays `migrated` for ever."""
     s = t.store("late", 2)
