@@ -79,6 +79,7 @@ std::string fmt(const char* f, ...) {
 // ------------------------------------------------------------------ plan
 
 int cmd_plan(Ctx& c, const migrate::Options& o) {
+    c.store->check_catalog(store::Purpose::read, "plan");
     auto r = migrate::plan(*c.store, o, c.progress(), c.problem_sink());
     json j = {{"packages", r.packages}, {"files", r.files}, {"bytes", r.bytes}, {"unique_bytes", r.unique_bytes},
               {"unique_objects", r.unique_objects}, {"free_bytes", r.free_bytes}, {"needed_bytes", r.needed_bytes},
@@ -118,6 +119,7 @@ int cmd_migrate(Ctx& c, const migrate::Options& o) {
 
 int cmd_status(Ctx& c, int journal_lines) {
     auto& s = *c.store;
+    s.check_catalog(store::Purpose::read, "status");
     std::map<std::string, std::uint64_t> states = {{"pending", 0}, {"in_progress", 0}, {"migrated", 0},
                                                    {"verified", 0}, {"failed", 0}, {"rolled_back", 0}};
     std::map<std::string, std::uint64_t> trees = {{"present", 0}, {"marked", 0}, {"removed", 0}};
@@ -242,7 +244,7 @@ int cmd_verify(Ctx& c, const std::vector<std::string>& names, bool objects, std:
 // ------------------------------------------------------------------ lifecycle
 
 int cmd_cutover(Ctx& c) {
-    auto lock = c.store->lock("cutover");
+    auto lock = c.store->lock("cutover", store::Purpose::destroy);
     auto r = lifecycle::cutover(*c.store, c.g.jobs, c.progress(), c.problem_sink());
     c.out({{"mode", "file-level"}, {"packages", r.packages}, {"marked", r.marked}},
           fmt("cutover: %llu packages verified, store is file-level, %llu legacy trees marked for cleanup\n",
@@ -251,7 +253,7 @@ int cmd_cutover(Ctx& c) {
 }
 
 int cmd_cleanup(Ctx& c, bool dry) {
-    auto lock = c.store->lock("cleanup");
+    auto lock = c.store->lock("cleanup", dry ? store::Purpose::dry_run : store::Purpose::destroy);
     auto r = lifecycle::cleanup(*c.store, dry ? lifecycle::DryRun::yes : lifecycle::DryRun::no, c.progress(),
                                 c.problem_sink());
     c.out({{"dry_run", dry}, {"trees", r.trees}, {"freed_bytes", r.bytes}, {"skipped", r.skipped}},
@@ -262,7 +264,7 @@ int cmd_cleanup(Ctx& c, bool dry) {
 }
 
 int cmd_rollback(Ctx& c) {
-    auto lock = c.store->lock("rollback");
+    auto lock = c.store->lock("rollback", store::Purpose::destroy);
     auto r = lifecycle::rollback(*c.store, c.progress(), c.problem_sink());
     c.out({{"mode", "legacy"}, {"packages", r.packages}, {"rebuilt", r.rebuilt}, {"files", r.files}, {"bytes", r.bytes}},
           fmt("rollback: store is legacy; %llu packages rolled back, %llu legacy trees rebuilt from the CAS (%llu files, %s)\n",
@@ -275,6 +277,7 @@ int cmd_materialize(Ctx& c, const std::string& pkg, const std::string& dest, con
     lifecycle::LinkMode m = link == "hardlink" ? lifecycle::LinkMode::hardlink
                             : link == "reflink" ? lifecycle::LinkMode::reflink
                                                 : lifecycle::LinkMode::copy;
+    c.store->check_catalog(store::Purpose::read, "materialize");
     auto r = lifecycle::materialize(*c.store, pkg, dest, m);
     c.out({{"files", r.files}, {"dirs", r.dirs}, {"symlinks", r.symlinks}, {"bytes", r.bytes}, {"linked", r.linked},
            {"reflinked", r.reflinked}, {"copied", r.copied}},
@@ -287,14 +290,14 @@ int cmd_materialize(Ctx& c, const std::string& pkg, const std::string& dest, con
 }
 
 int cmd_remove(Ctx& c, const std::string& pkg) {
-    auto lock = c.store->lock("remove");
+    auto lock = c.store->lock("remove", store::Purpose::destroy);
     lifecycle::remove_package(*c.store, pkg);
     c.out({{"removed", pkg}}, c.g.verbose ? "removed " + util::printable(pkg) + "\n" : "");
     return k_ok;
 }
 
 int cmd_gc(Ctx& c, bool dry) {
-    auto lock = c.store->lock("gc");
+    auto lock = c.store->lock("gc", dry ? store::Purpose::dry_run : store::Purpose::destroy);
     auto r = lifecycle::gc(*c.store, dry ? lifecycle::DryRun::yes : lifecycle::DryRun::no);
     c.out({{"dry_run", dry}, {"removed_objects", r.removed_objects}, {"freed_bytes", r.freed_bytes}},
           fmt("gc%s: %llu unreferenced objects %s, %s\n", dry ? " --dry-run" : "", (unsigned long long)r.removed_objects,
