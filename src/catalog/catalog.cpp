@@ -1,10 +1,13 @@
 #include "casmig/catalog/catalog.hpp"
 
+#include "casmig/util/fd.hpp"
 #include "schema.hpp"
 
+#include <cerrno>
 #include <chrono>
 #include <ctime>
 #include <pwd.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 namespace casmig::catalog {
@@ -54,6 +57,84 @@ StoreMode store_mode_from(const std::string& s) {
 }
 
 int schema_version() { return static_cast<int>(detail::migrations().size()); }
+
+bool is_path_component(std::string_view name) {
+    return !name.empty() && name != "." && name != ".." && name.size() <= 255 &&
+           name.find('/') == std::string_view::npos && name.find('\0') == std::string_view::npos;
+}
+
+static bool has_table(Db& db, const char* name) {
+    Stmt s(db, "SELECT 1 FROM sqlite_master WHERE type='table' AND name=?");
+    s.bind(1, std::string_view(name));
+    bool r = s.step();
+    s.reset();
+    return r;
+}
+
+Inspection inspect(const std::string& path, IntegrityCheck check, const std::function<bool(std::string_view)>& name_ok) {
+    Inspection r;
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0) {
+        if (errno == ENOENT) return r;
+        util::throw_errno("cannot examine catalog", path);
+    }
+    if (S_ISREG(st.st_mode) && st.st_size == 0) {
+        r.kind = Inspection::Kind::empty;
+        return r;
+    }
+    try {
+        Db db(path, OpenMode::read_only);
+        {
+            Stmt v(db, "PRAGMA user_version");
+            v.step();
+            r.version = static_cast<int>(v.i64(0));
+            v.reset();
+        }
+        {
+            Stmt t(db, "SELECT count(*) FROM sqlite_master");
+            t.step();
+            bool no_tables = t.i64(0) == 0;
+            t.reset();
+            if (no_tables) {
+                r.kind = Inspection::Kind::empty;
+                return r;
+            }
+        }
+        if (check == IntegrityCheck::yes) {
+            Stmt ic(db, "PRAGMA integrity_check");
+            if (ic.step() && ic.str(0) != "ok") r.integrity = ic.str(0);
+            ic.reset();
+        }
+        r.kind = Inspection::Kind::unclaimed;
+        if (has_table(db, "store_identity")) {
+            Stmt id(db, "SELECT store_id, generation FROM store_identity WHERE one=1");
+            if (id.step()) {
+                r.identity = Identity{id.str(0), id.i64(1)};
+                r.kind = Inspection::Kind::claimed;
+            }
+            id.reset();
+        }
+        if (has_table(db, "packages")) {
+            Stmt n(db, "SELECT name FROM packages");
+            while (n.step()) {
+                r.has_rows = true;
+                if (!r.bad_name && name_ok && !name_ok(n.str(0))) r.bad_name = n.str(0);
+            }
+            n.reset();
+        }
+        if (!r.has_rows && has_table(db, "objects")) {
+            Stmt o(db, "SELECT 1 FROM objects LIMIT 1");
+            r.has_rows = o.step();
+            o.reset();
+        }
+    } catch (const DbError& e) {
+        // A file SQLite cannot read (not a database, truncated, malformed) is a finding, not a failure.
+        r = Inspection{};
+        r.kind = Inspection::Kind::unreadable;
+        r.problem = sqlite3_errstr(e.code());
+    }
+    return r;
+}
 
 static std::int64_t now_ns() {
     return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch())
@@ -108,10 +189,14 @@ struct Catalog::Stmts {
           totals(db, "SELECT (SELECT COALESCE(SUM(files),0) FROM packages WHERE has_manifest=1), "
                      "(SELECT COALESCE(SUM(bytes),0) FROM packages WHERE has_manifest=1), "
                      "(SELECT COUNT(*) FROM objects), (SELECT COALESCE(SUM(stored_size),0) FROM objects)"),
+          get_identity(db, "SELECT store_id, generation FROM store_identity WHERE one=1"),
+          claim(db, "INSERT INTO store_identity(one, store_id, generation) VALUES (1, ?, ?)"),
+          advance(db, "UPDATE store_identity SET generation=generation+1 WHERE one=1 RETURNING generation"),
           journal(db, "INSERT INTO journal(at_ns, who, command, package, from_state, to_state, detail) VALUES (?,?,?,?,?,?,?)"),
           journal_tail(db, "SELECT at_ns, who, command, COALESCE(package,''), COALESCE(from_state,''), COALESCE(to_state,''), COALESCE(detail,'') FROM journal ORDER BY id DESC LIMIT ?") {}
     Stmt get_mode, set_mode, packages, package, add_package, set_state, set_tree, del_package, del_entries, ins_entry,
-        set_manifest, clear_manifest, manifest, add_object, has_object, objects, del_object, unreferenced, totals, journal, journal_tail;
+        set_manifest, clear_manifest, manifest, add_object, has_object, objects, del_object, unreferenced, totals,
+        get_identity, claim, advance, journal, journal_tail;
 };
 
 static std::string who_am_i() {
@@ -142,10 +227,40 @@ StoreMode Catalog::mode() {
 
 void Catalog::set_mode(StoreMode m) { m_s->set_mode.bind(1, std::string_view(to_string(m))).run(); }
 
-static Package read_package(Stmt& s) {
+std::optional<Identity> Catalog::identity() {
+    auto& s = m_s->get_identity;
+    std::optional<Identity> r;
+    if (s.step()) r = Identity{s.str(0), s.i64(1)};
+    s.reset();
+    return r;
+}
+
+void Catalog::claim(const Identity& id) {
+    m_s->claim.bind(1, std::string_view(id.store_id)).bind(2, id.generation).run();
+}
+
+std::int64_t Catalog::advance_generation() {
+    auto& s = m_s->advance;
+    if (!s.step()) {
+        s.reset();
+        throw util::Error("catalog " + m_db.path() + " has no store identity to advance: " + k_recover_catalog);
+    }
+    std::int64_t g = s.i64(0);
+    s.run(); // finishes the statement (RETURNING steps once per row) and resets it
+    return g;
+}
+
+static Package read_package(Stmt& s, const std::string& db_path) {
     Package p;
     p.id = s.i64(0);
     p.name = s.str(1);
+    // A name becomes a path under the store: one that is not a single component ("../victim") would
+    // take cleanup, rollback or remove outside it.
+    if (!is_path_component(p.name)) {
+        s.reset();
+        throw util::RefusedError("catalog " + db_path + " holds an invalid package name '" + util::printable(p.name) +
+                                 "': the catalog is damaged; " + k_recover_catalog);
+    }
     p.state = package_state_from(s.str(2));
     p.tree = tree_state_from(s.str(3));
     p.has_manifest = s.i64(4) != 0;
@@ -158,7 +273,7 @@ static Package read_package(Stmt& s) {
 std::vector<Package> Catalog::packages() {
     std::vector<Package> out;
     auto& s = m_s->packages;
-    while (s.step()) out.push_back(read_package(s));
+    while (s.step()) out.push_back(read_package(s, m_db.path()));
     s.reset();
     return out;
 }
@@ -167,7 +282,7 @@ std::optional<Package> Catalog::package(const std::string& name) {
     auto& s = m_s->package;
     s.bind_blob(1, name);
     std::optional<Package> p;
-    if (s.step()) p = read_package(s);
+    if (s.step()) p = read_package(s, m_db.path());
     s.reset();
     return p;
 }

@@ -60,6 +60,16 @@ CREATE TABLE journal (
     detail      TEXT
 );
 )SQL"},
+        // The store identity the catalog belongs to (store/store.hpp, docs/catalog.md): one row, written
+        // when a store is first used (or when a catalog from before this migration is adopted), its
+        // generation advanced at the start of every destructive command. Empty until then.
+        {"0002-store-identity", R"SQL(
+CREATE TABLE store_identity (
+    one         INTEGER PRIMARY KEY CHECK (one = 1),
+    store_id    TEXT NOT NULL,            -- 32 lowercase hex digits, as in <store>/migration/identity
+    generation  INTEGER NOT NULL          -- advanced before every destructive command touches anything
+);
+)SQL"},
     };
     return k_migrations;
 }

@@ -49,8 +49,8 @@ struct Ctx {
         bar = std::make_unique<cli::ProgressBar>(on);
     }
     /// The store lock, then recovery of whatever a stopped run left half done (lifecycle::recover).
-    std::unique_ptr<store::StoreLock> lock(const std::string& command) {
-        auto l = store->lock(command);
+    std::unique_ptr<store::StoreLock> lock(const std::string& command, store::Purpose purpose = store::Purpose::write) {
+        auto l = store->lock(command, purpose); // checks that the catalog belongs to the store first
         lifecycle::recover(*store, problem_sink());
         return l;
     }
@@ -89,6 +89,7 @@ std::string fmt(const char* f, ...) {
 // ------------------------------------------------------------------ plan
 
 int cmd_plan(Ctx& c, const migrate::Options& o) {
+    c.store->check_catalog(store::Purpose::read, "plan");
     auto r = migrate::plan(*c.store, o, c.progress(), c.problem_sink());
     json j = {{"packages", r.packages}, {"files", r.files}, {"bytes", r.bytes}, {"unique_bytes", r.unique_bytes},
               {"unique_objects", r.unique_objects}, {"free_bytes", r.free_bytes}, {"needed_bytes", r.needed_bytes},
@@ -128,6 +129,7 @@ int cmd_migrate(Ctx& c, const migrate::Options& o) {
 
 int cmd_status(Ctx& c, int journal_lines) {
     auto& s = *c.store;
+    s.check_catalog(store::Purpose::read, "status");
     std::map<std::string, std::uint64_t> states = {{"pending", 0}, {"in_progress", 0}, {"migrated", 0},
                                                    {"verified", 0}, {"failed", 0}, {"rolled_back", 0}};
     std::map<std::string, std::uint64_t> trees = {{"present", 0}, {"marked", 0}, {"removed", 0}};
@@ -253,7 +255,7 @@ int cmd_verify(Ctx& c, const std::vector<std::string>& names, bool objects, std:
 // ------------------------------------------------------------------ lifecycle
 
 int cmd_cutover(Ctx& c) {
-    auto lock = c.lock("cutover");
+    auto lock = c.lock("cutover", store::Purpose::destroy);
     auto r = lifecycle::cutover(*c.store, c.g.jobs, c.progress(), c.problem_sink());
     c.out({{"mode", "file-level"}, {"packages", r.packages}, {"marked", r.marked}},
           fmt("cutover: %llu packages verified, store is file-level, %llu legacy trees marked for cleanup\n",
@@ -262,7 +264,7 @@ int cmd_cutover(Ctx& c) {
 }
 
 int cmd_cleanup(Ctx& c, bool dry) {
-    auto lock = c.lock("cleanup");
+    auto lock = c.lock("cleanup", dry ? store::Purpose::dry_run : store::Purpose::destroy);
     auto r = lifecycle::cleanup(*c.store, dry ? lifecycle::DryRun::yes : lifecycle::DryRun::no, c.g.jobs, c.progress(),
                                 c.problem_sink());
     c.out({{"dry_run", dry}, {"trees", r.trees}, {"freed_bytes", r.bytes}, {"skipped", r.skipped}},
@@ -273,7 +275,7 @@ int cmd_cleanup(Ctx& c, bool dry) {
 }
 
 int cmd_rollback(Ctx& c, bool space_check) {
-    auto lock = c.lock("rollback");
+    auto lock = c.lock("rollback", store::Purpose::destroy);
     auto r = lifecycle::rollback(*c.store, c.g.jobs, space_check ? lifecycle::SpaceCheck::yes : lifecycle::SpaceCheck::no,
                                  c.progress(), c.problem_sink());
     std::string mode = catalog::to_string(c.store->catalog().mode());
@@ -294,6 +296,7 @@ int cmd_materialize(Ctx& c, const std::string& pkg, const std::string& dest, con
     lifecycle::LinkMode m = link == "hardlink" ? lifecycle::LinkMode::hardlink
                             : link == "reflink" ? lifecycle::LinkMode::reflink
                                                 : lifecycle::LinkMode::copy;
+    c.store->check_catalog(store::Purpose::read, "materialize");
     auto r = lifecycle::materialize(*c.store, pkg, dest, m);
     c.out({{"files", r.files}, {"dirs", r.dirs}, {"symlinks", r.symlinks}, {"bytes", r.bytes}, {"linked", r.linked},
            {"reflinked", r.reflinked}, {"copied", r.copied}},
@@ -306,14 +309,14 @@ int cmd_materialize(Ctx& c, const std::string& pkg, const std::string& dest, con
 }
 
 int cmd_remove(Ctx& c, const std::string& pkg) {
-    auto lock = c.lock("remove");
+    auto lock = c.lock("remove", store::Purpose::destroy);
     lifecycle::remove_package(*c.store, pkg);
     c.out({{"removed", pkg}}, c.g.verbose ? "removed " + util::printable(pkg) + "\n" : "");
     return k_ok;
 }
 
 int cmd_gc(Ctx& c, bool dry) {
-    auto lock = c.lock("gc");
+    auto lock = c.lock("gc", dry ? store::Purpose::dry_run : store::Purpose::destroy);
     auto r = lifecycle::gc(*c.store, dry ? lifecycle::DryRun::yes : lifecycle::DryRun::no);
     c.out({{"dry_run", dry}, {"removed_objects", r.removed_objects}, {"freed_bytes", r.freed_bytes}},
           fmt("gc%s: %llu unreferenced objects %s, %s\n", dry ? " --dry-run" : "", (unsigned long long)r.removed_objects,

@@ -5,10 +5,12 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <charconv>
 #include <dirent.h>
 #include <fcntl.h>
 #include <set>
 #include <sys/file.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -17,6 +19,10 @@ namespace casmig::store {
 bool is_reserved(const std::string& name) {
     return name.empty() || name[0] == '.' || name == "objects" || name == "temp" || name == "migration" ||
            name == "packages";
+}
+
+bool is_package_name(std::string_view name) {
+    return catalog::is_path_component(name) && !is_reserved(std::string(name));
 }
 
 StoreLock::StoreLock(const std::string& path, LockKind kind, const std::string& command) {
@@ -77,9 +83,10 @@ void Store::ensure_layout() {
     }
 }
 
-std::unique_ptr<StoreLock> Store::lock(const std::string& command) {
+std::unique_ptr<StoreLock> Store::lock(const std::string& command, Purpose purpose) {
     util::ensure_dir(migration_dir());
     auto l = std::make_unique<StoreLock>(migration_dir() + "/lock", LockKind::exclusive, command);
+    check_catalog(purpose, command);
     ensure_layout();
     // Whatever is in temp/ belongs to a run that is over (we hold the lock): a killed run's staged
     // objects, half-built rollback trees, trees cleanup had moved aside.
@@ -88,8 +95,218 @@ std::unique_ptr<StoreLock> Store::lock(const std::string& command) {
 }
 
 catalog::Catalog& Store::catalog() {
+    // Never opened (or created) unchecked: a caller that skipped lock() gets the write checks here.
+    if (!m_checked) check_catalog(Purpose::write, "casmig");
     if (!m_catalog) m_catalog = std::make_unique<catalog::Catalog>(m_db_path, catalog::OpenMode::read_write);
     return *m_catalog;
+}
+
+// ------------------------------------------------------------------ identity
+
+namespace {
+
+const char* const k_marker = "identity";
+const char* const k_marker_new = "identity.new";
+const char* const k_marker_magic = "casmig-store-identity 1";
+
+bool dir_has_entry(int dirfd, const char* name, bool descend, const std::string& display) {
+    int fd = ::openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+        if (errno == ENOENT) return false;
+        if (errno == ENOTDIR || errno == ELOOP) return true; // something casmig did not make: not new
+        util::throw_errno("cannot examine", display);
+    }
+    util::Fd d(fd);
+    for (const auto& n : util::list_dir(d.get(), display)) {
+        if (!descend) return true;
+        struct stat st {};
+        if (::fstatat(d.get(), n.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISDIR(st.st_mode)) return true;
+        if (dir_has_entry(d.get(), n.c_str(), false, display + "/" + n)) return true;
+    }
+    return false;
+}
+
+std::string random_id() {
+    unsigned char b[16];
+    size_t got = 0;
+    while (got < sizeof b) {
+        ssize_t n = ::getrandom(b + got, sizeof b - got, 0);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            util::throw_errno("cannot draw a random store identity", "getrandom");
+        }
+        got += static_cast<size_t>(n);
+    }
+    static const char* hex = "0123456789abcdef";
+    std::string out;
+    for (unsigned char c : b) {
+        out += hex[c >> 4];
+        out += hex[c & 15];
+    }
+    return out;
+}
+
+bool is_store_id(const std::string& s) {
+    return s.size() == 32 && s.find_first_not_of("0123456789abcdef") == std::string::npos;
+}
+
+} // namespace
+
+bool Store::holds_data() const {
+    return dir_has_entry(m_root_fd.get(), "objects", true, objects_dir()) ||
+           dir_has_entry(m_root_fd.get(), "packages", false, m_root + "/packages");
+}
+
+std::optional<catalog::Identity> Store::read_marker() const {
+    std::string path = migration_dir() + "/" + k_marker;
+    int fd = ::open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+        if (errno == ENOENT) return std::nullopt;
+        if (errno != ELOOP) util::throw_errno("cannot read the store identity marker", path);
+    }
+    util::Fd f(fd);
+    char buf[512];
+    ssize_t n = fd < 0 ? -1 : ::read(fd, buf, sizeof buf);
+    // "casmig-store-identity 1\nstore_id <hex>\ngeneration <n>\n", nothing else.
+    std::string text = n > 0 ? std::string(buf, static_cast<size_t>(n)) : std::string();
+    catalog::Identity id;
+    bool ok = false;
+    std::string want = std::string(k_marker_magic) + "\nstore_id ";
+    if (text.size() < sizeof buf && text.rfind(want, 0) == 0) {
+        size_t p = want.size(), nl = text.find('\n', p);
+        if (nl != std::string::npos) {
+            id.store_id = text.substr(p, nl - p);
+            std::string g = "generation ";
+            if (text.compare(nl + 1, g.size(), g) == 0) {
+                const char* b = text.data() + nl + 1 + g.size();
+                const char* e = text.data() + text.size();
+                auto [end, ec] = std::from_chars(b, e, id.generation);
+                ok = ec == std::errc() && end != b && end + 1 == e && *end == '\n' && id.generation >= 0 &&
+                     is_store_id(id.store_id);
+            }
+        }
+    }
+    if (!ok)
+        throw util::RefusedError("store identity marker " + path + " is damaged (expected '" + k_marker_magic +
+                                 "', store_id, generation lines): restore it from a backup of the store, or run "
+                                 "casmig rebuild-catalog; the store is unchanged");
+    return id;
+}
+
+void Store::write_marker(const catalog::Identity& id) {
+    std::string dir_path = migration_dir();
+    util::Fd dir = util::open_dir(dir_path);
+    std::string text = std::string(k_marker_magic) + "\nstore_id " + id.store_id + "\ngeneration " +
+                       std::to_string(id.generation) + "\n";
+    std::string tmp = dir_path + "/" + k_marker_new;
+    {
+        int fd = io::openat_create(dir.get(), k_marker_new, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644);
+        if (fd < 0) util::throw_errno("cannot write the store identity marker", tmp);
+        util::Fd f(fd);
+        util::write_all(f.get(), text.data(), text.size(), tmp);
+        util::fsync_fd(f.get(), tmp);
+    }
+    io::crash_point("identity.staged");
+    if (io::renameat2(dir.get(), k_marker_new, dir.get(), k_marker, 0) != 0)
+        util::throw_errno("cannot put the store identity marker in place", dir_path + "/" + k_marker);
+    io::crash_point("identity.renamed");
+    util::fsync_fd(dir.get(), dir_path);
+}
+
+void Store::judge(const catalog::Inspection& c, const std::optional<catalog::Identity>& marker, bool data) const {
+    using Kind = catalog::Inspection::Kind;
+    std::string db = "catalog " + m_db_path + (m_db_path == m_root + "/store.db" ? "" : " (check --db)");
+    std::string store = "store " + m_root;
+    std::string holds = data ? " holds objects" : " has an identity marker (migration/identity)";
+    auto refuse = [&](const std::string& what) {
+        throw util::RefusedError(what + "; " + catalog::k_recover_catalog + "; the store is unchanged");
+    };
+    auto gen = [](std::int64_t g) { return "generation " + std::to_string(g); };
+    switch (c.kind) {
+    case Kind::unreadable: refuse(db + " cannot be read (" + c.problem + ")"); return;
+    case Kind::missing:
+        if (data || marker) refuse(db + " does not exist, but " + store + holds + ": it is not a new store");
+        return;
+    case Kind::empty:
+        if (data || marker) refuse(db + " is empty, but " + store + holds + ": it is not a new store");
+        return;
+    case Kind::unclaimed:
+        if (marker)
+            refuse(db + " has no store identity, but " + store + " is " + marker->store_id +
+                   ": it is not this store's catalog (or a backup from before identities)");
+        if (data && !c.has_rows) refuse(db + " is empty, but " + store + holds + ": it is not a new store");
+        break;
+    case Kind::claimed: {
+        const auto& id = *c.identity;
+        if (!marker) {
+            // A claimed catalog without a marker is safe to re-mark only while the store holds nothing
+            // a stale catalog could lead casmig to delete (a crash between claiming and marking a new store).
+            if (data)
+                throw util::RefusedError(store + " has lost its identity marker (migration/identity) while " + db +
+                                         " names store " + id.store_id + " at " + gen(id.generation) +
+                                         ": restore migration/identity from a backup of the store, or run casmig "
+                                         "rebuild-catalog; the store is unchanged");
+            break;
+        }
+        if (id.store_id != marker->store_id)
+            refuse(db + " belongs to another store (" + id.store_id + "), not to " + store + " (" + marker->store_id + ")");
+        if (id.generation < marker->generation)
+            refuse(db + " is older than " + store + " (" + gen(id.generation) + ", the store is at " +
+                   std::to_string(marker->generation) + "): it is a stale backup");
+        if (id.generation > marker->generation + 1)
+            refuse(store + "'s identity marker (" + gen(marker->generation) + ") is behind " + db + " (" +
+                   gen(id.generation) + "): the marker was restored from an older backup");
+        break;
+    }
+    }
+    if (!c.integrity.empty()) refuse(db + " is damaged (integrity check: " + c.integrity + ")");
+    if (c.bad_name)
+        refuse(db + " holds an invalid package name '" + util::printable(*c.bad_name) + "': the catalog is damaged");
+}
+
+void Store::check_catalog(Purpose purpose, const std::string& command) {
+    auto check = purpose == Purpose::dry_run || purpose == Purpose::destroy ? catalog::IntegrityCheck::yes
+                                                                            : catalog::IntegrityCheck::no;
+    auto inspect = [&] {
+        // The marker first: a destructive command running meanwhile (status takes no lock) moves the
+        // catalog before the marker, so marker-then-catalog sees equal or catalog = marker + 1.
+        auto marker = read_marker();
+        judge(catalog::inspect(m_db_path, check, is_package_name), marker, holds_data());
+    };
+    if (purpose == Purpose::read) {
+        try {
+            inspect();
+        } catch (const util::RefusedError&) {
+            inspect(); // once more: two destructive commands may have finished between the two reads
+        }
+        return;
+    }
+    inspect();
+    // Lock held: nothing moves the catalog or the marker but this process from here on.
+    if (!m_catalog) m_catalog = std::make_unique<catalog::Catalog>(m_db_path, catalog::OpenMode::read_write);
+    auto& cat = *m_catalog;
+    auto marker = read_marker();
+    auto id = cat.identity();
+    if (!id) {
+        bool adopted = cat.packages().size() > 0;
+        catalog::Identity fresh{random_id(), 0};
+        catalog::Transaction tx(cat.db());
+        cat.claim(fresh);
+        cat.journal(command, "", "", "", std::string(adopted ? "catalog from before store identities adopted" : "new store") +
+                                             ": identity " + fresh.store_id);
+        tx.commit();
+        io::crash_point("identity.created");
+        id = fresh;
+    }
+    if (!marker || marker->generation != id->generation) write_marker(*id);
+    if (purpose == Purpose::destroy) {
+        catalog::Transaction tx(cat.db());
+        id->generation = cat.advance_generation();
+        tx.commit();
+        io::crash_point("generation.committed");
+        write_marker(*id);
+    }
+    m_checked = true;
 }
 
 cas::ObjectStore& Store::objects() {

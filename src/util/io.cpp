@@ -57,6 +57,11 @@ struct Fault {
 struct NameOp {
     enum Kind { rename, link, mkdir } kind;
     std::string parent, from, to; // parent: directory that holds `to`
+    // rename over an existing small regular file: its bytes and mode, put back by the undo (a power cut
+    // before the directory is synced leaves the old file, not no file)
+    bool replaced = false;
+    std::string old_data;
+    mode_t old_mode = 0;
 };
 
 struct State {
@@ -178,7 +183,7 @@ void mark_dirty(int fd) {
 void record_name(NameOp::Kind kind, int fromdir, const char* from, int todir, const char* to) {
     State& s = state();
     if (!s.tracking || s.mode != CrashMode::power_names) return;
-    NameOp op{kind, {}, from ? join(fromdir, from) : std::string(), join(todir, to)};
+    NameOp op{kind, {}, from ? join(fromdir, from) : std::string(), join(todir, to), false, {}, 0};
     op.parent = parent_of(op.to);
     std::lock_guard lk(s.mutex);
     s.names.push_back(std::move(op));
@@ -230,7 +235,16 @@ void truncate_dirty(const std::string& path, const std::set<std::pair<dev_t, ino
         } else if (s.mode == CrashMode::power_names) {
             for (auto it = s.names.rbegin(); it != s.names.rend(); ++it) {
                 switch (it->kind) {
-                case NameOp::rename: ::rename(it->to.c_str(), it->from.c_str()); break;
+                case NameOp::rename:
+                    ::rename(it->to.c_str(), it->from.c_str());
+                    if (it->replaced) {
+                        int fd = ::open(it->to.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, it->old_mode);
+                        if (fd >= 0) {
+                            if (::write(fd, it->old_data.data(), it->old_data.size()) < 0) { /* best effort */ }
+                            ::close(fd);
+                        }
+                    }
+                    break;
                 case NameOp::link: ::unlink(it->to.c_str()); break;
                 case NameOp::mkdir: remove_tree(it->to); break;
                 }
@@ -312,11 +326,25 @@ int syncfs(int fd) noexcept {
 
 int renameat2(int a, const char* b, int c, const char* d, unsigned f) noexcept {
     std::string from = state().tracking ? join(a, b) : std::string();
+    NameOp op{NameOp::rename, {}, from, {}, false, {}, 0};
+    if (state().tracking && state().mode == CrashMode::power_names && !(f & (RENAME_NOREPLACE | RENAME_EXCHANGE))) {
+        struct stat st {};
+        if (::fstatat(c, d, &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(st.st_mode) && st.st_size <= (1 << 20)) {
+            int fd = ::openat(c, d, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+            if (fd >= 0) {
+                op.old_data.resize(static_cast<size_t>(st.st_size));
+                ssize_t n = ::read(fd, op.old_data.data(), op.old_data.size());
+                op.replaced = n == st.st_size;
+                op.old_mode = st.st_mode & 07777;
+                ::close(fd);
+            }
+        }
+    }
     int rc = with_fault(op_rename, [&] { return ::renameat2(a, b, c, d, f); });
     if (rc == 0 && state().tracking) {
         State& s = state();
         if (s.mode == CrashMode::power_names) {
-            NameOp op{NameOp::rename, {}, from, join(c, d)};
+            op.to = join(c, d);
             op.parent = parent_of(op.to);
             std::lock_guard lk(s.mutex);
             s.names.push_back(std::move(op));

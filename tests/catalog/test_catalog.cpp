@@ -136,4 +136,87 @@ TEST_SUITE("catalog::Catalog") {
         CHECK(tot.stored_bytes == 10);
         CHECK(tot.logical_bytes == 4);
     }
+
+    TEST_CASE("is_path_component accepts one component only") {
+        CHECK(is_path_component("pkg"));
+        CHECK(is_path_component(std::string("pkg\xff\n", 5)));
+        CHECK(is_path_component(".hidden")); // the store refuses it as reserved, not as a path
+        CHECK(is_path_component(std::string(255, 'x')));
+        CHECK_FALSE(is_path_component(""));
+        CHECK_FALSE(is_path_component("."));
+        CHECK_FALSE(is_path_component(".."));
+        CHECK_FALSE(is_path_component("../victim"));
+        CHECK_FALSE(is_path_component("a/b"));
+        CHECK_FALSE(is_path_component("/abs"));
+        CHECK_FALSE(is_path_component(std::string("a\0b", 3)));
+        CHECK_FALSE(is_path_component(std::string(256, 'x')));
+    }
+    TEST_CASE("a package row whose name is not one path component is refused when read") {
+        test::TempDir t;
+        Catalog c(t / "store.db", OpenMode::read_write);
+        c.add_package("good");
+        c.add_package("../victim");
+        CHECK_THROWS_AS(c.packages(), util::RefusedError);
+        CHECK_THROWS_AS(c.package("../victim"), util::RefusedError);
+        CHECK(c.package("good")); // the statement was reset: the catalog stays usable
+        try {
+            c.packages();
+        } catch (const util::RefusedError& e) {
+            CHECK(std::string(e.what()).find("invalid package name '../victim'") != std::string::npos);
+        }
+    }
+    TEST_CASE("a catalog is claimed once; its generation advances by one") {
+        test::TempDir t;
+        Catalog c(t / "store.db", OpenMode::read_write);
+        CHECK_FALSE(c.identity());
+        CHECK_THROWS_AS(c.advance_generation(), util::Error);
+        c.claim({"0123456789abcdef0123456789abcdef", 4});
+        CHECK_THROWS_AS(c.claim({"fedcba9876543210fedcba9876543210", 0}), DbError);
+        CHECK(c.advance_generation() == 5);
+        CHECK(c.advance_generation() == 6);
+        auto id = c.identity();
+        REQUIRE(id);
+        CHECK(id->store_id == "0123456789abcdef0123456789abcdef");
+        CHECK(id->generation == 6);
+    }
+    TEST_CASE("inspect tells what a catalog file is without changing it") {
+        test::TempDir t;
+        auto all = [](std::string_view) { return true; };
+        SUBCASE("missing") {
+            CHECK(inspect(t / "store.db", IntegrityCheck::no, all).kind == Inspection::Kind::missing);
+        }
+        SUBCASE("zero bytes") {
+            test::write_file(t / "store.db", "");
+            CHECK(inspect(t / "store.db", IntegrityCheck::yes, all).kind == Inspection::Kind::empty);
+        }
+        SUBCASE("a database without tables") {
+            { Db db(t / "store.db", OpenMode::read_write); db.exec("PRAGMA user_version=0"); db.exec("VACUUM"); }
+            CHECK(inspect(t / "store.db", IntegrityCheck::no, all).kind == Inspection::Kind::empty);
+        }
+        SUBCASE("not a database") {
+            test::write_file(t / "store.db", std::string(8192, 'x'));
+            auto r = inspect(t / "store.db", IntegrityCheck::no, all);
+            CHECK(r.kind == Inspection::Kind::unreadable);
+            CHECK(r.problem == "file is not a database");
+        }
+        SUBCASE("unclaimed, then claimed, with rows and a bad name") {
+            {
+                Catalog c(t / "store.db", OpenMode::read_write);
+                auto r = inspect(t / "store.db", IntegrityCheck::yes, all);
+                CHECK(r.kind == Inspection::Kind::unclaimed);
+                CHECK_FALSE(r.has_rows);
+                CHECK(r.integrity.empty());
+                c.claim({"0123456789abcdef0123456789abcdef", 2});
+                c.add_package("ok");
+                c.add_package("objects");
+            }
+            auto r = inspect(t / "store.db", IntegrityCheck::yes, [](std::string_view n) { return n != "objects"; });
+            CHECK(r.kind == Inspection::Kind::claimed);
+            REQUIRE(r.identity);
+            CHECK(r.identity->generation == 2);
+            CHECK(r.has_rows);
+            CHECK(r.bad_name == std::optional<std::string>("objects"));
+            CHECK(r.version == schema_version());
+        }
+    }
 }

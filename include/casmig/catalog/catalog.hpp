@@ -6,9 +6,11 @@
 // A Catalog is not shared between threads without the caller's own mutex.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "casmig/catalog/sqlite.hpp"
@@ -66,6 +68,47 @@ struct Totals {
 /// Latest schema version (PRAGMA user_version after all migrations).
 int schema_version();
 
+/// The way back from a catalog that does not fit its store; every such message ends with it.
+inline constexpr const char* k_recover_catalog = "restore a current backup of store.db, or run casmig rebuild-catalog";
+
+/// The store a catalog belongs to (table store_identity, docs/catalog.md). The same pair sits in the
+/// store's identity marker (store/store.hpp); the catalog's generation is the marker's or one above it.
+struct Identity {
+    std::string store_id;        // 32 lowercase hex digits, random, fixed for the store's life
+    std::int64_t generation = 0; // advanced at the start of every destructive command
+};
+
+/// True if `name` is one path component: not empty, not "." or "..", no '/', no NUL, at most 255 bytes.
+/// Every package name read from the catalog must be (a row that is not makes the read throw
+/// util::RefusedError); the store adds its reserved names (store::is_package_name).
+bool is_path_component(std::string_view name);
+
+/// What a catalog file is, found without changing it: a read-only connection (which never
+/// checkpoints a WAL into the file) and no schema migration.
+struct Inspection {
+    enum class Kind {
+        missing,    // no file at the path
+        empty,      // 0 bytes, or a database with no tables
+        unreadable, // not a SQLite database, or damaged beyond reading (`problem` says how)
+        unclaimed,  // a catalog without a store identity (made before schema 0002, or never claimed)
+        claimed     // a catalog with its store identity
+    };
+    Kind kind = Kind::missing;
+    std::string problem;                  // unreadable: SQLite's reason
+    int version = 0;                      // PRAGMA user_version
+    std::optional<Identity> identity;     // claimed only
+    bool has_rows = false;                // any package or object row
+    std::optional<std::string> bad_name;  // the first package name `name_ok` rejects
+    std::string integrity;                // PRAGMA integrity_check's first complaint; "" if ok or not asked
+};
+enum class IntegrityCheck { no, yes };
+/// Inspects the catalog at `path`. Never throws for a damaged file (kind unreadable); throws
+/// util::SystemError only when the path cannot be examined at all. With IntegrityCheck::yes runs
+/// PRAGMA integrity_check (not quick_check: that one misses index entries that disagree with their
+/// table, which is what a foreign -wal merged into a restored file leaves; the catalog's big tables
+/// have no secondary index, so the difference costs little).
+Inspection inspect(const std::string& path, IntegrityCheck check, const std::function<bool(std::string_view)>& name_ok);
+
 class Catalog {
 public:
     /// Opens (and with read_write creates and migrates) the catalog at `path`.
@@ -77,6 +120,14 @@ public:
     StoreMode mode();
     void set_mode(StoreMode m);
 
+    /// This catalog's store identity; nullopt until claimed.
+    std::optional<Identity> identity();
+    /// Records the store identity (a catalog is claimed once; a second claim throws DbError).
+    void claim(const Identity& id);
+    /// Sets the generation to the current one plus one and returns it (call inside a Transaction).
+    std::int64_t advance_generation();
+
+    /// Throws util::RefusedError if a row's name is not a single path component (is_path_component).
     std::vector<Package> packages();
     std::optional<Package> package(const std::string& name);
     /// Inserts a new pending package; returns its id.

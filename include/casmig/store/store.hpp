@@ -4,6 +4,7 @@
 //   <store>/objects/        the CAS (see cas/object_store.hpp)
 //   <store>/temp/           staging for atomic writes; emptied at the start of every locked run
 //   <store>/migration/lock  flock()ed exclusively by every command that writes
+//   <store>/migration/identity  the store's identity marker (see Store::check_catalog)
 //   <store>/migration/gc.lock  shared by materialize, exclusive by gc/remove (objects must not vanish
 //                           under a reader)
 //   <store>/packages/       reserved
@@ -12,6 +13,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "casmig/cas/object_store.hpp"
@@ -22,6 +24,16 @@ namespace casmig::store {
 
 /// Names directly under the store that are never package trees.
 bool is_reserved(const std::string& name);
+/// A package name the store allows: one path component (catalog::is_path_component), not reserved.
+bool is_package_name(std::string_view name);
+
+/// What a command is about to do; decides what Store::check_catalog checks and writes.
+enum class Purpose {
+    read,    // status, plan, materialize: no lock; writes nothing, not even the marker
+    write,   // migrate, verify: lock held; claims a new store, brings the marker up to the catalog
+    dry_run, // cleanup/gc --dry-run: as write, plus PRAGMA integrity_check
+    destroy  // cutover, cleanup, rollback, remove, gc: as dry_run, then the generation advances
+};
 
 enum class LockKind { shared, exclusive };
 
@@ -52,10 +64,36 @@ public:
 
     /// Creates objects/ (with its 256 fan-out directories), temp/, migration/ and packages/ if missing.
     void ensure_layout();
-    /// Takes migration/lock exclusively (creating the layout first). Throws BusyError.
-    std::unique_ptr<StoreLock> lock(const std::string& command);
-    /// Opens (creating if needed) the catalog read-write. Call with the lock held.
+    /// Takes migration/lock exclusively, runs check_catalog(purpose) (before anything else is touched),
+    /// then creates the layout and empties temp/. Throws BusyError, RefusedError.
+    std::unique_ptr<StoreLock> lock(const std::string& command, Purpose purpose = Purpose::write);
+    /// Opens the catalog read-write (creating it on a new store), after check_catalog(Purpose::write)
+    /// if no writing check ran yet (lock() runs one). Call with the lock held.
     catalog::Catalog& catalog();
+
+    /// A catalog belongs to its store. The store carries an identity marker, migration/identity:
+    ///     casmig-store-identity 1
+    ///     store_id <32 lowercase hex digits>
+    ///     generation <decimal>
+    /// and the catalog the same store_id with a generation equal to the marker's or one above it (a
+    /// crash between the catalog's commit and the marker's rename). Refuses (util::RefusedError, exit
+    /// 3, nothing written) a catalog that is missing, empty, unreadable, without identity, of another
+    /// store, older than the marker, or whose marker is gone or behind, when the store holds objects or
+    /// manifests or a marker; a catalog naming a package that is not is_package_name; with dry_run and
+    /// destroy, a catalog PRAGMA integrity_check finds damaged. A store with neither objects, manifests
+    /// nor marker is new: the first writing purpose claims it (random store_id, generation 0; catalog
+    /// first, then the marker). A catalog that predates store identities (no identity, has rows, no
+    /// marker) is adopted the same way. Writing purposes bring the marker up to the catalog; destroy
+    /// then commits the catalog's generation + 1 and writes the marker (a backup of store.db taken
+    /// before a destructive command is older after it). Marker writes are durable: migration/
+    /// identity.new, fsync, rename, fsync of migration/ (crash points identity.created,
+    /// generation.committed, identity.staged, identity.renamed). Purpose read needs no lock; the
+    /// others need the lock (lock() calls this).
+    void check_catalog(Purpose purpose, const std::string& command);
+    /// True if objects/ holds any file or packages/ any entry: the store is not new.
+    bool holds_data() const;
+    /// The identity marker; nullopt if there is none. Throws RefusedError if it is damaged.
+    std::optional<catalog::Identity> read_marker() const;
     /// The object store (layout must exist).
     cas::ObjectStore& objects();
 
@@ -66,7 +104,12 @@ public:
     int discover();
 
 private:
+    void write_marker(const catalog::Identity& id);
+    /// Throws RefusedError unless the inspected catalog fits the marker and the store (see check_catalog).
+    void judge(const catalog::Inspection& c, const std::optional<catalog::Identity>& marker, bool data) const;
+
     std::string m_root, m_db_path;
+    bool m_checked = false; // check_catalog passed with a writing purpose
     util::Fd m_root_fd;
     std::unique_ptr<catalog::Catalog> m_catalog;
     std::unique_ptr<cas::ObjectStore> m_objects;
