@@ -47,6 +47,7 @@ struct Ctx {
         bool tty = ::isatty(STDERR_FILENO);
         bool on = g.progress == "always" || (g.progress == "auto" && tty && !g.quiet);
         bar = std::make_unique<cli::ProgressBar>(on);
+        store->set_warning_sink([this](const std::string& m) { bar->println("casmig: warning: " + m); });
     }
     ProgressSink progress() {
         return [this](const Progress& p) { bar->update(p); };

@@ -2,13 +2,16 @@
 //
 //   <store>/<package-id>/   legacy trees: directories not starting with '.' and not reserved
 //   <store>/objects/        the CAS (see cas/object_store.hpp)
-//   <store>/temp/           staging for atomic writes; emptied at the start of every locked run
+//   <store>/temp/           staging for atomic writes (cas/object_store.hpp, "temp/"): each writing
+//                           process's own locked casmig-<pid>-<rand>/, the lifecycle's trash-<id> and
+//                           rollback-<id>; never a symlink
 //   <store>/migration/lock  flock()ed exclusively by every command that writes
 //   <store>/migration/gc.lock  shared by materialize, exclusive by gc/remove (objects must not vanish
 //                           under a reader)
 //   <store>/packages/       reserved
 //   <store>/store.db        the catalog (catalog/catalog.hpp); --db may put it elsewhere
 #pragma once
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -52,8 +55,12 @@ public:
 
     /// Creates objects/ (with its 256 fan-out directories), temp/, migration/ and packages/ if missing.
     void ensure_layout();
-    /// Takes migration/lock exclusively (creating the layout first). Throws BusyError.
+    /// Takes migration/lock exclusively (creating the layout first), then removes the staging
+    /// directories of dead casmig processes from temp/ and reports foreign entries there to the warning
+    /// sink (one line). Throws BusyError; RefusedError if temp/ is a symlink or not a directory.
     std::unique_ptr<StoreLock> lock(const std::string& command);
+    /// Where lock() reports what is worth a warning but is no failure (one line each, no prefix).
+    void set_warning_sink(std::function<void(const std::string&)> sink) { m_warn = std::move(sink); }
     /// Opens (creating if needed) the catalog read-write. Call with the lock held.
     catalog::Catalog& catalog();
     /// The object store (layout must exist).
@@ -70,6 +77,7 @@ private:
     util::Fd m_root_fd;
     std::unique_ptr<catalog::Catalog> m_catalog;
     std::unique_ptr<cas::ObjectStore> m_objects;
+    std::function<void(const std::string&)> m_warn;
 };
 
 } // namespace casmig::store
