@@ -123,6 +123,24 @@ std::string random_hex16() {
     return out;
 }
 
+/// Removes a staging directory whose lock the caller holds (its own, or a dead owner's) with the lock
+/// file last: a removal killed halfway leaves a directory that still carries a free lock (or nothing),
+/// which the next sweep_temp() finishes — never a lockless leftover that would look foreign.
+void remove_staging_dir(int temp_fd, const std::string& name, const std::string& display) {
+    int dfd = ::openat(temp_fd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (dfd < 0) {
+        if (errno == ENOENT) return;
+        util::throw_errno("cannot open directory", display);
+    }
+    util::Fd dir(dfd);
+    for (const auto& n : util::list_dir(dfd, display))
+        if (n != k_temp_lock_name) util::remove_tree_at(dfd, n, display + "/" + util::printable(n));
+    if (::unlinkat(dfd, k_temp_lock_name, 0) != 0 && errno != ENOENT)
+        util::throw_errno("cannot remove", display + "/" + k_temp_lock_name);
+    if (::unlinkat(temp_fd, name.c_str(), AT_REMOVEDIR) != 0 && errno != ENOENT)
+        util::throw_errno("cannot remove directory", display);
+}
+
 std::string parent_of(const std::string& path) {
     std::string p = path;
     while (p.size() > 1 && p.back() == '/') p.pop_back();
@@ -459,7 +477,7 @@ void ObjectStore::remove_own_temp() noexcept {
     try {
         // Everything in it is this process's and nothing refers to it: staged files never published
         // (a failed run's) go too, so that a failed run does not leave the disk full.
-        util::remove_tree_at(m_temp.get(), m_own_name, m_temp_path + "/" + m_own_name);
+        remove_staging_dir(m_temp.get(), m_own_name, m_temp_path + "/" + m_own_name);
     } catch (const util::Error&) {
         // Dropped on purpose (destructors never throw): the next locked run's sweep_temp() removes it
         // once our lock is released.
@@ -517,7 +535,7 @@ TempSweep ObjectStore::sweep_temp() {
             util::throw_errno("cannot lock", display + "/" + k_temp_lock_name);
         }
         // The owner is dead (its lock died with it) and the lock is ours until the tree is gone.
-        util::remove_tree_at(m_temp.get(), n, display);
+        remove_staging_dir(m_temp.get(), n, display);
         ++r.removed;
     }
     std::sort(r.foreign.begin(), r.foreign.end());
