@@ -5,8 +5,11 @@
 //                              BLAKE3-256 of its uncompressed bytes (first byte's two hex digits are the
 //                              fan-out directory, the other 31 bytes the file name); stored verbatim
 //                              (uncompressed), mode 0444, never rewritten once it exists.
-//   A variant of one content (an executable twin for hard-link use, "<62 hex>.x", mode 0555) keeps the
-//   64 hex digits as its name's start. All 256 fan-out directories are created with the store.
+//   A variant of one content keeps the 64 hex digits as its name's start: "<62 hex>.m<octal>" is a
+//   read-only twin with other read/exec bits for materialize --link hardlink (mode <octal> without
+//   write bits). All 256 fan-out directories (mode 0755, owned like objects/) are created with the
+//   store. migration/corrupt/<64 hex>[suffix].<n>: files found at an object's name that were not the
+//   object (see quarantine()).
 //
 // Durability policy (the one place it is written down)
 //   Objects are staged, then published in batches, the way OSTree commits:
