@@ -89,6 +89,26 @@ def killed_migrate_leaves_staged_files_the_next_run_removes(t):
         expect(temp_entries(s) == [], f"temp/ after {args}: {temp_entries(s)}")
 
 
+@test
+def a_sweep_that_fails_halfway_leaves_a_directory_the_next_sweep_removes(t):
+    s = t.store("thalf", 4)
+    code, _, _ = t.run(s, "migrate", env={"CASMIG_CRASH_AT": "publish.rename"})
+    if code == 0:
+        print("  (skipped: casmig built without test seams)")
+        return
+    (left,) = temp_entries(s)
+    expect(len([f for _, _, fs in os.walk(os.path.join(s, "temp")) for f in fs]) >= 3, "too few staged files")
+    # The next run's sweep fails at its second unlink: the lock file must still be there (it goes last),
+    # or the leftover would look foreign for ever.
+    code, _, err = t.run(s, "migrate", env={"CASMIG_FAULT": "unlink@2=EIO"})
+    expect(code == 1 and len(err.strip().splitlines()) == 1, f"faulted sweep: exit {code}, {err!r}")
+    expect(temp_entries(s) == [left] and "lock" in os.listdir(os.path.join(s, "temp", left)),
+           f"a half-swept staging directory lost its lock: {os.listdir(os.path.join(s, 'temp', left))}")
+    _, _, err = t.run(s, "migrate", code=0)
+    expect("warning" not in err, f"the half-swept directory was reported as foreign: {err!r}")
+    expect(temp_entries(s) == [], f"temp/ after the rerun: {temp_entries(s)}")
+
+
 def harness_seams(t):
     """True if casmig was built with test seams (a crash point then kills it)."""
     s = t.store("seams-probe", 1)
