@@ -307,4 +307,23 @@ TEST_SUITE("cas::ObjectStore") {
         CHECK(s.publish().objects == 1);
         CHECK(test::read_file(t / ("objects/" + cas::object_relpath(d))) == data);
     }
+
+    TEST_CASE("TempFile move assignment removes the file it held and takes the other's") {
+        test::TempDir t;
+        auto d = hash::hash_bytes("x");
+        make_layout(t, d);
+        cas::ObjectStore s(t / "objects", t / "temp");
+        cas::TempFile a = s.create_temp();
+        cas::TempFile b = s.create_temp();
+        b.append("kept", 4);
+        std::string own = t / ("temp/" + s.own_temp_name() + "/");
+        std::string a_name = a.name(), b_name = b.name();
+        REQUIRE(a_name.size() > 15); // long enough that the name lives on the heap
+        a = std::move(b);
+        CHECK_FALSE(exists_path(own + a_name));
+        CHECK(a.name() == b_name);
+        CHECK(b.name().empty());
+        std::string released = a.release();
+        CHECK(test::read_file(own + released) == "kept");
+    }
 }
