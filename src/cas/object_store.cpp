@@ -200,7 +200,8 @@ int ObjectStore::own_temp_dirfd() {
         }
         // A sweep may have locked and removed the directory between our create and our flock: only a
         // lock file that is still at its name protects anything.
-        struct stat mine {}, there {};
+        struct stat mine {};
+        struct stat there {};
         std::string lock_rel = name + "/" + k_temp_lock_name;
         if (::fstat(lfd, &mine) != 0 ||
             ::fstatat(m_temp.get(), lock_rel.c_str(), &there, AT_SYMLINK_NOFOLLOW) != 0 ||

@@ -221,14 +221,15 @@ private:
     mutable std::mutex m_own_mutex;
     util::Fd m_own, m_own_lock; // own staging directory and its flock()ed lock file
     std::string m_own_name;
-    std::atomic<int> m_own_fd{-1};
+    std::atomic<int> m_own_fd{-1}; // m_own's fd once created: create_temp() reads it without the mutex
     mutable std::mutex m_mutex;
     std::unordered_map<hash::Digest, Staged, hash::DigestHash> m_staged;
     bool m_trusting = false;
-    std::array<std::atomic<bool>, 64> m_subdir_made{}; // temp/w<N>/ exists
+    std::array<std::atomic<bool>, 64> m_subdir_made{}; // <own staging directory>/w<N>/ exists
     std::atomic<bool> m_no_direct{false};               // the filesystem refused O_DIRECT once
-    std::vector<hash::Digest> m_known;                                       // sorted
-    mutable std::unordered_set<hash::Digest, hash::DigestHash> m_good; // placed or checked by this process
+    std::vector<hash::Digest> m_known;                  // sorted; the catalog's, after trust_catalog()
+    // Placed by publish() (once durable) or found on disk and checked by this process; m_mutex.
+    mutable std::unordered_set<hash::Digest, hash::DigestHash> m_good;
     std::uint64_t m_staged_bytes = 0;
 };
 
