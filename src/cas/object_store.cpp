@@ -162,6 +162,11 @@ ObjectStore::ObjectStore(const std::string& objects_dir, const std::string& temp
                                  ".old) and rerun");
     if (fd < 0) util::throw_errno("cannot open directory", temp_dir);
     m_temp = util::Fd(fd);
+    // Objects belong to the store's owner (the owner of objects/). root writing for another owner
+    // hands each new object over (verify --objects would otherwise report every one).
+    struct stat st {};
+    if (::geteuid() == 0 && ::fstat(m_objects.get(), &st) == 0 && (st.st_uid != 0 || st.st_gid != ::getegid()))
+        m_owner = std::make_pair(st.st_uid, st.st_gid);
 }
 
 int ObjectStore::own_temp_dirfd() {
@@ -321,6 +326,12 @@ TempFile ObjectStore::create_temp(std::uint64_t size_hint) {
         fd = open_it();
     }
     if (fd < 0) util::throw_errno("cannot create temp file", display_dir + name);
+    if (m_owner && ::fchown(fd, m_owner->first, m_owner->second) != 0) {
+        int err = errno;
+        io::unlinkat(own, name.c_str(), 0);
+        ::close(fd);
+        throw util::SystemError("cannot hand the temp file to the store's owner", display_dir + name, err);
+    }
     return TempFile(own, std::move(name), util::Fd(fd), direct);
 }
 

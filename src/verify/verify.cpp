@@ -395,7 +395,13 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
         catalog::Transaction tx(cat.db());
         for (auto& [rel, d] : bad) {
             // Never deleted, never over an earlier quarantined file of the same name.
-            std::string moved = objects.quarantine(rel);
+            std::string moved;
+            try {
+                moved = objects.quarantine(rel);
+            } catch (const util::SystemError& e) {
+                if (e.code() != ENOENT) throw;
+                moved = "nowhere (it vanished meanwhile)";
+            }
             io::crash_point("verify.quarantined");
             // The catalog must not claim it any more: a later migrate then rewrites the content.
             if (rel.size() == 65) cat.delete_object(d);

@@ -139,6 +139,25 @@ def verify_objects_puts_modes_and_owners_right(t):
 
 
 @test
+def objects_root_writes_belong_to_the_store_s_owner(t):
+    if os.geteuid() != 0:
+        print("  (skipped: needs root to own objects for another user)")
+        return
+    s = t.store("owner", 2)
+    t.run(s, "migrate", code=0)
+    for dirpath, dirnames, filenames in os.walk(os.path.join(s, "objects")):
+        for n in [dirpath] + [os.path.join(dirpath, f) for f in filenames]:
+            os.chown(n, 1234, 1234)
+    put(os.path.join(s, "pkg-new"), "data", os.urandom(5000))
+    t.run(s, "migrate", code=0)
+    owners = {(os.stat(os.path.join(d, f)).st_uid, os.stat(os.path.join(d, f)).st_gid)
+              for d, _, fs in os.walk(os.path.join(s, "objects")) for f in fs}
+    expect(owners == {(1234, 1234)}, f"objects written by root for store owner 1234 are owned by {owners}")
+    _, _, err = t.run(s, "verify", "--objects", code=0)
+    expect(err.strip() == "", f"verify --objects reports: {err!r}")
+
+
+@test
 def a_failed_publish_is_one_line_and_a_rerun_is_exact(t):
     s = t.store("pubfail", 4, with_content)
     pkgs = {p: snapshot(os.path.join(s, p)) for p in sorted(os.listdir(s))}

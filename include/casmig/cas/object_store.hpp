@@ -58,7 +58,9 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <sys/types.h>
 #include <unordered_map>
+#include <utility>
 #include <unordered_set>
 #include <vector>
 
@@ -231,6 +233,7 @@ private:
     // Placed by publish() (once durable) or found on disk and checked by this process; m_mutex.
     mutable std::unordered_set<hash::Digest, hash::DigestHash> m_good;
     std::uint64_t m_staged_bytes = 0;
+    std::optional<std::pair<uid_t, gid_t>> m_owner; // objects/'s owner, when root creates objects for another
 };
 
 /// syncfs() the filesystem holding fd; throws SystemError naming `display`.
