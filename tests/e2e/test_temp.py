@@ -121,7 +121,7 @@ def locked_commands_keep_a_running_materialize_s_temp_files(t):
     def extra(root):
         # Executable files link to read-only variants (".m555") that materialize builds in temp/ one by
         # one (write, fsync, link): thousands of them keep it busy for a few seconds.
-        for k in range(2000):
+        for k in range(1200):
             put(os.path.join(root, "big"), f"bin/{k // 100}/tool{k}", os.urandom(64) + str(k).encode(), 0o755)
     s = t.store("tmat", 2, extra)
     t.run(s, "migrate", code=0)
