@@ -11,8 +11,13 @@
 #include <cstdint>
 #include <cerrno>
 #include <cstdio>
+#include <cstring>
+#include <ctime>
+#include <optional>
 #include <dirent.h>
 #include <fcntl.h>
+#include <sys/file.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -28,7 +33,9 @@ TempFile::TempFile(TempFile&& o) noexcept
 
 TempFile& TempFile::operator=(TempFile&& o) noexcept {
     if (this != &o) {
-        this->~TempFile();
+        // Give up what this one holds first (never destroy *this: its members are assigned below).
+        m_fd.reset();
+        if (!m_name.empty()) io::unlinkat(m_dirfd, m_name.c_str(), 0);
         m_dirfd = o.m_dirfd;
         m_name = std::exchange(o.m_name, {});
         m_fd = std::move(o.m_fd);
@@ -68,8 +75,8 @@ void TempFile::append(const char* data, size_t len) {
 
 TempFile::~TempFile() {
     m_fd.reset();
-    // Destructors never throw: a temp file we fail to unlink is removed by the next run's
-    // remove_stale_temp().
+    // Destructors never throw: a temp file we fail to unlink goes with the ObjectStore's staging
+    // directory (or, after a crash, with the next run's sweep_temp()).
     if (!m_name.empty()) io::unlinkat(m_dirfd, m_name.c_str(), 0);
 }
 
@@ -82,9 +89,144 @@ void sync_filesystem(int fd, const std::string& display) {
     if (io::syncfs(fd) != 0) util::throw_errno("syncfs failed", display);
 }
 
+namespace {
+
+/// "casmig-<pid>-<16 lowercase hex>": the name own_temp_dirfd() gives a staging directory.
+bool is_staging_dir_name(const std::string& n) {
+    const std::string marker = k_temp_dir_marker;
+    if (n.compare(0, marker.size(), marker) != 0) return false;
+    size_t i = marker.size(), digits = 0;
+    while (i < n.size() && std::isdigit(static_cast<unsigned char>(n[i]))) ++i, ++digits;
+    if (digits == 0 || i >= n.size() || n[i] != '-') return false;
+    std::string rest = n.substr(i + 1);
+    return rest.size() == 16 && std::all_of(rest.begin(), rest.end(), [](char c) {
+               return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f');
+           });
+}
+
+/// Entries directly in temp/ that belong to the lifecycle commands (cleanup and remove move legacy
+/// trees aside to trash-<id>, rollback stages rollback-<id>); they recover them from their journal.
+bool is_lifecycle_entry(const std::string& n) { return n.rfind("trash-", 0) == 0 || n.rfind("rollback-", 0) == 0; }
+
+std::string random_hex16() {
+    unsigned char b[8] = {};
+    if (::getrandom(b, sizeof b, 0) != static_cast<ssize_t>(sizeof b)) {
+        // No entropy source: pid, time and an address still make a collision practically impossible,
+        // and mkdir(EEXIST) makes one harmless.
+        std::uint64_t v = static_cast<std::uint64_t>(::getpid()) * 0x9E3779B97F4A7C15ull ^
+                          static_cast<std::uint64_t>(std::time(nullptr)) ^ reinterpret_cast<std::uintptr_t>(&b);
+        std::memcpy(b, &v, sizeof b);
+    }
+    static const char* hex = "0123456789abcdef";
+    std::string out;
+    for (unsigned char c : b) out.push_back(hex[c >> 4]), out.push_back(hex[c & 15]);
+    return out;
+}
+
+/// Removes a staging directory whose lock the caller holds (its own, or a dead owner's) with the lock
+/// file last: a removal killed halfway leaves a directory that still carries a free lock (or nothing),
+/// which the next sweep_temp() finishes — never a lockless leftover that would look foreign.
+void remove_staging_dir(int temp_fd, const std::string& name, const std::string& display) {
+    int dfd = ::openat(temp_fd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (dfd < 0) {
+        if (errno == ENOENT) return;
+        util::throw_errno("cannot open directory", display);
+    }
+    util::Fd dir(dfd);
+    for (const auto& n : util::list_dir(dfd, display))
+        if (n != k_temp_lock_name) util::remove_tree_at(dfd, n, display + "/" + util::printable(n));
+    if (::unlinkat(dfd, k_temp_lock_name, 0) != 0 && errno != ENOENT)
+        util::throw_errno("cannot remove", display + "/" + k_temp_lock_name);
+    if (::unlinkat(temp_fd, name.c_str(), AT_REMOVEDIR) != 0 && errno != ENOENT)
+        util::throw_errno("cannot remove directory", display);
+}
+
+std::string parent_of(const std::string& path) {
+    std::string p = path;
+    while (p.size() > 1 && p.back() == '/') p.pop_back();
+    auto pos = p.rfind('/');
+    if (pos == std::string::npos) return ".";
+    return pos == 0 ? "/" : p.substr(0, pos);
+}
+
+} // namespace
+
 ObjectStore::ObjectStore(const std::string& objects_dir, const std::string& temp_dir)
-    : m_objects_path(objects_dir), m_temp_path(temp_dir), m_objects(util::open_dir(objects_dir)),
-      m_temp(util::open_dir(temp_dir)) {}
+    : m_objects_path(objects_dir), m_temp_path(temp_dir),
+      m_quarantine_path(parent_of(objects_dir) + "/" + k_quarantine_dir), m_objects(util::open_dir(objects_dir)) {
+    // temp/ is emptied of what casmig left there: never follow a symlink to somebody else's directory.
+    int fd = ::open(temp_dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0 && (errno == ELOOP || errno == ENOTDIR))
+        throw util::RefusedError(temp_dir + " is a symlink or not a directory: casmig stages files there and removes "
+                                 "what it left; move it out of the way (mv " + temp_dir + " " + temp_dir +
+                                 ".old) and rerun");
+    if (fd < 0) util::throw_errno("cannot open directory", temp_dir);
+    m_temp = util::Fd(fd);
+    // Objects belong to the store's owner (the owner of objects/). root writing for another owner
+    // hands each new object over (verify --objects would otherwise report every one).
+    struct stat st {};
+    if (::geteuid() == 0 && ::fstat(m_objects.get(), &st) == 0 && (st.st_uid != 0 || st.st_gid != ::getegid()))
+        m_owner = std::make_pair(st.st_uid, st.st_gid);
+}
+
+int ObjectStore::own_temp_dirfd() {
+    int cached = m_own_fd.load(std::memory_order_acquire);
+    if (cached >= 0) return cached;
+    std::lock_guard lk(m_own_mutex);
+    if (m_own) return m_own.get();
+    const std::string prefix = std::string(k_temp_dir_marker) + std::to_string(::getpid()) + "-";
+    int last_errno = 0;
+    for (int attempt = 0; attempt < 16; ++attempt) {
+        std::string name = prefix + random_hex16();
+        // Not through io::: this directory is scratch space, never durable, and fault tests count the
+        // object steps (its per-thread subdirectories keep going through io::mkdirat).
+        if (::mkdirat(m_temp.get(), name.c_str(), 0700) != 0) {
+            if (errno == EEXIST) continue;
+            util::throw_errno("cannot create staging directory", m_temp_path + "/" + name);
+        }
+        int dfd = ::openat(m_temp.get(), name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (dfd < 0) {
+            last_errno = errno;
+            if (errno == ENOENT) continue; // a sweep took it in the instant before we could lock it
+            util::throw_errno("cannot open staging directory", m_temp_path + "/" + name);
+        }
+        util::Fd dir(dfd);
+        int lfd = ::openat(dfd, k_temp_lock_name, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+        if (lfd < 0) {
+            last_errno = errno;
+            if (errno == ENOENT) continue;
+            util::throw_errno("cannot create lock file", m_temp_path + "/" + name + "/" + k_temp_lock_name);
+        }
+        util::Fd lock(lfd);
+        if (::flock(lfd, LOCK_EX | LOCK_NB) != 0) {
+            last_errno = errno;
+            if (errno == EWOULDBLOCK) continue; // a sweep holds it: that sweep removes the directory
+            util::throw_errno("cannot lock", m_temp_path + "/" + name + "/" + k_temp_lock_name);
+        }
+        // A sweep may have locked and removed the directory between our create and our flock: only a
+        // lock file that is still at its name protects anything.
+        struct stat mine {};
+        struct stat there {};
+        std::string lock_rel = name + "/" + k_temp_lock_name;
+        if (::fstat(lfd, &mine) != 0 ||
+            ::fstatat(m_temp.get(), lock_rel.c_str(), &there, AT_SYMLINK_NOFOLLOW) != 0 ||
+            mine.st_ino != there.st_ino || mine.st_dev != there.st_dev) {
+            last_errno = ENOENT;
+            continue;
+        }
+        m_own = std::move(dir);
+        m_own_lock = std::move(lock);
+        m_own_name = name;
+        m_own_fd.store(m_own.get(), std::memory_order_release);
+        return m_own.get();
+    }
+    throw util::SystemError("cannot create a staging directory", m_temp_path, last_errno ? last_errno : EEXIST);
+}
+
+std::string ObjectStore::own_temp_name() const {
+    std::lock_guard lk(m_own_mutex);
+    return m_own_name;
+}
 
 bool ObjectStore::on_disk(const hash::Digest& d, std::uint64_t* size) const {
     struct stat st {};
@@ -97,13 +239,42 @@ bool ObjectStore::on_disk(const hash::Digest& d, std::uint64_t* size) const {
     return S_ISREG(st.st_mode);
 }
 
-bool ObjectStore::exists(const hash::Digest& d) const {
+std::optional<std::string> ObjectStore::check_on_disk(const hash::Digest& d, std::optional<std::uint64_t> size) const {
+    std::string rel = object_relpath(d);
+    std::string display = m_objects_path + "/" + rel;
+    int fd = ::openat(m_objects.get(), rel.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        if (errno == ENOENT) return std::nullopt;
+        if (errno == ELOOP) return std::string("is a symlink, not the object");
+        util::throw_errno("cannot open object", display);
+    }
+    util::Fd owned(fd);
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) util::throw_errno("cannot stat object", display);
+    if (!S_ISREG(st.st_mode)) return std::string("is not a regular file");
+    if (size && static_cast<std::uint64_t>(st.st_size) != *size)
+        return "has " + std::to_string(st.st_size) + " bytes, the object has " + std::to_string(*size);
+    hash::Digest got = hash::hash_fd(fd, display);
+    if (got != d) return "content hashes to " + got.hex();
+    // The right content: it stays. Objects are never writable (best effort: a file we do not own
+    // keeps its mode, and verify --objects reports it).
+    if ((st.st_mode & 07777) != 0444) ::fchmod(fd, 0444);
+    return std::string();
+}
+
+bool ObjectStore::exists(const hash::Digest& d, std::optional<std::uint64_t> size) const {
     {
         std::lock_guard lk(m_mutex);
-        if (m_staged.count(d)) return true;
-        if (m_trusting) return m_published.count(d) || std::binary_search(m_known.begin(), m_known.end(), d);
+        if (m_staged.count(d) || m_good.count(d)) return true;
+        if (m_trusting) return std::binary_search(m_known.begin(), m_known.end(), d);
     }
-    return on_disk(d);
+    // Not trusted by name: a file at the name is the object only if its content says so. A bad one
+    // answers "absent"; publish() then moves it aside and puts the object in its place.
+    auto why = check_on_disk(d, size);
+    if (!why || !why->empty()) return false;
+    std::lock_guard lk(m_mutex);
+    m_good.insert(d);
+    return true;
 }
 
 void ObjectStore::trust_catalog(std::vector<hash::Digest> known) {
@@ -114,20 +285,22 @@ void ObjectStore::trust_catalog(std::vector<hash::Digest> known) {
 }
 
 TempFile ObjectStore::create_temp(std::uint64_t size_hint) {
+    const int own = own_temp_dirfd();
     // Process-wide counter: several ObjectStores of one process (and threads) never pick one name.
     static std::atomic<std::uint64_t> counter{0};
     std::uint64_t n = ++counter;
-    // Each thread creates its files in its own subdirectory of temp/: creating entries in one shared
+    // Each thread creates its files in its own subdirectory: creating entries in one shared
     // directory serialises the threads on that directory's lock (measured: 10% of CPU spinning).
     static std::atomic<unsigned> threads{0};
     thread_local const unsigned slot = threads++ % 64;
     char subdir_buf[16];
     std::snprintf(subdir_buf, sizeof subdir_buf, "w%u/", slot);
     const std::string subdir = subdir_buf;
+    const std::string display_dir = m_temp_path + "/" + m_own_name + "/";
     if (!m_subdir_made[slot].load(std::memory_order_acquire)) {
         std::string d = subdir.substr(0, subdir.size() - 1);
-        if (io::mkdirat(m_temp.get(), d.c_str(), 0700) != 0 && errno != EEXIST)
-            util::throw_errno("cannot create directory", m_temp_path + "/" + d);
+        if (io::mkdirat(own, d.c_str(), 0700) != 0 && errno != EEXIST)
+            util::throw_errno("cannot create directory", display_dir + d);
         m_subdir_made[slot].store(true, std::memory_order_release);
     }
     static const std::string prefix = std::string(k_temp_marker) + std::to_string(::getpid()) + "-";
@@ -138,22 +311,28 @@ TempFile ObjectStore::create_temp(std::uint64_t size_hint) {
     bool direct = size_hint >= k_direct_min && !m_no_direct.load(std::memory_order_relaxed);
     auto open_it = [&] {
         int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | (direct ? O_DIRECT : 0);
-        int fd = io::openat_create(m_temp.get(), name.c_str(), flags, 0444);
+        int fd = io::openat_create(own, name.c_str(), flags, 0444);
         if (fd < 0 && errno == EINVAL && direct) { // tmpfs and others refuse O_DIRECT: remember, go buffered
             m_no_direct.store(true, std::memory_order_relaxed);
             direct = false;
-            fd = io::openat_create(m_temp.get(), name.c_str(), flags & ~O_DIRECT, 0444);
+            fd = io::openat_create(own, name.c_str(), flags & ~O_DIRECT, 0444);
         }
         return fd;
     };
     int fd = open_it();
     if (fd < 0 && errno == ENOENT) { // publish() tidied the subdirectory away meanwhile
-        io::mkdirat(m_temp.get(), subdir.substr(0, subdir.size() - 1).c_str(), 0700);
+        io::mkdirat(own, subdir.substr(0, subdir.size() - 1).c_str(), 0700);
         m_subdir_made[slot].store(true, std::memory_order_release);
         fd = open_it();
     }
-    if (fd < 0) util::throw_errno("cannot create temp file", m_temp_path + "/" + name);
-    return TempFile(m_temp.get(), std::move(name), util::Fd(fd), direct);
+    if (fd < 0) util::throw_errno("cannot create temp file", display_dir + name);
+    if (m_owner && ::fchown(fd, m_owner->first, m_owner->second) != 0) {
+        int err = errno;
+        io::unlinkat(own, name.c_str(), 0);
+        ::close(fd);
+        throw util::SystemError("cannot hand the temp file to the store's owner", display_dir + name, err);
+    }
+    return TempFile(own, std::move(name), util::Fd(fd), direct);
 }
 
 StageResult ObjectStore::stage(const hash::Digest& d, TempFile&& tmp, std::uint64_t size) {
@@ -162,17 +341,17 @@ StageResult ObjectStore::stage(const hash::Digest& d, TempFile&& tmp, std::uint6
 
 StageResult ObjectStore::stage_checked(const hash::Digest& d, TempFile&& tmp, std::uint64_t size, DiskChecked checked) {
     // Objects are never writable: create_temp() made the file 0444 before it got any name.
-    if (checked == DiskChecked::no && exists(d)) return StageResult::already_present; // tmp's destructor unlinks it
+    if (checked == DiskChecked::no && exists(d, size)) return StageResult::already_present; // tmp's destructor unlinks it
     std::lock_guard lk(m_mutex);
     // Re-check under the lock: another thread may have staged the same content meanwhile.
     if (m_staged.count(d)) return StageResult::already_present;
-    m_staged.emplace(d, tmp.release());
+    m_staged.emplace(d, Staged{tmp.release(), size});
     m_staged_bytes += size;
     return StageResult::staged;
 }
 
 StageResult ObjectStore::stage_bytes(const hash::Digest& d, std::string_view data) {
-    if (exists(d)) return StageResult::already_present;
+    if (exists(d, data.size())) return StageResult::already_present;
     TempFile t = create_temp(data.size());
     t.append(data.data(), data.size());
     return stage_checked(d, std::move(t), data.size(), DiskChecked::yes); // exists() just looked
@@ -183,101 +362,203 @@ size_t ObjectStore::staged_count() const {
     return m_staged.size();
 }
 
+std::string ObjectStore::quarantine(const std::string& rel) {
+    // migration/ exists in a store; corrupt/ is made on first use.
+    if (io::mkdirat(AT_FDCWD, m_quarantine_path.c_str(), 0700) != 0 && errno != EEXIST)
+        util::throw_errno("cannot create quarantine directory", m_quarantine_path);
+    util::Fd q = util::open_dir(m_quarantine_path);
+    std::string base = rel.size() > 3 && rel[2] == '/' ? rel.substr(0, 2) + rel.substr(3) : rel;
+    for (unsigned n = 1;; ++n) {
+        std::string name = base + "." + std::to_string(n);
+        if (io::renameat2(m_objects.get(), rel.c_str(), q.get(), name.c_str(), RENAME_NOREPLACE) == 0) {
+            return std::string(k_quarantine_dir) + "/" + name;
+        }
+        if (errno == EEXIST && n < 100000) continue; // an earlier quarantine of the same name stays
+        util::throw_errno("cannot move aside", m_objects_path + "/" + util::printable(rel));
+    }
+}
+
+bool ObjectStore::place(const hash::Digest& d, const std::string& tmpname, std::uint64_t size, PublishStats& stats) {
+    const int own = own_temp_dirfd();
+    const std::string rel = object_relpath(d);
+    for (int attempt = 0;; ++attempt) {
+        int rc = io::renameat2(own, tmpname.c_str(), m_objects.get(), rel.c_str(), RENAME_NOREPLACE);
+        if (rc != 0 && errno == EINVAL) {
+            // Filesystems without RENAME_NOREPLACE: link() never replaces either.
+            rc = io::linkat(own, tmpname.c_str(), m_objects.get(), rel.c_str(), 0);
+            if (rc == 0) io::unlinkat(own, tmpname.c_str(), 0);
+        }
+        if (rc == 0) {
+            ++stats.objects;
+            return true;
+        }
+        if (attempt >= 4) break; // something keeps putting files there: do not loop for ever
+        if (errno == ENOENT) {
+            // The fan-out directory is missing (deleted by hand): recreate it and retry.
+            io::mkdirat(m_objects.get(), rel.substr(0, 2).c_str(), 0755);
+            continue;
+        }
+        if (errno != EEXIST) break;
+        bool known;
+        {
+            std::lock_guard lk(m_mutex);
+            known = m_good.count(d) || (m_trusting && std::binary_search(m_known.begin(), m_known.end(), d));
+        }
+        // Trusted only when the catalog (or this process) vouches for it; otherwise its content decides.
+        std::optional<std::string> why = known ? std::string() : check_on_disk(d, size);
+        if (!why) continue; // gone meanwhile: place ours
+        if (why->empty()) {
+            io::unlinkat(own, tmpname.c_str(), 0);
+            return false;
+        }
+        stats.quarantined.push_back({d, quarantine(rel), *why});
+        io::crash_point("publish.quarantined");
+    }
+    util::throw_errno("cannot place object", m_objects_path + "/" + rel);
+}
+
 PublishStats ObjectStore::publish() {
     // Snapshot what is staged now; the entries stay in m_staged (visible to exists() and stage(), so
     // nobody writes the same content again meanwhile) until they are under objects/.
-    std::vector<std::pair<hash::Digest, std::string>> batch;
+    struct Item {
+        hash::Digest digest;
+        std::string tmpname;
+        std::uint64_t size;
+        bool placed = false; // under objects/: by us, or found there and checked
+    };
+    std::vector<Item> batch;
     std::uint64_t bytes;
     {
         std::lock_guard lk(m_mutex);
         batch.reserve(m_staged.size());
-        for (auto& [d, name] : m_staged)
-            if (!name.empty()) batch.emplace_back(d, std::exchange(name, std::string())); // "" = being published
+        for (auto& [d, st] : m_staged)
+            if (!st.name.empty()) batch.push_back({d, std::exchange(st.name, std::string()), st.size}); // "" = being published
         bytes = std::exchange(m_staged_bytes, 0);
     }
+    // Whatever happens, the batch leaves m_staged; only what is really under objects/ becomes known,
+    // and a staged file that was not placed is removed (a rerun writes it again).
     struct Forget {
         ObjectStore& s;
-        std::vector<std::pair<hash::Digest, std::string>>& b;
+        std::vector<Item>& b;
+        int own;
+        bool durable = false;
         ~Forget() {
             std::lock_guard lk(s.m_mutex);
-            for (auto& [d, n] : b) {
-                s.m_staged.erase(d);
-                if (s.m_trusting) s.m_published.insert(d);
+            for (auto& it : b) {
+                s.m_staged.erase(it.digest);
+                if (it.placed && durable) s.m_good.insert(it.digest);
+                if (!it.placed) io::unlinkat(own, it.tmpname.c_str(), 0); // best effort; ENOENT if renamed
             }
         }
-    } forget{*this, batch};
+    } forget{*this, batch, batch.empty() ? -1 : own_temp_dirfd()};
     PublishStats stats;
     if (batch.empty()) return stats;
     // Step 2: every staged file's data reaches the disk before any of them gets an object name.
     sync_filesystem(m_temp.get(), m_temp_path);
     io::crash_point("publish.staged-durable");
-    for (auto& [digest, tmpname] : batch) {
+    for (auto& it : batch) {
         io::crash_point("publish.rename");
-        std::string rel = object_relpath(digest);
-        int rc = io::renameat2(m_temp.get(), tmpname.c_str(), m_objects.get(), rel.c_str(), RENAME_NOREPLACE);
-        if (rc != 0 && errno == EINVAL) {
-            // Filesystems without RENAME_NOREPLACE: link() never replaces either.
-            rc = io::linkat(m_temp.get(), tmpname.c_str(), m_objects.get(), rel.c_str(), 0);
-            if (rc == 0) io::unlinkat(m_temp.get(), tmpname.c_str(), 0);
-        }
-        if (rc != 0) {
-            if (errno == EEXIST) {
-                io::unlinkat(m_temp.get(), tmpname.c_str(), 0);
-                continue;
-            }
-            if (errno == ENOENT) {
-                // The fan-out directory is missing (deleted by hand): recreate it and retry once.
-                io::mkdirat(m_objects.get(), rel.substr(0, 2).c_str(), 0755);
-                if (io::renameat2(m_temp.get(), tmpname.c_str(), m_objects.get(), rel.c_str(), RENAME_NOREPLACE) == 0) {
-                    ++stats.objects;
-                    continue;
-                }
-                if (errno == EEXIST) {
-                    ::unlinkat(m_temp.get(), tmpname.c_str(), 0);
-                    continue;
-                }
-            }
-            util::throw_errno("cannot place object", m_objects_path + "/" + rel);
-        }
-        ++stats.objects;
+        place(it.digest, it.tmpname, it.size, stats);
+        it.placed = true;
     }
     stats.bytes = bytes;
     // Step 4: the new directory entries are durable before the catalog refers to them.
     io::crash_point("publish.renamed");
     sync_filesystem(m_objects.get(), m_objects_path);
+    forget.durable = true;
     io::crash_point("publish.durable");
     tidy_temp();
     return stats;
 }
 
 void ObjectStore::tidy_temp() {
-    // temp/ is empty after every completed run: remove the per-thread subdirectories that are empty
-    // (a busy one fails with ENOTEMPTY and stays; create_temp() recreates a removed one).
+    int own = m_own_fd.load(std::memory_order_acquire);
+    if (own < 0) return;
+    // Remove the per-thread subdirectories that are empty (a busy one fails with ENOTEMPTY and stays;
+    // create_temp() recreates a removed one).
     for (size_t i = 0; i < m_subdir_made.size(); ++i) {
         if (!m_subdir_made[i].load()) continue;
         char d[16];
         std::snprintf(d, sizeof d, "w%zu", i);
-        if (::unlinkat(m_temp.get(), d, AT_REMOVEDIR) == 0) m_subdir_made[i].store(false);
+        if (::unlinkat(own, d, AT_REMOVEDIR) == 0) m_subdir_made[i].store(false);
     }
 }
 
-ObjectStore::~ObjectStore() { tidy_temp(); }
+void ObjectStore::remove_own_temp() noexcept {
+    if (!m_own) return;
+    try {
+        // Everything in it is this process's and nothing refers to it: staged files never published
+        // (a failed run's) go too, so that a failed run does not leave the disk full.
+        remove_staging_dir(m_temp.get(), m_own_name, m_temp_path + "/" + m_own_name);
+    } catch (const util::Error&) {
+        // Dropped on purpose (destructors never throw): the next locked run's sweep_temp() removes it
+        // once our lock is released.
+    }
+    m_own_fd.store(-1);
+    m_own.reset();
+    m_own_lock.reset(); // the lock goes last: a sweep must not take a directory we are still emptying
+}
+
+ObjectStore::~ObjectStore() { remove_own_temp(); }
+
+TempSweep ObjectStore::sweep_temp() {
+    TempSweep r;
+    const std::string mine = own_temp_name();
+    for (const auto& n : util::list_dir(m_temp.get(), m_temp_path)) {
+        if (is_lifecycle_entry(n) || (!mine.empty() && n == mine)) continue;
+        if (!is_staging_dir_name(n)) {
+            r.foreign.push_back(n);
+            continue;
+        }
+        const std::string display = m_temp_path + "/" + n;
+        int dfd = ::openat(m_temp.get(), n.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (dfd < 0) {
+            if (errno == ENOENT) continue; // its owner finished meanwhile
+            if (errno == ELOOP || errno == ENOTDIR) {
+                r.foreign.push_back(n); // named like ours, but not a directory: not ours
+                continue;
+            }
+            util::throw_errno("cannot open directory", display);
+        }
+        util::Fd dir(dfd);
+        int lfd = ::openat(dfd, k_temp_lock_name, O_RDWR | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+        if (lfd < 0) {
+            if (errno != ENOENT) {
+                r.foreign.push_back(n);
+                continue;
+            }
+            // No lock file: its owner is between mkdir and creating the lock (it notices a removal and
+            // picks another name), or died there — or somebody else made it. Only an empty one goes.
+            if (util::list_dir(dfd, display).empty()) {
+                if (::unlinkat(m_temp.get(), n.c_str(), AT_REMOVEDIR) == 0) ++r.removed;
+            } else {
+                r.foreign.push_back(n);
+            }
+            continue;
+        }
+        util::Fd lock(lfd);
+        struct stat st {};
+        if (::fstat(lfd, &st) != 0 || !S_ISREG(st.st_mode)) {
+            r.foreign.push_back(n);
+            continue;
+        }
+        if (::flock(lfd, LOCK_EX | LOCK_NB) != 0) {
+            if (errno == EWOULDBLOCK) continue; // its owner is alive: its files are in use
+            util::throw_errno("cannot lock", display + "/" + k_temp_lock_name);
+        }
+        // The owner is dead (its lock died with it) and the lock is ours until the tree is gone.
+        remove_staging_dir(m_temp.get(), n, display);
+        ++r.removed;
+    }
+    std::sort(r.foreign.begin(), r.foreign.end());
+    return r;
+}
 
 util::Fd ObjectStore::open(const hash::Digest& d) const {
     std::string rel = object_relpath(d);
     int fd = ::openat(m_objects.get(), rel.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0) util::throw_errno("cannot open object", m_objects_path + "/" + rel);
     return util::Fd(fd);
-}
-
-void ObjectStore::remove_stale_temp() {
-    std::vector<std::string> names = util::list_dir(m_temp.get(), m_temp_path);
-    // Everything in temp/ belongs to a run that is over: we hold the store lock.
-    for (const auto& n : names) {
-        // Legacy trees cleanup or remove moved aside are lifecycle::recover()'s to put back or delete.
-        if (n.rfind("trash-", 0) == 0 || n.rfind("rollback-", 0) == 0) continue;
-        util::remove_tree_at(m_temp.get(), n, m_temp_path + "/" + util::printable(n));
-    }
 }
 
 std::vector<std::string> ObjectStore::list_files() const {

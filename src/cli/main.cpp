@@ -47,6 +47,7 @@ struct Ctx {
         bool tty = ::isatty(STDERR_FILENO);
         bool on = g.progress == "always" || (g.progress == "auto" && tty && !g.quiet);
         bar = std::make_unique<cli::ProgressBar>(on);
+        store->set_warning_sink([this](const std::string& m) { bar->println("casmig: warning: " + m); });
     }
     /// The store lock, then recovery of whatever a stopped run left half done (lifecycle::recover).
     std::unique_ptr<store::StoreLock> lock(const std::string& command, store::Purpose purpose = store::Purpose::write) {

@@ -715,6 +715,9 @@ MaterializeResult materialize(store::Store& s, const std::string& name, const st
     if (!p->has_manifest)
         throw util::RefusedError("package " + util::printable(name) + " has no manifest (state " +
                                  catalog::to_string(p->state) + "): run casmig migrate " + util::printable(name) + " first");
+    // Objects are read through an ObjectStore (its own locked staging directory in temp/ holds hard-link
+    // variants being made); made before DEST so that a refused temp/ leaves nothing behind.
+    cas::ObjectStore objects(s.objects_dir(), s.temp_dir());
     // DEST must not exist or be an empty directory.
     struct stat st {};
     if (::lstat(dest.c_str(), &st) == 0) {
@@ -727,8 +730,6 @@ MaterializeResult materialize(store::Store& s, const std::string& name, const st
     int fd = ::open(dest.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0) util::throw_errno("cannot open destination", dest);
     util::Fd dfd(fd);
-    // Objects are read through an ObjectStore on the store (temp/ is used for hard-link variants).
-    cas::ObjectStore objects(s.objects_dir(), s.temp_dir());
     MaterializeResult r;
     detail::build_tree(dfd.get(), dest, cat.manifest(p->id), objects, link, r);
     return r;

@@ -197,7 +197,9 @@ private:
         if (::fchmod(tmp.fd(), mode) != 0) util::throw_errno("cannot chmod", "temp/" + tmp.name());
         util::fsync_fd(tmp.fd(), "temp/" + tmp.name());
         std::string tname = tmp.name();
-        if (io::linkat(m_objects.temp_dirfd(), tname.c_str(), m_objects.dirfd(), variant.c_str(), 0) != 0 && errno != EEXIST)
+        // The temp file is in this process's own locked staging directory (cas/object_store.hpp, temp/):
+        // a locked command running meanwhile leaves it alone.
+        if (io::linkat(tmp.dirfd(), tname.c_str(), m_objects.dirfd(), variant.c_str(), 0) != 0 && errno != EEXIST)
             util::throw_errno("cannot create object variant", m_objects.dir() + "/" + variant);
         return variant; // tmp's destructor unlinks the temp name
     }

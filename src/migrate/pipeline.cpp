@@ -392,10 +392,12 @@ private:
 
     /// Objects durable first, then the catalog rows that refer to them (see cas/object_store.hpp).
     void commit_batch(std::vector<std::shared_ptr<Job>>& batch) {
-        m_store.objects().publish();
+        auto published = m_store.objects().publish();
         std::lock_guard lk(m_db_mutex);
         auto& cat = m_store.catalog();
         catalog::Transaction tx(cat.db());
+        for (const auto& q : published.quarantined)
+            cat.journal("migrate", "", "", "", "objects/" + cas::object_relpath(q.digest) + " " + q.why + ": moved to " + q.moved_to + ", object rewritten");
         {
             std::vector<std::int64_t> started;
             {
@@ -442,6 +444,9 @@ private:
         m_cataloged.merge(added);
         for (auto& jp : batch)
             if (jp->failed) problem(jp->problem());
+        for (const auto& q : published.quarantined)
+            problem({"-", "objects/" + cas::object_relpath(q.digest),
+                     q.why + ": it was not the object; moved to " + q.moved_to + " and the object rewritten"});
         m_result.new_objects = m_new_objects.load();
         m_result.new_object_bytes = m_new_bytes.load();
     }

@@ -87,10 +87,25 @@ std::unique_ptr<StoreLock> Store::lock(const std::string& command, Purpose purpo
     util::ensure_dir(migration_dir());
     auto l = std::make_unique<StoreLock>(migration_dir() + "/lock", LockKind::exclusive, command);
     check_catalog(purpose, command);
+    // temp/ is casmig's alone: a symlink there (or a file) is refused before anything is created or
+    // removed, and its target is never touched.
+    struct stat st {};
+    if (::fstatat(m_root_fd.get(), "temp", &st, AT_SYMLINK_NOFOLLOW) == 0 && !S_ISDIR(st.st_mode))
+        throw util::RefusedError(temp_dir() + " is " + (S_ISLNK(st.st_mode) ? "a symlink" : "not a directory") +
+                                 ": casmig stages files there and removes what it left; move it out of the way (mv " +
+                                 temp_dir() + " " + temp_dir() + ".old) and rerun " + command);
     ensure_layout();
-    // Whatever is in temp/ belongs to a run that is over (we hold the lock): a killed run's staged
-    // objects, half-built rollback trees, trees cleanup had moved aside.
-    objects().remove_stale_temp();
+    // Staging directories of dead casmig processes go (a live one's lock keeps its files, e.g. a running
+    // materialize's); trash-* and rollback-* are the lifecycle's; anything else is named, never removed.
+    auto sweep = objects().sweep_temp();
+    if (!sweep.foreign.empty() && m_warn) {
+        std::string names;
+        for (size_t i = 0; i < sweep.foreign.size() && i < 5; ++i) names += (i ? ", " : "") + util::printable(sweep.foreign[i]);
+        if (sweep.foreign.size() > 5) names += ", and " + std::to_string(sweep.foreign.size() - 5) + " more";
+        m_warn(temp_dir() + " holds " + std::to_string(sweep.foreign.size()) +
+               " entr" + (sweep.foreign.size() == 1 ? "y" : "ies") + " casmig did not make (" + names +
+               "); left alone: move them out of " + temp_dir());
+    }
     return l;
 }
 

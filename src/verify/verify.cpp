@@ -2,10 +2,12 @@
 
 #include "casmig/migrate/ingest.hpp"
 #include "casmig/util/error.hpp"
+#include "casmig/util/io.hpp"
 #include "casmig/util/threads.hpp"
 #include "casmig/walk/walker.hpp"
 
 #include <atomic>
+#include <cctype>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -316,10 +318,69 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
                       const ProblemSink& problems) {
     auto& cat = store.catalog();
     auto& objects = store.objects();
-    auto files = objects.list_files();
     Result r;
     std::mutex mutex;
     std::vector<std::pair<std::string, hash::Digest>> bad; // relpath, named digest
+    // Objects belong to the store's owner (the owner of objects/) and are never writable: a chmod or
+    // chown through a hard link that materialize made changes the object itself.
+    struct stat top {};
+    if (::fstat(objects.dirfd(), &top) != 0) util::throw_errno("cannot stat", objects.dir());
+    // The mode an object file must have: 0444, or for a hard-link variant "<62 hex>.m<octal>" (made by
+    // materialize --link hardlink) that mode without write bits; any other variant keeps its read and
+    // exec bits.
+    auto object_mode = [](const std::string& rel, mode_t have) -> mode_t {
+        if (rel.size() == 65) return 0444;
+        if (rel.size() > 67 && rel.compare(65, 2, ".m") == 0) {
+            std::string oct = rel.substr(67);
+            if (oct.size() <= 4 && oct.find_first_not_of("01234567") == std::string::npos)
+                return static_cast<mode_t>(std::stoul(oct, nullptr, 8)) & 0555;
+        }
+        return have & 0555;
+    };
+    auto owner_str = [](uid_t u, gid_t g) { return std::to_string(u) + ":" + std::to_string(g); };
+    /// Puts fd's mode and owner right; "" if nothing was wrong, else the one-line report.
+    auto put_right = [&](int fd, const struct stat& st, mode_t want) -> std::string {
+        std::string was, set, failed;
+        if (st.st_uid != top.st_uid || st.st_gid != top.st_gid) {
+            was += "owner " + owner_str(st.st_uid, st.st_gid);
+            // Before chmod: chown clears setuid and setgid bits.
+            if (::fchown(fd, top.st_uid, top.st_gid) == 0) set += "owner " + owner_str(top.st_uid, top.st_gid);
+            else failed = std::strerror(errno);
+        }
+        if ((st.st_mode & 07777) != want) {
+            was += (was.empty() ? "" : ", ") + std::string("mode ") + octal(st.st_mode & 07777);
+            if (::fchmod(fd, want) == 0) set += (set.empty() ? "" : ", ") + std::string("mode ") + octal(want);
+            else failed = std::strerror(errno);
+        }
+        if (was.empty()) return "";
+        if (!failed.empty())
+            return "was " + was + " and could not be put right (" + failed + "): run casmig verify --objects as root";
+        return "was " + was + "; set to " + set;
+    };
+    // Fan-out directories: a symlink there would put objects outside the store, a writable one would
+    // let anybody swap an object.
+    for (const auto& n : util::list_dir(objects.dirfd(), objects.dir())) {
+        if (n.size() != 2 || !std::isxdigit(static_cast<unsigned char>(n[0])) || !std::isxdigit(static_cast<unsigned char>(n[1])))
+            continue;
+        struct stat st {};
+        if (::fstatat(objects.dirfd(), n.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) continue;
+        if (!S_ISDIR(st.st_mode)) {
+            std::string moved = objects.quarantine(n);
+            io::crash_point("verify.quarantined");
+            if (io::mkdirat(objects.dirfd(), n.c_str(), 0755) != 0 && errno != EEXIST)
+                util::throw_errno("cannot create directory", objects.dir() + "/" + n);
+            ++r.objects_bad;
+            if (problems)
+                problems({"-", "objects/" + n, std::string(S_ISLNK(st.st_mode) ? "is a symlink" : "is not a directory") +
+                                                    ", not a fan-out directory: moved to " + moved + " and recreated"});
+            continue;
+        }
+        util::Fd d(::openat(objects.dirfd(), n.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+        if (!d || ::fstat(d.get(), &st) != 0) continue;
+        std::string fix = put_right(d.get(), st, 0755);
+        if (!fix.empty() && problems) problems({"-", "objects/" + n + "/", fix});
+    }
+    auto files = objects.list_files();
     Progress report;
     report.phase = "verify objects";
     report.packages_total = files.size();
@@ -349,15 +410,19 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
                 std::string hex = rel.substr(0, 2) + rel.substr(3, 62);
                 auto named = hash::Digest::from_hex(hex);
                 bool ok = false;
-                std::string why;
+                std::string why, fix;
                 if (!named || rel.size() < 65) {
                     why = "is not named by a BLAKE3 digest";
                 } else {
                     util::Fd owned = std::move(fds[i - chunk.first]);
                     if (!owned) owned = open_object(rel);
                     const int fd = owned.get();
+                    struct stat st {};
                     if (fd < 0) {
-                        why = std::string("cannot be opened: ") + std::strerror(errno);
+                        why = errno == ELOOP ? std::string("is a symlink, not an object")
+                                             : std::string("cannot be opened: ") + std::strerror(errno);
+                    } else if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+                        why = "is not a regular file";
                     } else {
                         std::uint64_t n = 0;
                         try {
@@ -368,12 +433,14 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
                             why = e.what();
                         }
                         bytes += n;
+                        if (ok) fix = put_right(fd, st, object_mode(rel, st.st_mode));
                     }
                 }
                 std::uint64_t k = ++done;
                 std::lock_guard lk(mutex);
                 if (!ok) bad.emplace_back(rel, named.value_or(hash::Digest{}));
                 if (!ok && problems) problems({"-", "objects/" + rel, why});
+                if (!fix.empty() && problems) problems({"-", "objects/" + rel, fix});
                 report.packages_done = k;
                 report.bytes_done = bytes;
                 if (progress && (k % 256 == 0 || k == files.size())) progress(report);
@@ -384,14 +451,18 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
     r.objects_bad = bad.size();
     // Quarantine corrupt objects so a later migrate rewrites them, and name who needs them.
     if (!bad.empty()) {
-        std::string qdir = store.migration_dir() + "/corrupt";
-        util::ensure_dir(qdir);
-        util::Fd q = util::open_dir(qdir);
         catalog::Stmt who(cat.db(), "SELECT DISTINCT p.id, p.name, p.tree, p.state FROM entries e JOIN packages p ON p.id = e.package WHERE e.digest = ?");
         catalog::Transaction tx(cat.db());
         for (auto& [rel, d] : bad) {
-            std::string qname = rel.substr(0, 2) + rel.substr(3);
-            ::renameat(objects.dirfd(), rel.c_str(), q.get(), qname.c_str());
+            // Never deleted, never over an earlier quarantined file of the same name.
+            std::string moved;
+            try {
+                moved = objects.quarantine(rel);
+            } catch (const util::SystemError& e) {
+                if (e.code() != ENOENT) throw;
+                moved = "nowhere (it vanished meanwhile)";
+            }
+            io::crash_point("verify.quarantined");
             // The catalog must not claim it any more: a later migrate then rewrites the content.
             if (rel.size() == 65) cat.delete_object(d);
             who.bind_blob(1, d.raw());
@@ -405,10 +476,10 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
             }
             who.reset();
             for (auto id : ids) cat.set_state(id, PackageState::failed, "verify --objects: object " + d.hex() + " was corrupt");
-            cat.journal("verify", names, "", "failed", "corrupt object " + rel + " moved to migration/corrupt/");
+            cat.journal("verify", names, "", "failed", "corrupt object " + rel + " moved to " + moved);
             if (problems)
                 problems({"-", "objects/" + rel,
-                          "moved to migration/corrupt/; needed by " + (names.empty() ? std::string("no package") : names) +
+                          "moved to " + moved + "; needed by " + (names.empty() ? std::string("no package") : names) +
                               (names.empty() ? ""
                                : recoverable ? "; run casmig migrate --retry-failed to rewrite it from a legacy tree"
                                              : "; no legacy tree holds it any more: restore it from a backup")});

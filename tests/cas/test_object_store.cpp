@@ -3,9 +3,38 @@
 #include "../support/tempdir.hpp"
 #include "casmig/cas/object_store.hpp"
 #include "casmig/util/aligned_buffer.hpp"
+#include "casmig/util/error.hpp"
 #include "casmig/util/fd.hpp"
 
+#include <algorithm>
+#include <csignal>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+namespace {
+
+std::vector<std::string> names_in(const std::string& dir) {
+    casmig::util::Fd fd = casmig::util::open_dir(dir);
+    auto v = casmig::util::list_dir(fd.get(), dir);
+    std::sort(v.begin(), v.end());
+    return v;
+}
+
+bool exists_path(const std::string& p) {
+    struct stat st {};
+    return ::lstat(p.c_str(), &st) == 0;
+}
+
+/// A store layout under t: objects/ with the fan-out directory of d, temp/, migration/.
+void make_layout(const casmig::test::TempDir& t, const casmig::hash::Digest& d) {
+    casmig::util::ensure_dir(t / "objects");
+    casmig::util::ensure_dir(t / ("objects/" + d.hex().substr(0, 2)));
+    casmig::util::ensure_dir(t / "temp", 0700);
+    casmig::util::ensure_dir(t / "migration");
+}
+
+} // namespace
 
 using namespace casmig;
 
@@ -35,12 +64,11 @@ TEST_SUITE("cas::ObjectStore") {
         struct stat sb {};
         REQUIRE(::stat(path.c_str(), &sb) == 0);
         CHECK((sb.st_mode & 0222) == 0);
-        util::Fd tmp = util::open_dir(t / "temp");
-        CHECK(util::list_dir(tmp.get(), "temp").empty());
+        // The staging directory holds only its lock once the batch is published …
+        CHECK(names_in(t / ("temp/" + s.own_temp_name())) == std::vector<std::string>{"lock"});
         // dedup after publish: nothing new is written
         CHECK(s.stage_bytes(d, data) == cas::StageResult::already_present);
         CHECK(s.publish().objects == 0);
-        CHECK(util::list_dir(tmp.get(), "temp").empty());
     }
     TEST_CASE("an existing object is never replaced, even by a racing publish") {
         test::TempDir t;
@@ -60,21 +88,6 @@ TEST_SUITE("cas::ObjectStore") {
         struct stat second {};
         REQUIRE(::stat((t / ("objects/" + cas::object_relpath(d))).c_str(), &second) == 0);
         CHECK(first.st_ino == second.st_ino);
-        util::Fd tmp = util::open_dir(t / "temp");
-        CHECK(util::list_dir(tmp.get(), "temp").empty());
-    }
-    TEST_CASE("remove_stale_temp clears what a killed run left") {
-        test::TempDir t;
-        util::ensure_dir(t / "objects");
-        util::ensure_dir(t / "temp");
-        test::write_file(t / "temp/tmp-casmig-123-1", "half an object");
-        test::write_file(t / "temp/w3/tmp-casmig-123-2", "half an object");
-        test::write_file(t / "temp/trash-7-0123456789abcdef/deep/file", "a legacy tree cleanup moved aside");
-        cas::ObjectStore s(t / "objects", t / "temp");
-        s.remove_stale_temp();
-        util::Fd tmp = util::open_dir(t / "temp");
-        // Moved-aside legacy trees are lifecycle::recover()'s to put back or delete, never the sweep's.
-        CHECK(util::list_dir(tmp.get(), "temp") == std::vector<std::string>{"trash-7-0123456789abcdef"});
     }
     TEST_CASE("a large temp file gets every byte whatever the alignment of the appends") {
         test::TempDir t;
@@ -96,7 +109,221 @@ TEST_SUITE("cas::ObjectStore") {
         add(buf.data(), 64 << 10);          // aligned, but the file has gone buffered: still appended
         CHECK_FALSE(f.direct());
         std::string tmpname = f.release();
-        CHECK(test::read_file(t / ("temp/" + tmpname)) == want);
-        ::unlink((t / ("temp/" + tmpname)).c_str());
+        std::string path = t / ("temp/" + s.own_temp_name() + "/" + tmpname);
+        CHECK(test::read_file(path) == want);
+        ::unlink(path.c_str());
+    }
+    TEST_CASE("temp/ is empty once the ObjectStore that staged there is gone, staged leftovers included") {
+        test::TempDir t;
+        std::string data = "never published";
+        auto d = hash::hash_bytes(data);
+        make_layout(t, d);
+        {
+            cas::ObjectStore s(t / "objects", t / "temp");
+            CHECK(s.stage_bytes(d, data) == cas::StageResult::staged);
+            CHECK(names_in(t / "temp").size() == 1);
+        }
+        CHECK(names_in(t / "temp").empty());
+        CHECK_FALSE(exists_path(t / ("objects/" + cas::object_relpath(d))));
+    }
+
+    TEST_CASE("sweep_temp removes a dead process's staging directory, never a live one's") {
+        test::TempDir t;
+        auto d = hash::hash_bytes("x");
+        make_layout(t, d);
+        int ready[2];
+        REQUIRE(::pipe(ready) == 0);
+        pid_t child = ::fork();
+        REQUIRE(child >= 0);
+        if (child == 0) {
+            // The child stages a file and keeps its ObjectStore (and lock) alive until killed.
+            ::close(ready[0]);
+            cas::ObjectStore c(t / "objects", t / "temp");
+            cas::TempFile f = c.create_temp();
+            f.append("live", 4);
+            std::string name = c.own_temp_name() + "/" + f.name() + "\n";
+            (void)!::write(ready[1], name.data(), name.size());
+            for (;;) ::pause();
+        }
+        ::close(ready[1]);
+        std::string got;
+        char buf[256];
+        ssize_t n;
+        while (got.find('\n') == std::string::npos && (n = ::read(ready[0], buf, sizeof buf)) > 0) got.append(buf, static_cast<size_t>(n));
+        ::close(ready[0]);
+        REQUIRE(got.find('\n') != std::string::npos);
+        std::string live_file = t / ("temp/" + got.substr(0, got.find('\n')));
+        std::string live_dir = t / ("temp/" + got.substr(0, got.find('/')));
+        cas::ObjectStore s(t / "objects", t / "temp");
+        auto first = s.sweep_temp();
+        CHECK(first.removed == 0);
+        CHECK(first.foreign.empty());
+        CHECK(test::read_file(live_file) == "live"); // the owner is alive: its files stay
+        ::kill(child, SIGKILL);
+        int status = 0;
+        ::waitpid(child, &status, 0);
+        auto second = s.sweep_temp();
+        CHECK(second.removed == 1);
+        CHECK_FALSE(exists_path(live_dir));
+        CHECK(names_in(t / "temp").empty());
+    }
+
+    TEST_CASE("sweep_temp never touches foreign entries, trash-* or rollback-*, and names the foreign ones") {
+        test::TempDir t;
+        auto d = hash::hash_bytes("x");
+        make_layout(t, d);
+        test::write_file(t / "temp/notes.txt", "the admin's");
+        test::write_file(t / "temp/casmig-12-notours/file", "named almost like ours");
+        test::write_file(t / "temp/casmig-12-0123456789abcdef/file", "our name, but no lock file: not ours");
+        ::mkdir((t / "temp/casmig-13-0123456789abcdef").c_str(), 0700); // our name, empty: a creator died
+        test::write_file(t / "temp/trash-7/tree/file", "a legacy tree cleanup moved aside");
+        test::write_file(t / "temp/rollback-8/file", "a tree rollback is building");
+        test::write_file(t / "temp/casmig-14-fedcba9876543210/lock", ""); // a dead process's, lock free
+        test::write_file(t / "temp/casmig-14-fedcba9876543210/w0/tmp-casmig-14-1", "stale");
+        test::write_file(t / "temp/tmp-casmig-99-1", "an old version's file");
+        cas::ObjectStore s(t / "objects", t / "temp");
+        auto r = s.sweep_temp();
+        CHECK(r.removed == 2);
+        CHECK(r.foreign == std::vector<std::string>{"casmig-12-0123456789abcdef", "casmig-12-notours", "notes.txt",
+                                                    "tmp-casmig-99-1"});
+        CHECK(names_in(t / "temp") == std::vector<std::string>{"casmig-12-0123456789abcdef", "casmig-12-notours",
+                                                               "notes.txt", "rollback-8", "tmp-casmig-99-1", "trash-7"});
+        CHECK(test::read_file(t / "temp/trash-7/tree/file") == "a legacy tree cleanup moved aside");
+        CHECK(test::read_file(t / "temp/rollback-8/file") == "a tree rollback is building");
+        CHECK(test::read_file(t / "temp/notes.txt") == "the admin's");
+    }
+
+    TEST_CASE("a symlink at temp/ is refused and its target never touched") {
+        test::TempDir t;
+        util::ensure_dir(t / "objects");
+        test::write_file(t / "elsewhere/canary", "precious");
+        REQUIRE(::symlink((t / "elsewhere").c_str(), (t / "temp").c_str()) == 0);
+        CHECK_THROWS_AS(cas::ObjectStore(t / "objects", t / "temp"), util::RefusedError);
+        CHECK(test::read_file(t / "elsewhere/canary") == "precious");
+        ::unlink((t / "temp").c_str());
+        test::write_file(t / "temp", "a file");
+        CHECK_THROWS_AS(cas::ObjectStore(t / "objects", t / "temp"), util::RefusedError);
+    }
+
+    TEST_CASE("a file at an object's name that is not the object is quarantined and replaced") {
+        std::string data = "the real content of the object";
+        auto d = hash::hash_bytes(data);
+        for (std::string planted : {std::string("planted content, same size!!!!"), std::string("short")}) {
+            REQUIRE((planted.size() == data.size() || planted == "short"));
+            for (bool trusting : {true, false}) {
+                CAPTURE(planted);
+                CAPTURE(trusting);
+                test::TempDir t;
+                make_layout(t, d);
+                std::string obj = t / ("objects/" + cas::object_relpath(d));
+                test::write_file(obj, planted, 0444);
+                cas::ObjectStore s(t / "objects", t / "temp");
+                if (trusting) s.trust_catalog({}); // the catalog does not list it
+                CHECK_FALSE(s.exists(d, data.size()));
+                CHECK(s.stage_bytes(d, data) == cas::StageResult::staged);
+                auto st = s.publish();
+                CHECK(st.objects == 1);
+                REQUIRE(st.quarantined.size() == 1);
+                CHECK(st.quarantined[0].digest == d);
+                CHECK(st.quarantined[0].moved_to == "migration/corrupt/" + d.hex() + ".1");
+                CHECK(test::read_file(obj) == data);
+                CHECK(test::read_file(t / st.quarantined[0].moved_to) == planted);
+                CHECK(s.exists(d));
+            }
+        }
+    }
+
+    TEST_CASE("a symlink at an object's name is moved aside, its target untouched") {
+        test::TempDir t;
+        std::string data = "content";
+        auto d = hash::hash_bytes(data);
+        make_layout(t, d);
+        test::write_file(t / "victim", data); // even the right bytes: a symlink is never an object
+        std::string obj = t / ("objects/" + cas::object_relpath(d));
+        REQUIRE(::symlink((t / "victim").c_str(), obj.c_str()) == 0);
+        cas::ObjectStore s(t / "objects", t / "temp");
+        s.trust_catalog({});
+        CHECK(s.stage_bytes(d, data) == cas::StageResult::staged);
+        auto st = s.publish();
+        REQUIRE(st.quarantined.size() == 1);
+        struct stat sb {};
+        REQUIRE(::lstat(obj.c_str(), &sb) == 0);
+        CHECK(S_ISREG(sb.st_mode));
+        CHECK(test::read_file(t / "victim") == data);
+    }
+
+    TEST_CASE("an object found at its name with the right content is kept, read-only") {
+        std::string data = "left by a killed run before its catalog commit";
+        auto d = hash::hash_bytes(data);
+        for (bool trusting : {true, false}) {
+            CAPTURE(trusting);
+            test::TempDir t;
+            make_layout(t, d);
+            std::string obj = t / ("objects/" + cas::object_relpath(d));
+            test::write_file(obj, data, 0644);
+            struct stat before {};
+            REQUIRE(::stat(obj.c_str(), &before) == 0);
+            cas::ObjectStore s(t / "objects", t / "temp");
+            if (trusting) {
+                s.trust_catalog({});
+                CHECK(s.stage_bytes(d, data) == cas::StageResult::staged); // not listed: publish checks it
+                auto st = s.publish();
+                CHECK(st.objects == 0);
+                CHECK(st.quarantined.empty());
+            } else {
+                CHECK(s.stage_bytes(d, data) == cas::StageResult::already_present); // checked by content
+            }
+            struct stat after {};
+            REQUIRE(::stat(obj.c_str(), &after) == 0);
+            CHECK(before.st_ino == after.st_ino);
+            CHECK((after.st_mode & 07777) == 0444);
+            CHECK(!exists_path(t / "migration/corrupt"));
+        }
+    }
+
+    TEST_CASE("after a failed publish, objects it did not place are not known") {
+        test::TempDir t;
+        std::string data = "will not be placed";
+        auto d = hash::hash_bytes(data);
+        make_layout(t, d);
+        // The fan-out directory is a file: the rename fails (ENOTDIR) without any fault seam.
+        std::string fan = t / ("objects/" + d.hex().substr(0, 2));
+        ::rmdir(fan.c_str());
+        test::write_file(fan, "not a directory");
+        cas::ObjectStore s(t / "objects", t / "temp");
+        s.trust_catalog({});
+        CHECK(s.stage_bytes(d, data) == cas::StageResult::staged);
+        CHECK_THROWS_AS(s.publish(), util::SystemError);
+        CHECK_FALSE(s.exists(d));
+        CHECK(s.staged_count() == 0);
+        // The staged file went with the failure: nothing of it is left in temp/.
+        std::string own = t / ("temp/" + s.own_temp_name());
+        for (const auto& n : names_in(own))
+            if (n != "lock") CHECK(names_in(own + "/" + n).empty());
+        // Once the cause is gone, a new stage and publish place it.
+        ::unlink(fan.c_str());
+        ::mkdir(fan.c_str(), 0755);
+        CHECK(s.stage_bytes(d, data) == cas::StageResult::staged);
+        CHECK(s.publish().objects == 1);
+        CHECK(test::read_file(t / ("objects/" + cas::object_relpath(d))) == data);
+    }
+
+    TEST_CASE("TempFile move assignment removes the file it held and takes the other's") {
+        test::TempDir t;
+        auto d = hash::hash_bytes("x");
+        make_layout(t, d);
+        cas::ObjectStore s(t / "objects", t / "temp");
+        cas::TempFile a = s.create_temp();
+        cas::TempFile b = s.create_temp();
+        b.append("kept", 4);
+        std::string own = t / ("temp/" + s.own_temp_name() + "/");
+        std::string a_name = a.name(), b_name = b.name();
+        REQUIRE(a_name.size() > 15); // long enough that the name lives on the heap
+        a = std::move(b);
+        CHECK_FALSE(exists_path(own + a_name));
+        CHECK(a.name() == b_name);
+        CHECK(b.name().empty());
+        std::string released = a.release();
+        CHECK(test::read_file(own + released) == "kept");
     }
 }

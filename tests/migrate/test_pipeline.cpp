@@ -116,10 +116,14 @@ TEST_SUITE("migrate::Pipeline") {
         s.discover();
         auto p = s.catalog().package("pkg1");
         s.catalog().set_state(p->id, PackageState::in_progress); // as a kill -9 leaves it
-        test::write_file(t / "temp/tmp-casmig-999-1", "stale");
-        store::Store s2(t.path());
-        auto r = migrate::migrate(s2, {}, nullptr, nullptr);
-        CHECK(r.verified == 3);
+        // What a killed run leaves: its staging directory, whose lock died with it.
+        test::write_file(t / "temp/casmig-999-0123456789abcdef/lock", "");
+        test::write_file(t / "temp/casmig-999-0123456789abcdef/w0/tmp-casmig-999-1", "stale");
+        {
+            store::Store s2(t.path());
+            auto r = migrate::migrate(s2, {}, nullptr, nullptr);
+            CHECK(r.verified == 3);
+        }
         util::Fd tmp = util::open_dir(t / "temp");
         CHECK(util::list_dir(tmp.get(), "temp").size() == 1); // stale files go at the next lock()
         store::Store s3(t.path());

@@ -5,29 +5,52 @@
 //                              BLAKE3-256 of its uncompressed bytes (first byte's two hex digits are the
 //                              fan-out directory, the other 31 bytes the file name); stored verbatim
 //                              (uncompressed), mode 0444, never rewritten once it exists.
-//   A variant of one content (an executable twin for hard-link use, "<62 hex>.x", mode 0555) keeps the
-//   64 hex digits as its name's start. All 256 fan-out directories are created with the store.
+//   A variant of one content keeps the 64 hex digits as its name's start: "<62 hex>.m<octal>" is a
+//   read-only twin with other read/exec bits for materialize --link hardlink (mode <octal> without
+//   write bits). All 256 fan-out directories (mode 0755, owned like objects/) are created with the
+//   store. migration/corrupt/<64 hex>[suffix].<n>: files found at an object's name that were not the
+//   object (see quarantine()).
 //
 // Durability policy (the one place it is written down)
 //   Objects are staged, then published in batches, the way OSTree commits:
-//     1. each new object is written to temp/w<N>/tmp-casmig-<pid>-<n>, created mode 0444, closed (no
-//        fsync); objects of k_direct_min bytes or more bypass the page cache (O_DIRECT), except for the
+//     1. each new object is written to temp/casmig-<pid>-<rand>/w<N>/tmp-casmig-<pid>-<n> (this
+//        process's own staging directory, see "temp/" below), created mode 0444, closed (no fsync);
+//        objects of k_direct_min bytes or more bypass the page cache (O_DIRECT), except for the
 //        unaligned tail;
 //     2. publish(): one syncfs() of the store's filesystem makes every staged file's data durable
 //        (buffered data is written back; the device cache, holding O_DIRECT data, is flushed);
-//     3. each staged file is renamed into objects/ with RENAME_NOREPLACE (EEXIST: the content is
-//        already there, the temp file is dropped) — an object name never points at unsynced data;
+//     3. each staged file is renamed into objects/ with RENAME_NOREPLACE. EEXIST: a file already sits
+//        at the name. If the name is known good (listed by trust_catalog(), or placed or checked by
+//        this process) it is kept and the temp file dropped; otherwise it is checked, size then
+//        BLAKE3 of its content, and a file that is not the object (planted, damaged, a symlink) is
+//        moved to migration/corrupt/ (never deleted; publish() returns it) and the staged copy takes
+//        the name — an object name never points at unsynced or unchecked data;
 //     4. a second syncfs() makes the renames (the fan-out directory entries) durable;
 //     5. only then does the caller commit catalog rows that refer to these objects.
-//   A crash before 3 leaves only temp files (removed at the start of the next locked run); between 3
-//   and 4 an object may or may not exist, but if it exists its content is complete and synced; before 5
-//   the catalog does not refer to it (gc removes orphans, a rerun finds the object and skips the write).
+//   A crash before 3 leaves only temp files (removed by the next locked run: their owner's lock is
+//   free); between 3 and 4 an object may or may not exist, but if it exists its content is complete
+//   and synced; before 5 the catalog does not refer to it (gc removes orphans, a rerun finds the object,
+//   checks its content and skips the write).
 //   One syncfs per batch instead of one fsync per object is what makes migrate faster than `cp -a`.
 //   Nothing turns syncing off; tests run with it, on small stores it costs milliseconds.
 //
-// Thread safety: exists(), stage_*() and open() may be called from many threads; publish() and
-// remove_stale_temp() are called by one thread (the pipeline's serial stage or a command), under the
-// store lock.
+// Trust: nothing is trusted because it sits at an object's name. exists() answers "present" for a
+// file under objects/ only once its content has been checked in this process (or the catalog lists
+// it, after trust_catalog()); a failed publish() leaves no digest it did not place known.
+// Objects are mode 0444, fan-out directories 0755 (verify --objects puts them right).
+//
+// temp/ (the store's staging directory) is casmig's alone. It is opened without following a symlink:
+// a symlink or non-directory at temp/ is refused (util::RefusedError), its target never touched.
+// Each ObjectStore that writes temp files creates its own directory temp/casmig-<pid>-<16 hex>/ on
+// first use, holding a file "lock" that it flock()s for as long as it lives (materialize, which does
+// not take the store lock, included); the directory is removed by the destructor. sweep_temp()
+// removes only such directories whose lock it can take (the owner is dead); entries named trash-* and
+// rollback-* directly in temp/ belong to the lifecycle commands (cleanup, remove, rollback), which
+// recover them from their journal, and are never touched here; anything else is foreign, left alone
+// and named in the result.
+//
+// Thread safety: exists(), stage_*(), create_temp() and open() may be called from many threads;
+// publish() and sweep_temp() are called by one thread (the pipeline's serial stage or a command).
 #pragma once
 #include <array>
 #include <atomic>
@@ -35,7 +58,9 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <sys/types.h>
 #include <unordered_map>
+#include <utility>
 #include <unordered_set>
 #include <vector>
 
@@ -48,6 +73,13 @@ namespace casmig::cas {
 std::string object_relpath(const hash::Digest& d);
 /// Marker every temp file name starts with, so leftovers from a crash are recognisable.
 inline constexpr const char* k_temp_marker = "tmp-casmig-";
+/// Marker of a process's own staging directory in temp/: "casmig-<pid>-<16 hex>".
+inline constexpr const char* k_temp_dir_marker = "casmig-";
+/// Name of the flock()ed file inside a staging directory; free once its owner is dead.
+inline constexpr const char* k_temp_lock_name = "lock";
+/// Where publish() moves a file that sat at an object's name but was not the object, relative to
+/// the store root.
+inline constexpr const char* k_quarantine_dir = "migration/corrupt";
 
 /// Objects at least this large are written with O_DIRECT (see TempFile::append()).
 inline constexpr std::uint64_t k_direct_min = 64 * 1024;
@@ -62,7 +94,7 @@ public:
     TempFile& operator=(TempFile&& o) noexcept;
     ~TempFile();
     int fd() const { return m_fd.get(); }
-    /// The directory fd name() is relative to.
+    /// The directory the name is relative to (the owning ObjectStore's staging directory).
     int dirfd() const { return m_dirfd; }
     const std::string& name() const { return m_name; }
     /// True while the file is open with O_DIRECT.
@@ -88,23 +120,49 @@ private:
 
 enum class StageResult { staged, already_present };
 
+/// A file found at an object's name that was not the object; moved aside, never deleted.
+struct Quarantined {
+    hash::Digest digest;
+    std::string moved_to; // relative to the store root: "migration/corrupt/<64 hex>.<n>"
+    std::string why;      // "has 12 bytes, expected 40", "content hashes to …", "is a symlink"
+};
+
 struct PublishStats {
     std::uint64_t objects = 0; // newly placed under objects/
     std::uint64_t bytes = 0;
+    std::vector<Quarantined> quarantined; // files that sat at a name and were replaced by the object
+};
+
+/// What sweep_temp() did.
+struct TempSweep {
+    std::uint64_t removed = 0;        // staging directories of dead processes removed
+    std::vector<std::string> foreign; // names directly in temp/ that casmig did not make (left alone)
 };
 
 class ObjectStore {
 public:
-    /// objects_dir and temp_dir must exist on the same filesystem (Store creates them).
+    /// objects_dir and temp_dir must exist on the same filesystem (Store creates them); the
+    /// quarantine directory is k_quarantine_dir beside objects_dir (created when first needed). temp_dir
+    /// is opened without following a symlink in its last component: a symlink or a non-directory there
+    /// throws util::RefusedError (the target is never touched). Creates nothing.
     ObjectStore(const std::string& objects_dir, const std::string& temp_dir);
 
     const std::string& dir() const { return m_objects_path; }
     int dirfd() const { return m_objects.get(); }
+    /// temp/ itself: for the lifecycle's trash-<id> and rollback-<id> entries, which sweep_temp()
+    /// never touches. Object staging does not use it (see own_temp_dirfd()).
     int temp_dirfd() const { return m_temp.get(); }
+    /// This ObjectStore's own staging directory temp/casmig-<pid>-<16 hex>/ (created and locked on
+    /// first use, removed with everything in it by the destructor). Throws util::SystemError.
+    int own_temp_dirfd();
+    /// Its name relative to temp/ ("" until created).
+    std::string own_temp_name() const;
 
-    /// True if the object is under objects/ or staged in this process (not yet published). After
-    /// trust_catalog(), answers from memory without touching the disk.
-    bool exists(const hash::Digest& d) const;
+    /// True if the object is staged in this process, or known good: listed by trust_catalog(), placed
+    /// by this process, or found under objects/ and checked (size, then content) in this process.
+    /// After trust_catalog(), a digest the catalog does not list is not looked up on disk (publish()
+    /// checks what it finds there). size, when known, is checked before the content is hashed.
+    bool exists(const hash::Digest& d, std::optional<std::uint64_t> size = std::nullopt) const;
     /// Makes exists() answer from the digests the catalog lists (committed only once durable) plus
     /// what this process staged and published, with no syscall per file. An object deleted behind the
     /// catalog's back is then not rewritten: verify finds it missing and drops its catalog row, so the
@@ -122,34 +180,60 @@ public:
     /// Convenience: writes data to a temp file and stages it (no-op if present).
     StageResult stage_bytes(const hash::Digest& d, std::string_view data);
 
-    /// Makes every staged object durable and visible (see the durability policy above).
+    /// Makes every staged object durable and visible (see the durability policy above). A file found
+    /// at a name that is not the object is moved to k_quarantine_dir and returned in the stats (the
+    /// caller journals and reports it). On failure (throws util::SystemError), the staged files of the
+    /// batch that were not placed are removed and their digests are not known.
     PublishStats publish();
     /// Number of objects staged and not yet published.
     size_t staged_count() const;
 
     /// Opens an object read-only; throws util::SystemError if it is missing.
     util::Fd open(const hash::Digest& d) const;
-    /// Removes temp files left by a killed run. Caller holds the store lock.
-    void remove_stale_temp();
-    /// Removes this process's empty staging subdirectories of temp/.
+    /// Removes the staging directories of dead casmig processes from temp/ (their lock is free), never
+    /// a live one's, never trash-* or rollback-* (the lifecycle's), never a foreign entry (returned).
+    /// Safe to call while other casmig processes write temp files. Throws util::SystemError.
+    TempSweep sweep_temp();
+    /// Removes this process's empty per-thread staging subdirectories.
     void tidy_temp();
     ~ObjectStore();
     /// Every object file name under objects/ (relative "ab/…"), variants included.
     std::vector<std::string> list_files() const;
+    /// Moves objects/<rel> (not followed if a symlink) into the quarantine directory under a name that
+    /// replaces nothing ("<64 hex>[suffix].<n>"); returns that name relative to the store root. Never
+    /// deletes. Throws util::SystemError.
+    std::string quarantine(const std::string& rel);
 
 private:
     enum class DiskChecked { no, yes };
+    struct Staged {
+        std::string name; // relative to the own staging directory; "" while being published
+        std::uint64_t size = 0;
+    };
     StageResult stage_checked(const hash::Digest& d, TempFile&& tmp, std::uint64_t size, DiskChecked checked);
-    std::string m_objects_path, m_temp_path;
-    util::Fd m_objects, m_temp, m_store_fs; // m_store_fs: any fd on the store's filesystem, for syncfs
+    /// Why the file at d's name is not the object: nullopt if nothing is there, "" if it is the object
+    /// (a regular file of the right size, if known, whose content hashes to d; its mode is set to 0444).
+    /// Throws util::SystemError if it cannot be read.
+    std::optional<std::string> check_on_disk(const hash::Digest& d, std::optional<std::uint64_t> size) const;
+    /// Places one staged file at d's name (step 3). Returns true if this call placed it.
+    bool place(const hash::Digest& d, const std::string& tmpname, std::uint64_t size, PublishStats& stats);
+    void remove_own_temp() noexcept;
+    std::string m_objects_path, m_temp_path, m_quarantine_path;
+    util::Fd m_objects, m_temp;
+    mutable std::mutex m_own_mutex;
+    util::Fd m_own, m_own_lock; // own staging directory and its flock()ed lock file
+    std::string m_own_name;
+    std::atomic<int> m_own_fd{-1}; // m_own's fd once created: create_temp() reads it without the mutex
     mutable std::mutex m_mutex;
-    std::unordered_map<hash::Digest, std::string, hash::DigestHash> m_staged; // digest -> temp name
+    std::unordered_map<hash::Digest, Staged, hash::DigestHash> m_staged;
     bool m_trusting = false;
-    std::array<std::atomic<bool>, 64> m_subdir_made{}; // temp/w<N>/ exists
+    std::array<std::atomic<bool>, 64> m_subdir_made{}; // <own staging directory>/w<N>/ exists
     std::atomic<bool> m_no_direct{false};               // the filesystem refused O_DIRECT once
-    std::vector<hash::Digest> m_known;                                       // sorted
-    std::unordered_set<hash::Digest, hash::DigestHash> m_published;          // by this process
+    std::vector<hash::Digest> m_known;                  // sorted; the catalog's, after trust_catalog()
+    // Placed by publish() (once durable) or found on disk and checked by this process; m_mutex.
+    mutable std::unordered_set<hash::Digest, hash::DigestHash> m_good;
     std::uint64_t m_staged_bytes = 0;
+    std::optional<std::pair<uid_t, gid_t>> m_owner; // objects/'s owner, when root creates objects for another
 };
 
 /// syncfs() the filesystem holding fd; throws SystemError naming `display`.

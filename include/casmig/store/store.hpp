@@ -2,7 +2,9 @@
 //
 //   <store>/<package-id>/   legacy trees: directories not starting with '.' and not reserved
 //   <store>/objects/        the CAS (see cas/object_store.hpp)
-//   <store>/temp/           staging for atomic writes; emptied at the start of every locked run
+//   <store>/temp/           staging for atomic writes (cas/object_store.hpp, "temp/"): each writing
+//                           process's own locked casmig-<pid>-<rand>/, the lifecycle's trash-<id> and
+//                           rollback-<id>; never a symlink
 //   <store>/migration/lock  flock()ed exclusively by every command that writes
 //   <store>/migration/identity  the store's identity marker (see Store::check_catalog)
 //   <store>/migration/gc.lock  shared by materialize, exclusive by gc/remove (objects must not vanish
@@ -10,6 +12,7 @@
 //   <store>/packages/       reserved
 //   <store>/store.db        the catalog (catalog/catalog.hpp); --db may put it elsewhere
 #pragma once
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -65,8 +68,12 @@ public:
     /// Creates objects/ (with its 256 fan-out directories), temp/, migration/ and packages/ if missing.
     void ensure_layout();
     /// Takes migration/lock exclusively, runs check_catalog(purpose) (before anything else is touched),
-    /// then creates the layout and empties temp/. Throws BusyError, RefusedError.
+    /// refuses a temp/ that is a symlink or not a directory (RefusedError), creates the layout, then
+    /// removes the staging directories of dead casmig processes from temp/ and reports foreign entries
+    /// there to the warning sink (one line). Throws BusyError, RefusedError.
     std::unique_ptr<StoreLock> lock(const std::string& command, Purpose purpose = Purpose::write);
+    /// Where lock() reports what is worth a warning but is no failure (one line each, no prefix).
+    void set_warning_sink(std::function<void(const std::string&)> sink) { m_warn = std::move(sink); }
     /// Opens the catalog read-write (creating it on a new store), after check_catalog(Purpose::write)
     /// if no writing check ran yet (lock() runs one). Call with the lock held.
     catalog::Catalog& catalog();
@@ -113,6 +120,7 @@ private:
     util::Fd m_root_fd;
     std::unique_ptr<catalog::Catalog> m_catalog;
     std::unique_ptr<cas::ObjectStore> m_objects;
+    std::function<void(const std::string&)> m_warn;
 };
 
 } // namespace casmig::store

@@ -50,8 +50,12 @@ std::vector<std::pair<std::string, std::string>> compare_tree(int dirfd, const s
 std::string prove_object(const cas::ObjectStore& objects, const hash::Digest& d, std::uint64_t size);
 
 /// fsck: re-hashes every file under objects/ against its name and checks every catalogued object is
-/// present. A corrupt object is moved to migration/corrupt/ (so that a later migrate rewrites it from a
-/// legacy tree) and the packages that need it are named.
+/// present. A corrupt object (or a symlink or anything but a regular file at an object's name) is moved
+/// to migration/corrupt/ (so that a later migrate rewrites it from a legacy tree) and the packages that
+/// need it are named. Objects are also put right and reported, one line each: mode 0444 (a ".m<octal>"
+/// hard-link variant: that mode without write bits), owner and group those of objects/; fan-out
+/// directories: real directories, mode 0755, same owner. Each fix counts as a problem (the command
+/// exits 1; a second run finds nothing). Caller holds the store lock.
 Result verify_objects(store::Store& store, const Options& opts, const ProgressSink& progress,
                       const ProblemSink& problems);
 
