@@ -97,4 +97,37 @@ TEST_SUITE("cas::ObjectStore") {
         CHECK(test::read_file(t / ("temp/" + tmpname)) == want);
         ::unlink((t / ("temp/" + tmpname)).c_str());
     }
+    TEST_CASE("TempFile move assignment over a live temp file removes the old file and keeps the new one") {
+        test::TempDir t;
+        util::ensure_dir(t / "objects");
+        util::ensure_dir(t / "temp");
+        cas::ObjectStore s(t / "objects", t / "temp");
+        auto exists = [&](const std::string& name) {
+            struct stat sb {};
+            return ::lstat((t / ("temp/" + name)).c_str(), &sb) == 0;
+        };
+        cas::TempFile a = s.create_temp();
+        a.append("old", 3);
+        cas::TempFile b = s.create_temp();
+        b.append("new content", 11);
+        const std::string old_name = a.name(), new_name = b.name();
+        REQUIRE(old_name.size() > 15); // long enough to live on the heap: a freed name is a real use-after-free
+        REQUIRE(exists(old_name));
+        a = std::move(b);
+        CHECK_FALSE(exists(old_name));
+        CHECK(exists(new_name));
+        CHECK(a.name() == new_name);
+        CHECK(b.name().empty());
+        a.append(" more", 5); // the moved-in fd is still open and ours
+        const std::string kept = a.release();
+        CHECK(kept == new_name);
+        CHECK(test::read_file(t / ("temp/" + kept)) == "new content more");
+        // Assigning an empty TempFile over a live one drops the live file too.
+        cas::TempFile c = s.create_temp();
+        const std::string c_name = c.name();
+        c = cas::TempFile();
+        CHECK_FALSE(exists(c_name));
+        CHECK(c.name().empty());
+        ::unlink((t / ("temp/" + kept)).c_str());
+    }
 }
