@@ -103,8 +103,9 @@ void hash_files(Task& t, std::vector<PendingFile>& files) {
     files.clear();
 }
 
-void check_tree(Task& t, int store_fd, size_t read_ahead) {
+void check_tree(Task& t, int store_fd, size_t read_ahead, size_t max_dirs) {
     std::vector<PendingFile> files;
+    size_t dirs = 0; // directories the pending files keep open (at most max_dirs)
     std::unordered_map<std::string, const catalog::Entry*> want;
     want.reserve(t.manifest.size());
     for (const auto& e : t.manifest) want.emplace(e.path, &e);
@@ -142,8 +143,12 @@ void check_tree(Task& t, int store_fd, size_t read_ahead) {
                 t.add(path, "symlink target differs: manifest '" + util::printable(m.target) + "', legacy tree '" +
                                 util::printable(it.entry.target) + "'");
             if (m.type == EntryType::file) {
+                if (files.empty() || files.back().item.parent != it.parent) ++dirs;
                 files.push_back({std::move(it), &m});
-                if (files.size() == read_ahead) hash_files(t, files);
+                if (files.size() == read_ahead || dirs >= max_dirs) {
+                    hash_files(t, files);
+                    dirs = 0;
+                }
             }
         }
         hash_files(t, files);
@@ -189,6 +194,7 @@ Result verify_packages(store::Store& store, const std::vector<catalog::Package>&
     unsigned threads = util::thread_count(opts.threads);
     // migrate runs this beside its own pipeline, which holds as many files open.
     const size_t read_ahead = migrate::read_ahead_files(2 * threads);
+    const size_t max_dirs = migrate::dir_refs_per_holder(2 * threads);
     tbb::task_arena arena(static_cast<int>(threads));
     arena.execute([&] {
         tbb::parallel_pipeline(
@@ -215,7 +221,7 @@ Result verify_packages(store::Store& store, const std::vector<catalog::Package>&
                             return t;
                         }
                         check_objects(*t, objects);
-                        if (t->pkg.tree != catalog::TreeState::removed) check_tree(*t, store.root_fd(), read_ahead);
+                        if (t->pkg.tree != catalog::TreeState::removed) check_tree(*t, store.root_fd(), read_ahead, max_dirs);
                         return t;
                     }) &
                 tbb::make_filter<std::shared_ptr<Task>, void>(
