@@ -51,5 +51,33 @@ def deep_package_under_a_low_open_file_limit(t):
     expect(got == want, f"materialized tree differs: {len(set(want.items()) ^ set(got.items()))} entries")
 
 
+
+@test
+def out_of_range_options_are_usage_errors(t):
+    s = t.store("options", 2)
+    before = snapshot(s)
+    cases = [
+        (["migrate", "--time-budget", "99999999999999999999999d"], "3650d"),  # overflowed to 0 before
+        (["migrate", "--io-limit", "0.4"], "1 to 1024T"),                     # rounded to 0 = unlimited
+        (["migrate", "--io-limit", "0.5"], "1 to 1024T"),                     # rounded to 1 B/s
+        (["migrate", "--io-limit", "0"], "1 to 1024T"),
+        (["migrate", "--limit", "0"], "from 1 to 1000000000"),                # printed a 300-digit number
+        (["plan", "--limit", "99999999999999999999"], "from 1 to 1000000000"),
+        (["verify", "--sample", "0"], "from 1 to 1000000000"),
+        (["status", "--journal", "-5"], "from 0 to 1000000"),                 # -5 showed the whole journal
+        (["-j", "0", "status"], "1 to 1024"),
+    ]
+    for args, rng in cases:
+        code, out, err = t.run(s, *args)
+        lines = err.strip().splitlines()
+        expect(code == 2, f"{' '.join(args)}: exit {code}, expected 2; stderr {err!r}")
+        expect(len(lines) == 1 and rng in lines[0] and len(lines[0]) < 200,
+               f"{' '.join(args)}: expected one line naming the range {rng!r}, got {err!r}")
+    expect(snapshot(s) == before, "a refused command changed the store")
+    t.run(s, "migrate", "--limit", "1", "--time-budget", "3650d", "--io-limit", "1024T", code=0)
+    t.run(s, "status", "--journal", "0", code=0)
+    expect(t.json(s, "status")["packages"]["verified"] == 1, "--limit 1 did not migrate exactly one package")
+
+
 if __name__ == "__main__":
     sys.exit(harness.main("e2e-edges"))
