@@ -79,5 +79,33 @@ def out_of_range_options_are_usage_errors(t):
     expect(t.json(s, "status")["packages"]["verified"] == 1, "--limit 1 did not migrate exactly one package")
 
 
+
+@test
+def materialize_refuses_a_destination_inside_the_store(t):
+    s = t.store("matin", 2)
+    t.run(s, "migrate", code=0)
+    link = os.path.join(t.work, "into-objects")
+    os.symlink(os.path.join(s, "objects"), link)
+    os.symlink(s, os.path.join(t.work, "into-store"))
+    def tree():  # the store minus the catalog's files, which any read-only open may touch
+        return {k: v for k, v in snapshot(s).items() if not k.startswith((b"store.db", b"migration"))}
+    before = tree()
+    dests = [os.path.join(s, "objects", "x"), os.path.join(s, "temp", "x"), os.path.join(s, "newpkg"),
+             os.path.join(s, "objects", "..", "newpkg2"), os.path.join(link, "x"), link,
+             os.path.join(t.work, "into-store"), os.path.join(s, "pkg00", "bin", "x")]
+    for dest in dests:
+        code, out, err = t.run(s, "materialize", "pkg00", dest)
+        lines = err.strip().splitlines()
+        expect(code == 2, f"materialize into {dest}: exit {code}, expected 2; stderr {err!r}")
+        expect(len(lines) == 1 and "inside store" in lines[0], f"materialize into {dest}: {err!r}")
+    after = tree()
+    expect(after == before, f"a refused materialize changed the store: {sorted(set(after) ^ set(before))}")
+    # Outside the store, also through a symlinked parent, it works.
+    os.makedirs(os.path.join(t.work, "outside"))
+    os.symlink(os.path.join(t.work, "outside"), os.path.join(t.work, "into-outside"))
+    t.run(s, "materialize", "pkg00", os.path.join(t.work, "into-outside", "pkg00"), code=0)
+    expect(snapshot(os.path.join(t.work, "outside", "pkg00")) == snapshot(os.path.join(s, "pkg00")), "materialized tree")
+
+
 if __name__ == "__main__":
     sys.exit(harness.main("e2e-edges"))
