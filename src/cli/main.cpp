@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "casmig/catalog/catalog.hpp"
+#include "casmig/hash/blake3.hpp"
 #include "casmig/lifecycle/lifecycle.hpp"
 #include "casmig/migrate/pipeline.hpp"
 #include "casmig/store/store.hpp"
@@ -305,6 +306,7 @@ int cmd_gc(Ctx& c, bool dry) {
 } // namespace
 
 int main(int argc, char** argv) {
+    casmig::hash::init(); // BLAKE3's CPU probe, before any worker thread exists (see its contract)
     Globals g;
     CLI::App app{"casmig: migrate a package store from per-package trees to a file-level content-addressed store"};
     app.fallthrough(); // global options are accepted after COMMAND too
