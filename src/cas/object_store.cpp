@@ -33,9 +33,7 @@ TempFile::TempFile(TempFile&& o) noexcept
 
 TempFile& TempFile::operator=(TempFile&& o) noexcept {
     if (this != &o) {
-        // Give up what this one holds first (never destroy *this: its members are assigned below).
-        m_fd.reset();
-        if (!m_name.empty()) io::unlinkat(m_dirfd, m_name.c_str(), 0);
+        discard(); // the file this object held is dropped; *this stays a live object
         m_dirfd = o.m_dirfd;
         m_name = std::exchange(o.m_name, {});
         m_fd = std::move(o.m_fd);
@@ -73,12 +71,16 @@ void TempFile::append(const char* data, size_t len) {
     util::write_all(m_fd.get(), data, len, "temp/" + m_name);
 }
 
-TempFile::~TempFile() {
+void TempFile::discard() noexcept {
     m_fd.reset();
-    // Destructors never throw: a temp file we fail to unlink goes with the ObjectStore's staging
-    // directory (or, after a crash, with the next run's sweep_temp()).
+    // Never throws (the destructor and move assignment call it): a temp file we fail to unlink goes with
+    // the ObjectStore's staging directory (or, after a crash, with the next run's sweep_temp()).
     if (!m_name.empty()) io::unlinkat(m_dirfd, m_name.c_str(), 0);
+    m_name.clear();
+    m_direct = false;
 }
+
+TempFile::~TempFile() { discard(); }
 
 std::string TempFile::release() {
     m_fd.reset();

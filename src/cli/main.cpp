@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "casmig/catalog/catalog.hpp"
+#include "casmig/hash/blake3.hpp"
 #include "casmig/lifecycle/lifecycle.hpp"
 #include "casmig/migrate/pipeline.hpp"
 #include "casmig/store/store.hpp"
@@ -328,6 +329,7 @@ int cmd_gc(Ctx& c, bool dry) {
 } // namespace
 
 int main(int argc, char** argv) {
+    casmig::hash::init(); // BLAKE3's CPU probe, before any worker thread exists (see its contract)
     Globals g;
     CLI::App app{"casmig: migrate a package store from per-package trees to a file-level content-addressed store"};
     app.fallthrough(); // global options are accepted after COMMAND too
@@ -343,14 +345,13 @@ int main(int argc, char** argv) {
     app.add_flag("-v,--verbose", g.verbose, "Print more");
 
     migrate::Options mo;
-    std::string time_budget, io_limit;
-    std::uint64_t limit = 0;
+    std::string time_budget, io_limit, limit; // parsed below, where a bad value is one usage line
     bool retry = false, no_verify = false;
     auto add_selection = [&](CLI::App* sc) {
         sc->add_option("packages", mo.packages, "Package ids (legacy directory names); default: all pending");
-        sc->add_option("--limit", limit, "At most N packages this run")->check(CLI::PositiveNumber);
-        sc->add_option("--time-budget", time_budget, "Start no package after this long (e.g. 90s, 30m, 2h)");
-        sc->add_option("--io-limit", io_limit, "Read at most this many bytes/s from legacy trees (e.g. 50M)");
+        sc->add_option("--limit", limit, "At most N packages this run (1 to 1000000000)");
+        sc->add_option("--time-budget", time_budget, "Start no package after this long (e.g. 90s, 30m, 2h; 0 to 3650d)");
+        sc->add_option("--io-limit", io_limit, "Read at most this many bytes/s from legacy trees (e.g. 50M; 1 to 1024T)");
         sc->add_flag("--retry-failed", retry, "Also retry packages that failed before");
     };
     auto* plan = app.add_subcommand("plan", "Dry run: hash what migrate would read and report counts; writes nothing");
@@ -359,15 +360,15 @@ int main(int argc, char** argv) {
     add_selection(mig);
     mig->add_flag("--no-verify", no_verify, "Skip the verify pass after writing");
     auto* status = app.add_subcommand("status", "Store mode, package states, object and byte counts, recent journal");
-    int journal_lines = 5;
-    status->add_option("--journal", journal_lines, "Journal rows to show (default 5)");
+    std::string journal_lines = "5";
+    status->add_option("--journal", journal_lines, "Journal rows to show (0 to 1000000, default 5)");
     auto* ver = app.add_subcommand("verify", "Compare migrated packages with their legacy trees (and objects with their names)");
     std::vector<std::string> verify_pkgs;
     bool verify_objects = false;
-    std::uint64_t sample = 0;
+    std::string sample;
     ver->add_option("packages", verify_pkgs, "Package ids (default: every package with a manifest)");
     ver->add_flag("--objects", verify_objects, "Also re-hash every object against its name (fsck)");
-    ver->add_option("--sample", sample, "Check N random packages")->check(CLI::PositiveNumber);
+    ver->add_option("--sample", sample, "Check N random packages (1 to 1000000000)");
     auto* cut = app.add_subcommand("cutover", "Switch the store to file-level and mark legacy trees for cleanup");
     auto* clean = app.add_subcommand("cleanup", "Delete legacy trees marked by cutover (their content is in the CAS)");
     bool dry = false;
@@ -401,17 +402,31 @@ int main(int argc, char** argv) {
     }
 
     try {
-        if (limit) mo.limit = limit;
-        if (!time_budget.empty()) mo.time_budget = util::parse_duration(time_budget);
-        if (!io_limit.empty()) mo.io_limit = util::parse_bytes(io_limit);
+        // Each value is checked for its range here, before anything runs: a value out of range is a
+        // usage error naming the option and the range, never wrapped or rounded into another meaning.
+        auto option = [](const char* name, auto parse) {
+            try {
+                return parse();
+            } catch (const util::UsageError& e) {
+                throw util::UsageError(std::string(name) + ": " + e.what());
+            }
+        };
+        constexpr std::uint64_t k_max_packages = 1'000'000'000;
+        if (!limit.empty()) mo.limit = util::parse_count(limit, 1, k_max_packages, "--limit");
+        if (!time_budget.empty()) mo.time_budget = option("--time-budget", [&] { return util::parse_duration(time_budget); });
+        // At least 1 byte/s (0 would mean "unlimited" to the pipeline), at most 1024T/s.
+        if (!io_limit.empty()) mo.io_limit = option("--io-limit", [&] { return util::parse_bytes(io_limit, 1, 1ull << 50); });
+        std::optional<std::uint64_t> sample_n;
+        if (!sample.empty()) sample_n = util::parse_count(sample, 1, k_max_packages, "--sample");
+        const int journal_n = static_cast<int>(util::parse_count(journal_lines, 0, 1'000'000, "--journal"));
         mo.retry_failed = retry ? migrate::RetryFailed::yes : migrate::RetryFailed::no;
         mo.verify = no_verify ? migrate::Verify::no : migrate::Verify::yes;
         mo.threads = g.jobs;
         Ctx c(g);
         if (*plan) return cmd_plan(c, mo);
         if (*mig) return cmd_migrate(c, mo);
-        if (*status) return cmd_status(c, journal_lines);
-        if (*ver) return cmd_verify(c, verify_pkgs, verify_objects, sample ? std::optional(sample) : std::nullopt);
+        if (*status) return cmd_status(c, journal_n);
+        if (*ver) return cmd_verify(c, verify_pkgs, verify_objects, sample_n);
         if (*cut) return cmd_cutover(c);
         if (*clean) return cmd_cleanup(c, dry);
         if (*rb) return cmd_rollback(c, !rb_no_space_check);

@@ -5,6 +5,7 @@
 #include <blake3.h>
 #include <cerrno>
 #include <cstring>
+#include <mutex>
 #include <unistd.h>
 #include <vector>
 
@@ -61,6 +62,22 @@ Digest Hasher::finish() const {
     blake3_hasher_finalize(&m_impl->h, d.bytes.data(), d.bytes.size());
     return d;
 }
+
+void init() noexcept {
+    static std::once_flag once;
+    // Hashing one byte takes the library through its dispatcher, which caches the CPU features: every
+    // thread that starts (or calls init()) after this sees the cached value and never writes it.
+    std::call_once(once, [] {
+        blake3_hasher h;
+        blake3_hasher_init(&h);
+        blake3_hasher_update(&h, "", 1);
+        std::uint8_t out[32];
+        blake3_hasher_finalize(&h, out, sizeof out);
+    });
+}
+
+// Before main(), on the only thread there is: no worker can hash before the probe is cached.
+[[maybe_unused]] static const bool k_probed_at_load = (init(), true);
 
 Digest hash_bytes(std::string_view data) {
     Hasher h;

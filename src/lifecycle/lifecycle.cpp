@@ -715,6 +715,34 @@ MaterializeResult materialize(store::Store& s, const std::string& name, const st
     if (!p->has_manifest)
         throw util::RefusedError("package " + util::printable(name) + " has no manifest (state " +
                                  catalog::to_string(p->state) + "): run casmig migrate " + util::printable(name) + " first");
+    // DEST must not be inside the store: a tree built under objects/, temp/ or beside the packages
+    // would be taken for store content (a new package, a stale temp file, a stray object). Checked by
+    // identity, not by name: from DEST (or, when it does not exist yet, its parent), ".." is followed up
+    // to "/", and no directory on the way may be the store's root. Symlinks in DEST are resolved as
+    // the kernel resolves them for the mkdir below, so a link that leads into the store is caught too.
+    {
+        struct stat root_st {};
+        if (::fstat(s.root_fd(), &root_st) != 0) util::throw_errno("cannot stat store", s.root());
+        struct stat dst {};
+        const bool dest_exists = ::stat(dest.c_str(), &dst) == 0;
+        std::string anchor = dest;
+        if (!dest_exists) {
+            while (anchor.size() > 1 && anchor.back() == '/') anchor.pop_back();
+            auto slash = anchor.rfind('/');
+            anchor = slash == std::string::npos ? "." : slash == 0 ? "/" : anchor.substr(0, slash);
+        }
+        util::Fd at(::open(anchor.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+        // A parent that cannot be opened fails the mkdir below with the real reason.
+        for (struct stat cur {}; at && ::fstat(at.get(), &cur) == 0;) {
+            if (cur.st_dev == root_st.st_dev && cur.st_ino == root_st.st_ino)
+                throw util::UsageError("destination " + dest + " is inside store " + s.root() +
+                                       ": materialize outside the store");
+            util::Fd up(::openat(at.get(), "..", O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+            struct stat up_st {};
+            if (!up || ::fstat(up.get(), &up_st) != 0 || (up_st.st_dev == cur.st_dev && up_st.st_ino == cur.st_ino)) break;
+            at = std::move(up);
+        }
+    }
     // Objects are read through an ObjectStore (its own locked staging directory in temp/ holds hard-link
     // variants being made); made before DEST so that a refused temp/ leaves nothing behind.
     cas::ObjectStore objects(s.objects_dir(), s.temp_dir());

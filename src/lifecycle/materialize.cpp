@@ -4,6 +4,7 @@
 #include "casmig/util/io.hpp"
 #include "casmig/util/xattr.hpp"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fcntl.h>
@@ -12,6 +13,7 @@
 #include <memory>
 #include <set>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <unistd.h>
@@ -153,8 +155,14 @@ private:
         auto pfd = dir_fd(parent);
         int fd = ::openat(pfd->get(), name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
         if (fd < 0) util::throw_errno("cannot open directory", m_display + "/" + util::printable(path));
-        // Bound the cache; an evicted fd stays open while a caller still holds it.
-        if (m_fds.size() > 256) m_fds.clear();
+        // Bound the cache (at most 256 fds, and an eighth of the open-file limit: a deep tree must not
+        // run out of fds); an evicted fd stays open while a caller still holds it.
+        static const size_t k_cache_max = [] {
+            struct rlimit rl {};
+            if (::getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY) return size_t{256};
+            return std::clamp<size_t>(rl.rlim_cur / 8, 4, 256);
+        }();
+        if (m_fds.size() >= k_cache_max) m_fds.clear();
         return m_fds.emplace(path, std::make_shared<util::Fd>(fd)).first->second;
     }
 

@@ -59,15 +59,24 @@ util::Fd open_item(const walk::Item& item) {
     return fd;
 }
 
-size_t read_ahead_files(unsigned holders) {
+static std::uint64_t open_file_limit() {
     struct rlimit rl {};
     std::uint64_t avail = 1024;
     if (::getrlimit(RLIMIT_NOFILE, &rl) == 0)
         avail = rl.rlim_cur == RLIM_INFINITY ? (1u << 20) : static_cast<std::uint64_t>(rl.rlim_cur);
-    // Half of the descriptors for read-ahead; the rest stay for the directories of deep trees, the
-    // catalog, temp files and whatever the caller holds.
-    std::uint64_t each = avail / 2 / std::max(1u, holders);
+    return avail;
+}
+
+// The open-file budget: half of RLIMIT_NOFILE for read-ahead, an eighth for the directories that
+// walked items keep open (dir_refs_per_holder()), walk::k_open_dirs per walker, and the rest for the
+// catalog, temp files and whatever the caller holds.
+size_t read_ahead_files(unsigned holders) {
+    std::uint64_t each = open_file_limit() / 2 / std::max(1u, holders);
     return static_cast<size_t>(std::clamp<std::uint64_t>(each, 1, 256));
+}
+
+size_t dir_refs_per_holder(unsigned holders) {
+    return static_cast<size_t>(std::max<std::uint64_t>(1, open_file_limit() / 8 / std::max(1u, holders)));
 }
 
 void prefetch(int fd, std::uint64_t size) {

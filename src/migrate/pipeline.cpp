@@ -34,8 +34,12 @@ namespace {
 constexpr size_t k_unit_files = 256;
 constexpr std::uint64_t k_unit_bytes = 16ull << 20;
 // Tokens in flight: enough for every worker to have a unit while the serial stages work on others;
-// each unit holds at most k_unit_files open directory references, so fds stay bounded too.
-unsigned tokens_for(unsigned threads) { return threads * 8; }
+// a unit's items keep at most dir_refs_per_holder(tokens) (at least one) directories open, so under a
+// low open-file limit the tokens shrink too, to what the directory budget (dir_refs_per_holder(1))
+// allows, and never below one per thread.
+unsigned tokens_for(unsigned threads) {
+    return static_cast<unsigned>(std::min<size_t>(threads * 8, std::max<size_t>(threads, dir_refs_per_holder(1))));
+}
 // A batch is published and committed when any bound is reached: less often means fewer syncfs calls,
 // more often means less work redone after a crash.
 constexpr auto k_batch_interval = std::chrono::milliseconds(1000);
@@ -142,6 +146,7 @@ public:
 
     void run(unsigned threads) {
         m_threads = threads;
+        m_unit_dirs = dir_refs_per_holder(tokens_for(threads));
         if (m_mode == Mode::migrate) m_committer = std::thread([this] { committer_loop(); });
         // oneTBB caps workers at cores-1 unless told otherwise; -j may ask for more threads than cores
         // (useful when file I/O blocks).
@@ -209,12 +214,18 @@ private:
         std::uint64_t bytes = 0;
         try {
             walk::Item it;
-            while (u->items.size() < k_unit_files && bytes < k_unit_bytes) {
+            const util::Fd* last_dir = nullptr;
+            size_t dirs = 0; // distinct directories the unit's items keep open (at most m_unit_dirs)
+            while (u->items.size() < k_unit_files && bytes < k_unit_bytes && dirs < m_unit_dirs) {
                 if (!m_walker->next(it)) {
                     u->last = true;
                     break;
                 }
-                if (it.entry.type == catalog::EntryType::file) bytes += it.entry.size;
+                if (it.entry.type == catalog::EntryType::file) {
+                    bytes += it.entry.size;
+                    if (it.parent.get() != last_dir) ++dirs;
+                    last_dir = it.parent.get();
+                }
                 u->items.push_back(std::move(it));
             }
         } catch (const walk::PackageError& e) {
@@ -490,6 +501,7 @@ private:
     std::exception_ptr m_committer_error;
     std::vector<std::int64_t> m_migrated_ids;
     unsigned m_threads = 1;
+    size_t m_unit_dirs = 1; // see tokens_for()
     std::mutex m_started_mutex;
     std::vector<std::int64_t> m_started;                            // walked, not yet recorded as in_progress
     std::unordered_set<hash::Digest, hash::DigestHash> m_cataloged; // rows in objects (skip INSERT OR IGNORE)

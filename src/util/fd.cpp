@@ -135,7 +135,7 @@ void raise_fd_limit() {
     struct rlimit rl {};
     if (::getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
         rl.rlim_cur = rl.rlim_max;
-        ::setrlimit(RLIMIT_NOFILE, &rl); // best effort: a lower limit only bounds tree depth
+        ::setrlimit(RLIMIT_NOFILE, &rl); // best effort: a lower limit only shrinks read-ahead
     }
 }
 

@@ -114,8 +114,9 @@ std::string ns_time(std::int64_t ns) {
 
 /// Compares the tree at dirfd/name with t.manifest. `moved`: the tree was renamed aside by cleanup
 /// (its root's mtime and ctime moved with the rename; everything below must still be exact).
-void check_tree(Task& t, int store_fd, const std::string& name, size_t read_ahead, bool moved = false) {
+void check_tree(Task& t, int store_fd, const std::string& name, size_t read_ahead, size_t max_dirs, bool moved = false) {
     std::vector<PendingFile> files;
+    size_t dirs = 0; // directories the pending files keep open (at most max_dirs)
     std::unordered_map<std::string, const catalog::Entry*> want;
     want.reserve(t.manifest.size());
     for (const auto& e : t.manifest) want.emplace(e.path, &e);
@@ -167,8 +168,12 @@ void check_tree(Task& t, int store_fd, const std::string& name, size_t read_ahea
                                 (it.entry.link_to ? "links it to '" + util::printable(*it.entry.link_to) + "'"
                                                   : std::string("has it alone")));
             if (m.type == EntryType::file) {
+                if (files.empty() || files.back().item.parent != it.parent) ++dirs;
                 files.push_back({std::move(it), &m});
-                if (files.size() == read_ahead) hash_files(t, files);
+                if (files.size() == read_ahead || dirs >= max_dirs) {
+                    hash_files(t, files);
+                    dirs = 0;
+                }
             }
         }
         hash_files(t, files);
@@ -199,7 +204,8 @@ std::vector<std::pair<std::string, std::string>> compare_tree(int dirfd, const s
     Task t;
     t.pkg = pkg;
     t.manifest = manifest;
-    check_tree(t, dirfd, name, migrate::read_ahead_files(2 * util::thread_count(0)), moved);
+    const unsigned holders = 2 * util::thread_count(0);
+    check_tree(t, dirfd, name, migrate::read_ahead_files(holders), migrate::dir_refs_per_holder(holders), moved);
     return std::move(t.problems);
 }
 
@@ -250,6 +256,7 @@ Result verify_packages(store::Store& store, const std::vector<catalog::Package>&
     unsigned threads = util::thread_count(opts.threads);
     // migrate runs this beside its own pipeline, which holds as many files open.
     const size_t read_ahead = migrate::read_ahead_files(2 * threads);
+    const size_t max_dirs = migrate::dir_refs_per_holder(2 * threads);
     tbb::task_arena arena(static_cast<int>(threads));
     arena.execute([&] {
         tbb::parallel_pipeline(
@@ -276,7 +283,7 @@ Result verify_packages(store::Store& store, const std::vector<catalog::Package>&
                             return t;
                         }
                         check_objects(*t, objects);
-                        if (t->pkg.tree != catalog::TreeState::removed) check_tree(*t, store.root_fd(), t->pkg.name, read_ahead);
+                        if (t->pkg.tree != catalog::TreeState::removed) check_tree(*t, store.root_fd(), t->pkg.name, read_ahead, max_dirs);
                         return t;
                     }) &
                 tbb::make_filter<std::shared_ptr<Task>, void>(

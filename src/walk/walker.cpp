@@ -38,20 +38,78 @@ PackageWalker::PackageWalker(int store_fd, const std::string& package) {
     } catch (const util::SystemError& e) {
         throw PackageError("", std::string("cannot read extended attributes: ") + errno_text(e.code()));
     }
-    push_dir(std::move(sfd), "");
+    push_dir(std::move(sfd), m_root_st);
 }
 
-void PackageWalker::push_dir(std::shared_ptr<util::Fd> fd, std::string prefix) {
+// m_path must already name the directory being pushed.
+void PackageWalker::push_dir(std::shared_ptr<util::Fd> fd, const struct stat& st) {
     Frame f;
     try {
-        f.names = util::list_dir(fd->get(), prefix);
+        f.names = util::list_dir(fd->get(), m_path);
     } catch (const util::SystemError& e) {
-        throw PackageError(prefix, "cannot read directory: " + errno_text(e.code()));
+        std::string shown = m_path;
+        if (!m_stack.empty()) m_path.resize(m_stack.back().path_len); // the walk goes on in the parent
+        throw PackageError(shown, "cannot read directory: " + errno_text(e.code()));
     }
     std::sort(f.names.begin(), f.names.end());
     f.fd = std::move(fd);
-    f.prefix = std::move(prefix);
+    f.path_len = m_path.size();
+    f.dev = st.st_dev;
+    f.ino = st.st_ino;
     m_stack.push_back(std::move(f));
+    // Keep the root (the anchor reopen() falls back to) and the k_open_dirs - 1 innermost levels open.
+    if (m_stack.size() > k_open_dirs) m_stack[m_stack.size() - k_open_dirs].fd.reset();
+}
+
+static constexpr int k_dir_flags = O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC;
+
+static bool same_dir(int fd, dev_t dev, ino_t ino) {
+    struct stat st {};
+    return ::fstat(fd, &st) == 0 && st.st_dev == dev && st.st_ino == ino;
+}
+
+util::Fd PackageWalker::reopen(size_t index) {
+    const Frame& f = m_stack[index];
+    const std::string path = m_path.substr(0, f.path_len);
+    // Usually the child's "..": one openat, never a symlink, O(1) whatever the depth.
+    util::Fd up(::openat(m_stack[index + 1].fd->get(), "..", k_dir_flags));
+    if (up && same_dir(up.get(), f.dev, f.ino)) return up;
+    // ".." needs search permission on the child, and a child moved elsewhere has another parent: walk
+    // down again from the nearest open ancestor (the root at worst), by name, checking each level.
+    size_t from = index;
+    while (!m_stack[from].fd) --from;
+    util::Fd cur;
+    int at = m_stack[from].fd->get();
+    for (size_t k = from + 1; k <= index; ++k) {
+        const size_t start = m_stack[k - 1].path_len == 0 ? 0 : m_stack[k - 1].path_len + 1;
+        const std::string name = m_path.substr(start, m_stack[k].path_len - start);
+        util::Fd next(::openat(at, name.c_str(), k_dir_flags));
+        if (!next && errno != ENOENT && errno != ENOTDIR && errno != ELOOP)
+            throw PackageError(path, "cannot reopen directory: " + errno_text(errno));
+        if (!next || !same_dir(next.get(), m_stack[k].dev, m_stack[k].ino))
+            throw PackageError(path, "was moved or replaced while the package was being walked (the package is "
+                                     "changing; rerun migrate when it is not being modified)");
+        cur = std::move(next);
+        at = cur.get();
+    }
+    return cur;
+}
+
+void PackageWalker::pop_dir() {
+    const size_t n = m_stack.size();
+    if (n >= 2 && !m_stack[n - 2].fd) {
+        try {
+            m_stack[n - 2].fd = std::make_shared<util::Fd>(reopen(n - 2));
+        } catch (const PackageError&) {
+            // The rest of the walk has nothing to stand on: end it, so that a caller that reports
+            // the error and calls next() again is told the walk is over.
+            m_stack.clear();
+            m_path.clear();
+            throw;
+        }
+    }
+    m_stack.pop_back();
+    m_path.resize(m_stack.empty() ? 0 : m_stack.back().path_len);
 }
 
 bool PackageWalker::next(Item& out) {
@@ -71,11 +129,11 @@ bool PackageWalker::next(Item& out) {
     while (!m_stack.empty()) {
         Frame& f = m_stack.back();
         if (f.pos == f.names.size()) {
-            m_stack.pop_back();
+            pop_dir();
             continue;
         }
-        const std::string name = f.names[f.pos++];
-        std::string path = join(f.prefix, name);
+        const std::string name = std::move(f.names[f.pos++]);
+        std::string path = join(m_path, name);
         out = Item{};
         if (::fstatat(f.fd->get(), name.c_str(), &out.st, AT_SYMLINK_NOFOLLOW) != 0) {
             if (errno == ENOENT)
@@ -91,19 +149,23 @@ bool PackageWalker::next(Item& out) {
         out.entry.gid = st.st_gid;
         if (S_ISDIR(st.st_mode)) {
             out.entry.type = catalog::EntryType::dir;
-            int fd = ::openat(f.fd->get(), name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-            if (fd < 0) {
+            util::Fd fd(::openat(f.fd->get(), name.c_str(), k_dir_flags));
+            if (!fd) {
                 int e = errno;
                 throw PackageError(path, "cannot open directory: " + errno_text(e) +
                                              (e == EACCES ? " (make it readable or run casmig as its owner)" : ""));
             }
+            // The directory opened must be the one lstat'ed: its identity is what reopen() checks later.
+            if (!same_dir(fd.get(), st.st_dev, st.st_ino))
+                throw PackageError(path, "was replaced while the package was being walked (the package is changing; "
+                                         "rerun migrate when it is not being modified)");
             try {
-                out.entry.xattrs = util::read_xattrs(fd, path);
+                out.entry.xattrs = util::read_xattrs(fd.get(), path);
             } catch (const util::SystemError& e) {
-                ::close(fd);
                 throw PackageError(path, std::string("cannot read extended attributes: ") + errno_text(e.code()));
             }
-            push_dir(std::make_shared<util::Fd>(fd), path); // invalidates f
+            m_path = std::move(path);
+            push_dir(std::make_shared<util::Fd>(std::move(fd)), st); // invalidates f
             return true;
         }
         if (S_ISLNK(st.st_mode)) {

@@ -308,22 +308,37 @@ TEST_SUITE("cas::ObjectStore") {
         CHECK(test::read_file(t / ("objects/" + cas::object_relpath(d))) == data);
     }
 
-    TEST_CASE("TempFile move assignment removes the file it held and takes the other's") {
+    TEST_CASE("TempFile move assignment over a live temp file removes the old file and keeps the new one") {
         test::TempDir t;
-        auto d = hash::hash_bytes("x");
-        make_layout(t, d);
+        util::ensure_dir(t / "objects");
+        util::ensure_dir(t / "temp");
         cas::ObjectStore s(t / "objects", t / "temp");
+        auto exists = [&](const std::string& name) {
+            struct stat sb {};
+            return ::lstat((t / ("temp/" + s.own_temp_name() + "/" + name)).c_str(), &sb) == 0;
+        };
         cas::TempFile a = s.create_temp();
+        a.append("old", 3);
         cas::TempFile b = s.create_temp();
-        b.append("kept", 4);
-        std::string own = t / ("temp/" + s.own_temp_name() + "/");
-        std::string a_name = a.name(), b_name = b.name();
-        REQUIRE(a_name.size() > 15); // long enough that the name lives on the heap
+        b.append("new content", 11);
+        const std::string old_name = a.name(), new_name = b.name();
+        REQUIRE(old_name.size() > 15); // long enough to live on the heap: a freed name is a real use-after-free
+        REQUIRE(exists(old_name));
         a = std::move(b);
-        CHECK_FALSE(exists_path(own + a_name));
-        CHECK(a.name() == b_name);
+        CHECK_FALSE(exists(old_name));
+        CHECK(exists(new_name));
+        CHECK(a.name() == new_name);
         CHECK(b.name().empty());
-        std::string released = a.release();
-        CHECK(test::read_file(own + released) == "kept");
+        a.append(" more", 5); // the moved-in fd is still open and ours
+        const std::string kept = a.release();
+        CHECK(kept == new_name);
+        CHECK(test::read_file(t / ("temp/" + s.own_temp_name() + "/" + kept)) == "new content more");
+        // Assigning an empty TempFile over a live one drops the live file too.
+        cas::TempFile c = s.create_temp();
+        const std::string c_name = c.name();
+        c = cas::TempFile();
+        CHECK_FALSE(exists(c_name));
+        CHECK(c.name().empty());
+        ::unlink((t / ("temp/" + s.own_temp_name() + "/" + kept)).c_str());
     }
 }

@@ -15,6 +15,7 @@ namespace {
 
 struct Migrated {
     test::TempDir dir;
+    test::TempDir elsewhere; // materialize destinations: never inside the store (materialize refuses that)
     std::unique_ptr<store::Store> store;
     std::unique_ptr<store::StoreLock> lock;
     Migrated() {
@@ -59,12 +60,12 @@ TEST_SUITE("lifecycle") {
     TEST_CASE("materialize --link copy rebuilds a package exactly, mtimes and setuid included") {
         Migrated m;
         std::string before = m.snapshot(m.dir / "pkg0");
-        auto r = lifecycle::materialize(*m.store, "pkg0", m.dir / "out", lifecycle::LinkMode::copy);
+        auto r = lifecycle::materialize(*m.store, "pkg0", m.elsewhere / "out", lifecycle::LinkMode::copy);
         CHECK(r.files == 6);
-        CHECK(m.snapshot(m.dir / "out") == before);
+        CHECK(m.snapshot(m.elsewhere / "out") == before);
         struct stat a {}, b {};
-        ::stat((m.dir / "out/LICENSE").c_str(), &a);
-        ::stat((m.dir / "out/LICENSE.hard").c_str(), &b);
+        ::stat((m.elsewhere / "out/LICENSE").c_str(), &a);
+        ::stat((m.elsewhere / "out/LICENSE.hard").c_str(), &b);
         CHECK(a.st_ino == b.st_ino); // the hard link inside the package is kept
     }
     TEST_CASE("materialize handles more directories than its fd cache, with hard links across them") {
@@ -74,29 +75,30 @@ TEST_SUITE("lifecycle") {
         store::Store s(t.path());
         auto lock = s.lock("test");
         REQUIRE(migrate::migrate(s, {}, nullptr, nullptr).verified == 1);
-        auto r = lifecycle::materialize(s, "big", t / "out", lifecycle::LinkMode::copy);
+        test::TempDir o;
+        auto r = lifecycle::materialize(s, "big", o / "out", lifecycle::LinkMode::copy);
         CHECK(r.files == 301);
         CHECK(r.dirs == 300);
-        CHECK(test::read_file(t / "out/d150/f") == "file 150");
+        CHECK(test::read_file(o / "out/d150/f") == "file 150");
         struct stat a {}, b {};
-        ::stat((t / "out/d0/f").c_str(), &a);
-        ::stat((t / "out/d299/link").c_str(), &b);
+        ::stat((o / "out/d0/f").c_str(), &a);
+        ::stat((o / "out/d299/link").c_str(), &b);
         CHECK(a.st_ino == b.st_ino);
     }
     TEST_CASE("materialize --link hardlink links objects but never setuid files and keeps exec bits") {
         Migrated m;
-        auto r = lifecycle::materialize(*m.store, "pkg0", m.dir / "out", lifecycle::LinkMode::hardlink);
+        auto r = lifecycle::materialize(*m.store, "pkg0", m.elsewhere / "out", lifecycle::LinkMode::hardlink);
         CHECK(r.linked >= 3);
         struct stat suid {}, tool {}, priv {};
-        ::stat((m.dir / "out/bin/suid").c_str(), &suid);
+        ::stat((m.elsewhere / "out/bin/suid").c_str(), &suid);
         CHECK(suid.st_nlink == 1);
         CHECK((suid.st_mode & 07777) == 04755);
-        ::stat((m.dir / "out/bin/tool").c_str(), &tool);
+        ::stat((m.elsewhere / "out/bin/tool").c_str(), &tool);
         CHECK((tool.st_mode & 0111) == 0111);
         CHECK(tool.st_nlink >= 2);
-        ::stat((m.dir / "out/private").c_str(), &priv);
+        ::stat((m.elsewhere / "out/private").c_str(), &priv);
         CHECK((priv.st_mode & 0077) == 0); // a private file stays private
-        CHECK(test::read_file(m.dir / "out/private") == "secret");
+        CHECK(test::read_file(m.elsewhere / "out/private") == "secret");
     }
     TEST_CASE("materialize refuses a crafted manifest that would write through a symlink") {
         Migrated m;
@@ -116,15 +118,15 @@ TEST_SUITE("lifecycle") {
         es[2].digest = hash::hash_bytes("");
         cat.put_manifest(id, es);
         util::ensure_dir(m.dir / "victim");
-        CHECK_THROWS_AS(lifecycle::materialize(*m.store, "crafted", m.dir / "out", lifecycle::LinkMode::copy), util::Error);
+        CHECK_THROWS_AS(lifecycle::materialize(*m.store, "crafted", m.elsewhere / "out", lifecycle::LinkMode::copy), util::Error);
         struct stat st {};
         CHECK(::lstat((m.dir / "victim/x").c_str(), &st) != 0);
     }
     TEST_CASE("materialize refuses a non-empty destination and an unknown package") {
         Migrated m;
-        test::write_file(m.dir / "busy/file", "x");
-        CHECK_THROWS_AS(lifecycle::materialize(*m.store, "pkg0", m.dir / "busy", lifecycle::LinkMode::copy), util::UsageError);
-        CHECK_THROWS_AS(lifecycle::materialize(*m.store, "nope", m.dir / "new", lifecycle::LinkMode::copy), util::UsageError);
+        test::write_file(m.elsewhere / "busy/file", "x");
+        CHECK_THROWS_AS(lifecycle::materialize(*m.store, "pkg0", m.elsewhere / "busy", lifecycle::LinkMode::copy), util::UsageError);
+        CHECK_THROWS_AS(lifecycle::materialize(*m.store, "nope", m.elsewhere / "new", lifecycle::LinkMode::copy), util::UsageError);
     }
     TEST_CASE("cutover refuses while a package is not verified, and changes nothing") {
         Migrated m;
@@ -150,9 +152,9 @@ TEST_SUITE("lifecycle") {
         CHECK(g_problems.empty());
         CHECK(r.trees == 3);
         for (auto& pk : m.store->catalog().packages()) CHECK(pk.tree == TreeState::removed);
-        auto mr = lifecycle::materialize(*m.store, "pkg1", m.dir / "back", lifecycle::LinkMode::copy);
+        auto mr = lifecycle::materialize(*m.store, "pkg1", m.elsewhere / "back", lifecycle::LinkMode::copy);
         CHECK(mr.files == 3);
-        CHECK(m.snapshot(m.dir / "back") == before);
+        CHECK(m.snapshot(m.elsewhere / "back") == before);
     }
     TEST_CASE("cleanup keeps a tree whose objects are missing") {
         Migrated m;
@@ -167,7 +169,7 @@ TEST_SUITE("lifecycle") {
         REQUIRE(g_problems.size() == 1);
         CHECK(g_problems[0].package == "pkg2");
         CHECK(g_problems[0].message.find("repaired") != std::string::npos);
-        auto mr = lifecycle::materialize(*m.store, "pkg2", m.dir / "back", lifecycle::LinkMode::copy);
+        auto mr = lifecycle::materialize(*m.store, "pkg2", m.elsewhere / "back", lifecycle::LinkMode::copy);
         CHECK(mr.files == 3);
     }
     TEST_CASE("cleanup keeps a tree whose object is missing and whose legacy file changed too") {
@@ -191,7 +193,8 @@ TEST_SUITE("lifecycle") {
         lifecycle::cleanup(*m.store, lifecycle::DryRun::no, 0, nullptr, collect());
         // Crash points: pkg0 was rebuilt and renamed into place but not recorded; a half-built
         // staging tree of pkg1 was left in temp/.
-        lifecycle::materialize(*m.store, "pkg0", m.dir / "pkg0", lifecycle::LinkMode::copy);
+        lifecycle::materialize(*m.store, "pkg0", m.elsewhere / "pkg0", lifecycle::LinkMode::copy);
+        REQUIRE(::rename((m.elsewhere / "pkg0").c_str(), (m.dir / "pkg0").c_str()) == 0);
         test::write_file(m.dir / ("temp/rollback-" + std::to_string(m.store->catalog().package("pkg1")->id) + "/half"), "x");
         m.lock.reset();
         m.lock = m.store->lock("test");
@@ -224,7 +227,7 @@ TEST_SUITE("lifecycle") {
         auto r = lifecycle::gc(*m.store, lifecycle::DryRun::no);
         CHECK(r.removed_objects == 3); // pkg0's own tool, suid and private contents
         CHECK(m.store->catalog().totals().objects == before - 3);
-        auto out = lifecycle::materialize(*m.store, "pkg1", m.dir / "still", lifecycle::LinkMode::copy);
+        auto out = lifecycle::materialize(*m.store, "pkg1", m.elsewhere / "still", lifecycle::LinkMode::copy);
         CHECK(out.files == 3);
     }
 }

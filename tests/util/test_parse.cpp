@@ -30,6 +30,47 @@ TEST_SUITE("util::parse") {
         CHECK_THROWS_AS(parse_bytes("fast"), UsageError);
         CHECK_THROWS_AS(parse_bytes("5X"), UsageError);
     }
+    TEST_CASE("parse_duration refuses what it cannot represent instead of wrapping or rounding to 0") {
+        CHECK_THROWS_AS(parse_duration("99999999999999999999999d"), UsageError); // wrapped to 0 before
+        CHECK_THROWS_AS(parse_duration("3651d"), UsageError);
+        CHECK(parse_duration("3650d") == k_max_duration);
+        CHECK_THROWS_AS(parse_duration("0.0004s"), UsageError); // would be 0: "no time at all"
+        CHECK(parse_duration("0.5ms").count() == 1);
+        CHECK_THROWS_AS(parse_duration("1.2.3s"), UsageError); // read as 1.2s before
+        try {
+            parse_duration("99999999999999999999999d");
+        } catch (const UsageError& e) {
+            CHECK(std::string(e.what()).find("3650d") != std::string::npos); // the message names the range
+        }
+    }
+    TEST_CASE("parse_bytes keeps to its range and never rounds up to it") {
+        CHECK(parse_bytes("0") == 0);
+        CHECK(parse_bytes("0.3K") == 307);
+        CHECK_THROWS_AS(parse_bytes("0.4", 1), UsageError); // was 0: unlimited
+        CHECK_THROWS_AS(parse_bytes("0.5", 1), UsageError); // was 1 B/s
+        CHECK(parse_bytes("1", 1) == 1);
+        CHECK_THROWS_AS(parse_bytes("99999999999T"), UsageError); // beyond 2^64
+        CHECK(parse_bytes("1024T", 1, 1ull << 50) == 1ull << 50);
+        CHECK_THROWS_AS(parse_bytes("1025T", 1, 1ull << 50), UsageError);
+        try {
+            parse_bytes("0.5", 1, 1ull << 50);
+        } catch (const UsageError& e) {
+            CHECK(std::string(e.what()).find("1 to 1024T") != std::string::npos);
+        }
+    }
+    TEST_CASE("parse_count takes whole numbers within the range only") {
+        CHECK(parse_count("7", 1, 10, "--limit") == 7);
+        CHECK(parse_count("0", 0, 10, "--journal") == 0);
+        for (const char* bad : {"0", "11", "-1", "+3", "1.5", "1e3", "", " 5", "99999999999999999999999"}) {
+            CAPTURE(bad);
+            CHECK_THROWS_AS(parse_count(bad, 1, 10, "--limit"), UsageError);
+        }
+        try {
+            parse_count("0", 1, 10, "--limit");
+        } catch (const UsageError& e) {
+            CHECK(std::string(e.what()) == "invalid --limit '0': expected a whole number from 1 to 10");
+        }
+    }
     TEST_CASE("printable keeps one line and valid UTF-8") {
         CHECK(printable("plain") == "plain");
         CHECK(printable("new\nline") == "new\\x0aline");

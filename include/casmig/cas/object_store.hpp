@@ -116,6 +116,8 @@ private:
     util::Fd m_fd;
     bool m_direct = false;
     void stop_direct();
+    /// Closes the fd and unlinks the file if this object still owns a name; leaves an empty TempFile.
+    void discard() noexcept;
 };
 
 enum class StageResult { staged, already_present };

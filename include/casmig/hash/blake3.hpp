@@ -46,6 +46,13 @@ private:
     std::unique_ptr<Impl> m_impl;
 };
 
+/// Runs the BLAKE3 library's CPU-feature probe (CPUID, to pick SSE4.1/AVX2/AVX-512 code). The C library
+/// probes lazily, on the first hash, into a plain global: two threads hashing first at once race on
+/// it (ThreadSanitizer reports it). init() probes once, under std::call_once; it runs by itself before
+/// main() (a static initializer of this library), and main() and the code that starts worker threads
+/// may call it again for clarity: every call after the first is free. Never throws.
+void init() noexcept;
+
 /// Digest of an in-memory buffer.
 Digest hash_bytes(std::string_view data);
 /// Streams an open file from its current offset to EOF through a fixed buffer. Throws SystemError.

@@ -37,6 +37,10 @@ util::Fd try_open_item(const walk::Item& item) noexcept;
 /// How many files each of `holders` threads may keep open for read-ahead at once: at most 256, and
 /// together at most half of RLIMIT_NOFILE, so that read-ahead never makes an open fail with EMFILE.
 size_t read_ahead_files(unsigned holders);
+/// How many distinct directories the walked items each of `holders` keeps (walk::Item::parent holds its
+/// directory open) may reference at once: together at most an eighth of RLIMIT_NOFILE, at least 1. In
+/// a deep tree nearly every file has a directory of its own, so this, not the file count, bounds fds.
+size_t dir_refs_per_holder(unsigned holders);
 /// Starts reading the first few MiB of an open file into the page cache and returns at once, so that
 /// the disk works on many files while the caller hashes them one by one. A hint: errors are ignored.
 void prefetch(int fd, std::uint64_t size);

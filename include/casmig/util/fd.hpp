@@ -58,7 +58,7 @@ std::vector<std::string> list_dir(int fd, const std::string& display);
 unsigned long long remove_tree_at(int dirfd, const std::string& name, const std::string& display);
 /// Creates a directory if missing.
 void ensure_dir(const std::string& path, mode_t mode = 0755);
-/// Raises the soft RLIMIT_NOFILE to the hard limit (deep trees keep one fd per level).
+/// Raises the soft RLIMIT_NOFILE to the hard limit (read-ahead and directory fds take shares of it).
 void raise_fd_limit();
 /// Printable form of a byte path: non-printable and non-UTF-8 bytes as \xNN, so one error stays one line.
 std::string printable(std::string_view bytes);
