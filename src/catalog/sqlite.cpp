@@ -12,6 +12,18 @@ Db::Db(const std::string& path, OpenMode mode) : m_path(path) {
         m_db = nullptr;
         throw DbError("cannot open catalog " + path + ": " + msg + " (check the path and its permissions)", rc);
     }
+    try {
+        configure(mode);
+    } catch (...) {
+        // A constructor that throws runs no destructor: close the handle here (a malformed file fails
+        // in the first PRAGMA).
+        sqlite3_close_v2(m_db);
+        m_db = nullptr;
+        throw;
+    }
+}
+
+void Db::configure(OpenMode mode) {
     sqlite3_extended_result_codes(m_db, 1);
     // 60 s: a writer waits this long for another connection's transaction (readers never block in WAL).
     sqlite3_busy_timeout(m_db, 60'000);

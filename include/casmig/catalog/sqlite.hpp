@@ -37,6 +37,7 @@ public:
     [[noreturn]] void fail(const std::string& what, int rc, std::string_view sql = {}) const;
 
 private:
+    void configure(OpenMode mode);
     sqlite3* m_db = nullptr;
     std::string m_path;
 };
