@@ -263,6 +263,47 @@ void ObjectStore::tidy_temp() {
 
 ObjectStore::~ObjectStore() { tidy_temp(); }
 
+size_t ObjectStore::discard_staged(const std::function<bool(const hash::Digest&)>& keep) {
+    size_t removed = 0;
+    std::unordered_set<std::string> kept;
+    {
+        std::lock_guard lk(m_mutex);
+        for (auto it = m_staged.begin(); it != m_staged.end();) {
+            if (!it->second.empty() && keep && keep(it->first)) {
+                kept.insert(it->second);
+                ++it;
+                continue;
+            }
+            // An empty name is an entry publish() took and did not place: its file, if any, is
+            // found by the sweep below.
+            if (!it->second.empty() && io::unlinkat(m_temp.get(), it->second.c_str(), 0) == 0) ++removed;
+            it = m_staged.erase(it);
+        }
+    }
+    // Files of this process that a failed publish() (or a failed stage) left in its subdirectories.
+    const std::string mine = std::string(k_temp_marker) + std::to_string(::getpid()) + "-";
+    for (size_t i = 0; i < m_subdir_made.size(); ++i) {
+        if (!m_subdir_made[i].load()) continue;
+        char d[16];
+        std::snprintf(d, sizeof d, "w%zu", i);
+        int fd = ::openat(m_temp.get(), d, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0) continue;
+        util::Fd dir(fd);
+        std::vector<std::string> names;
+        try {
+            names = util::list_dir(dir.get(), m_temp_path + "/" + d);
+        } catch (const util::Error&) {
+            continue; // dropped on purpose: the next locked run's sweep removes what is left
+        }
+        for (const auto& n : names)
+            if (n.rfind(mine, 0) == 0 && !kept.count(std::string(d) + "/" + n) &&
+                io::unlinkat(dir.get(), n.c_str(), 0) == 0)
+                ++removed;
+    }
+    tidy_temp();
+    return removed;
+}
+
 util::Fd ObjectStore::open(const hash::Digest& d) const {
     std::string rel = object_relpath(d);
     int fd = ::openat(m_objects.get(), rel.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
