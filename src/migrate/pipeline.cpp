@@ -726,26 +726,31 @@ SpaceNeed space_needed_for(store::Store& store, const std::vector<catalog::Packa
 /// only if it fits (space_needed_for() on it alone), so that one run migrates everything that fits and
 /// no two packages compete for the last bytes. One that does not fit, or hits a full disk again, is
 /// not started (it stays pending; its staged files are deleted).
-void one_at_a_time(store::Store& store, const Options& opts, Pipeline& first, Result& r, Clock::time_point started,
-                   const ProgressSink& progress, const ProblemSink& problems) {
+/// Returns the packages left not started.
+std::vector<catalog::Package> one_at_a_time(store::Store& store, const Options& opts, Pipeline& first, Result& r,
+                                            Clock::time_point started, const ProgressSink& progress,
+                                            const ProblemSink& problems) {
     auto rest = first.unfinished();
+    std::vector<catalog::Package> left;
     r.disk_full = true;
     r.disk_full_error = first.disk_full_error();
-    if (first.commit_failed()) {
-        r.not_started += rest.size();
-        return;
-    }
+    auto leave_from = [&](size_t i) {
+        left.insert(left.end(), rest.begin() + static_cast<std::ptrdiff_t>(i), rest.end());
+        r.not_started += rest.size() - i;
+        return left;
+    };
+    if (first.commit_failed()) return leave_from(0);
     auto cataloged = first.take_cataloged();
     const unsigned threads = util::thread_count(opts.threads);
     for (size_t i = 0; i < rest.size(); ++i) {
         if (opts.time_budget && Clock::now() - started >= *opts.time_budget) {
             r.stopped_by_budget = true;
-            r.not_started += rest.size() - i;
-            return;
+            return leave_from(i);
         }
         std::vector<catalog::Package> one{rest[i]};
         if (space_needed_for(store, one, opts, progress).packages_that_fit == 0) {
             ++r.not_started;
+            left.push_back(rest[i]);
             continue;
         }
         Pipeline q(store, Mode::migrate, opts, one, progress, problems);
@@ -763,11 +768,25 @@ void one_at_a_time(store::Store& store, const Options& opts, Pipeline& first, Re
         r.new_object_bytes += qr.new_object_bytes;
         if (q.disk_full()) {
             ++r.not_started;
-            if (q.commit_failed()) {
-                r.not_started += rest.size() - i - 1;
-                return;
-            }
+            left.push_back(rest[i]);
+            if (q.commit_failed()) return leave_from(i + 1);
         }
+    }
+    return left;
+}
+
+/// Packages the disk-full run began (recorded in_progress) but left: back to the state they had, so that
+/// status does not show work in progress after the run. Best effort on a full disk: in_progress is
+/// taken as pending by the next run anyway.
+void restore_states(catalog::Catalog& cat, const std::vector<catalog::Package>& left) {
+    try {
+        catalog::Transaction tx(cat.db());
+        for (const auto& p : left)
+            if (auto now = cat.package(p.name); now && now->state == PackageState::in_progress)
+                cat.set_state(p.id, p.state, p.error);
+        tx.commit();
+    } catch (const std::exception& e) {
+        if (!is_disk_full(e)) throw;
     }
 }
 
@@ -811,7 +830,7 @@ Result migrate(store::Store& store, const Options& opts, const ProgressSink& pro
     p.run(util::thread_count(opts.threads));
     Result r = p.result();
     r.failed += p.verify_failed();
-    if (p.disk_full()) one_at_a_time(store, opts, p, r, started, progress, problems);
+    if (p.disk_full()) restore_states(cat, one_at_a_time(store, opts, p, r, started, progress, problems));
     if (opts.verify == Verify::yes) {
         // This run's packages, and any a killed run left migrated but unverified.
         std::vector<catalog::Package> todo;
