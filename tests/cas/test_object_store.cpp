@@ -6,6 +6,7 @@
 #include "casmig/util/fd.hpp"
 
 #include <sys/stat.h>
+#include <unistd.h>
 
 using namespace casmig;
 
@@ -96,5 +97,38 @@ TEST_SUITE("cas::ObjectStore") {
         std::string tmpname = f.release();
         CHECK(test::read_file(t / ("temp/" + tmpname)) == want);
         ::unlink((t / ("temp/" + tmpname)).c_str());
+    }
+    TEST_CASE("discard_staged deletes the staged files not kept, and publish places only the kept ones") {
+        test::TempDir t;
+        util::ensure_dir(t / "objects");
+        util::ensure_dir(t / "temp");
+        cas::ObjectStore s(t / "objects", t / "temp");
+        std::vector<hash::Digest> ds;
+        for (std::string data : {"kept", "dropped one", "dropped two"}) {
+            auto d = hash::hash_bytes(data);
+            ::mkdir((t / "objects/" + d.hex().substr(0, 2)).c_str(), 0755);
+            REQUIRE(s.stage_bytes(d, data) == cas::StageResult::staged);
+            ds.push_back(d);
+        }
+        // A temp file of this process that nothing staged (left by a failed publish) goes too.
+        cas::TempFile stray = s.create_temp();
+        std::string stray_name = stray.release();
+        CHECK(s.discard_staged([&](const hash::Digest& d) { return d == ds[0]; }) == 3);
+        CHECK(s.staged_count() == 1);
+        CHECK_FALSE(s.exists(ds[1]));
+        CHECK(::access((t / ("temp/" + stray_name)).c_str(), F_OK) != 0);
+        CHECK(s.publish().objects == 1);
+        CHECK(s.on_disk(ds[0]));
+        CHECK_FALSE(s.on_disk(ds[1]));
+        CHECK_FALSE(s.on_disk(ds[2]));
+        util::Fd tmp = util::open_dir(t / "temp");
+        CHECK(util::list_dir(tmp.get(), "temp").empty());
+        // Nothing kept: everything staged goes, temp/ is empty.
+        auto d = hash::hash_bytes("again");
+        ::mkdir((t / "objects/" + d.hex().substr(0, 2)).c_str(), 0755);
+        REQUIRE(s.stage_bytes(d, "again") == cas::StageResult::staged);
+        CHECK(s.discard_staged(nullptr) == 1);
+        CHECK(s.staged_count() == 0);
+        CHECK(util::list_dir(tmp.get(), "temp").empty());
     }
 }
