@@ -119,11 +119,15 @@ int cmd_migrate(Ctx& c, const migrate::Options& o) {
                         (unsigned long long)r.new_objects, hb(r.new_object_bytes).c_str(), r.seconds,
                         r.stopped_by_budget ? "; time budget reached, rerun to continue" : "");
     c.out(j, h);
-    if (r.disk_full)
-        std::fprintf(stderr, "casmig: disk full in %s (%s): %llu packages migrated, %llu not started; free space and rerun\n",
+    // A full disk that left nothing undone (the packages went through one at a time) is a success.
+    const bool left = r.disk_full && (r.not_started || r.unverified);
+    if (left || (r.disk_full && !c.g.quiet))
+        std::fprintf(stderr, "casmig: disk full in %s (%s): %llu packages migrated, %llu not started%s\n",
                      c.store->root().c_str(), r.disk_full_error.c_str(), (unsigned long long)r.migrated,
-                     (unsigned long long)r.not_started);
-    return r.failed || c.problems || r.disk_full ? k_failed : k_ok;
+                     (unsigned long long)r.not_started,
+                     !left ? "; nothing left to do" : r.not_started ? "; free space and rerun"
+                                                   : "; some are not verified yet: free space and run casmig verify");
+    return r.failed || c.problems || left ? k_failed : k_ok;
 }
 
 // ------------------------------------------------------------------ status

@@ -794,7 +794,8 @@ void restore_states(catalog::Catalog& cat, const std::vector<catalog::Package>& 
 
 SpaceNeed space_needed(store::Store& store, const Options& opts, const ProgressSink& progress) {
     std::vector<catalog::Package> known;
-    if (store.has_catalog()) known = catalog::Catalog(store.db_path(), catalog::OpenMode::read_only).packages();
+    // The caller's read-write catalog (it upgrades an older schema); none is created here.
+    if (store.has_catalog()) known = store.catalog().packages();
     auto selected = select_packages(std::move(known), store.legacy_dirs(), opts);
     SpaceNeed n = space_needed_for(store, selected, opts, progress);
     n.packages = selected.size();
@@ -848,6 +849,7 @@ Result migrate(store::Store& store, const Options& opts, const ProgressSink& pro
                 // Recording `verified` needs a little catalog space: the packages stay `migrated`
                 // (durable) and the next migrate or verify verifies them.
                 r.disk_full = true;
+                r.unverified = true;
                 if (r.disk_full_error.empty()) r.disk_full_error = e.what();
             }
         }

@@ -53,6 +53,7 @@ struct Result {
     bool disk_full = false;                       // the disk filled up during the run
     std::string disk_full_error;                  // the first such error (one line, names the path)
     std::uint64_t not_started = 0;                // selected packages left pending because they did not fit
+    bool unverified = false;                      // the disk filled up before verify could record its result
     double seconds = 0;
 };
 
@@ -77,7 +78,8 @@ struct SpaceNeed {
 };
 /// Cheap first: a stat-only walk of the selected packages gives an upper bound (every file new). Only
 /// if that does not fit are the packages hashed, as plan does, to count distinct content not yet under
-/// objects/ (reads every selected file once). Writes nothing, takes no lock.
+/// objects/ (reads every selected file once). Writes nothing (opens an existing catalog read-write, as
+/// migrate does); call with the store lock held.
 SpaceNeed space_needed(store::Store& store, const Options& opts, const ProgressSink& progress);
 
 /// Hashes what migrate would read and reports it; writes nothing, takes no lock.
