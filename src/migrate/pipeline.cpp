@@ -86,6 +86,7 @@ std::uint64_t bytes_needed(std::uint64_t unique_bytes, std::uint64_t unique_obje
 
 struct FsSpace {
     std::uint64_t free = 0, block = 4096;
+    bool known = false; // statvfs worked
 };
 FsSpace fs_space(const std::string& path) {
     FsSpace f;
@@ -93,6 +94,7 @@ FsSpace fs_space(const std::string& path) {
     if (::statvfs(path.c_str(), &vfs) == 0) {
         f.free = static_cast<std::uint64_t>(vfs.f_bavail) * vfs.f_frsize;
         if (vfs.f_frsize) f.block = vfs.f_frsize;
+        f.known = true;
     }
     return f;
 }
@@ -678,7 +680,8 @@ private:
 /// What a selection of packages needs on the store's filesystem (see space_needed() in the header).
 SpaceNeed space_needed_for(store::Store& store, const std::vector<catalog::Package>& packages, const Options& opts,
                            const ProgressSink& progress) {
-    const FsSpace fs = fs_space(store.root());
+    FsSpace fs = fs_space(store.root());
+    if (!fs.known) fs.free = UINT64_MAX; // cannot tell: never refuse for it
     SpaceNeed n;
     n.free_bytes = fs.free;
     // 1. Cheap upper bound, stat only: as if every file were new content. A package that cannot be
@@ -779,6 +782,7 @@ std::vector<catalog::Package> one_at_a_time(store::Store& store, const Options& 
 /// status does not show work in progress after the run. Best effort on a full disk: in_progress is
 /// taken as pending by the next run anyway.
 void restore_states(catalog::Catalog& cat, const std::vector<catalog::Package>& left) {
+    if (left.empty()) return;
     try {
         catalog::Transaction tx(cat.db());
         for (const auto& p : left)
