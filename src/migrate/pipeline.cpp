@@ -233,6 +233,7 @@ public:
         return m_result;
     }
     std::uint64_t verify_failed() const { return m_verify_failed; }
+    std::vector<std::int64_t>& migrated_ids() { return m_migrated_ids; }
 
 private:
     // ---- stage 1: walk (serial, in order)
@@ -687,7 +688,6 @@ SpaceNeed space_needed_for(store::Store& store, const std::vector<catalog::Packa
     // 1. Cheap upper bound, stat only: as if every file were new content. A package that cannot be
     //    walked will fail, and costs nothing.
     std::uint64_t files = 0, bytes = 0;
-    size_t fitting = 0;
     for (const auto& p : packages) {
         std::uint64_t pf = 0, pb = 0;
         try {
@@ -703,8 +703,6 @@ SpaceNeed space_needed_for(store::Store& store, const std::vector<catalog::Packa
         }
         files += pf;
         bytes += pb;
-        if (fitting == static_cast<size_t>(&p - packages.data()) && bytes_needed(bytes, files, files, fs.block) <= fs.free)
-            ++fitting;
     }
     n.needed_bytes = bytes_needed(bytes, files, files, fs.block);
     if (n.needed_bytes <= n.free_bytes) {
