@@ -77,11 +77,17 @@ bool is_disk_full(const std::exception& e) {
     return false;
 }
 
+/// Room kept for the catalog's write-ahead log, which grows by whole pages at every commit until SQLite
+/// checkpoints it (at 1,000 pages, 4 MiB): without it, a selection that fits to the last byte leaves no
+/// room to record that it is migrated and verified.
+constexpr std::uint64_t k_catalog_reserve = 1ull << 20;
+
 /// Bytes a migration needs beyond what exists: objects rounded up to the filesystem block (half a block
-/// on average), about 200 bytes of catalog per file. plan and the preflight use this one formula.
+/// on average), about 200 bytes of catalog per file, and k_catalog_reserve. plan and the preflight use
+/// this one formula.
 std::uint64_t bytes_needed(std::uint64_t unique_bytes, std::uint64_t unique_objects, std::uint64_t files,
                            std::uint64_t block) {
-    return unique_bytes + unique_objects * (block / 2) + files * 200;
+    return unique_bytes + unique_objects * (block / 2) + files * 200 + (files ? k_catalog_reserve : 0);
 }
 
 struct FsSpace {
