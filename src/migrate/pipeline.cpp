@@ -525,12 +525,21 @@ private:
             m_objects->discard_staged(nullptr);
             return;
         }
-        DigestSet keep;
-        for (const auto& jp : jobs)
-            if (!jp->failed)
-                for (const auto& e : jp->entries)
-                    if (e.digest) keep.insert(*e.digest);
-        m_objects->discard_staged([&](const hash::Digest& d) { return keep.count(d) > 0; });
+        // Keep the staged files of the finished packages, while that leaves the catalog its reserve: a
+        // package whose objects would fill the disk to the last byte could not be recorded (or verified)
+        // anyway; the last ones give their room back and stay pending.
+        for (;;) {
+            DigestSet keep;
+            for (const auto& jp : jobs)
+                if (!jp->failed)
+                    for (const auto& e : jp->entries)
+                        if (e.digest) keep.insert(*e.digest);
+            m_objects->discard_staged([&](const hash::Digest& d) { return keep.count(d) > 0; });
+            const FsSpace fs = fs_space(m_store.root());
+            if (jobs.empty() || !fs.known || fs.free >= k_catalog_reserve) break;
+            m_unfinished.push_back(jobs.back()->pkg);
+            jobs.pop_back();
+        }
         io::crash_point("migrate.disk-full-discarded");
         if (jobs.empty()) return;
         if (!commit_or_hold(jobs)) {
