@@ -556,6 +556,27 @@ TempSweep ObjectStore::sweep_temp() {
     return r;
 }
 
+size_t ObjectStore::discard_staged(const std::function<bool(const hash::Digest&)>& keep) {
+    // On a full disk: the staged files no finished package needs go now, so that publish() and the
+    // catalog commit have room. publish() already removes what it failed to place.
+    size_t removed = 0;
+    const int own = m_own_fd.load(std::memory_order_acquire);
+    {
+        std::lock_guard lk(m_mutex);
+        for (auto it = m_staged.begin(); it != m_staged.end();) {
+            if (it->second.name.empty() || (keep && keep(it->first))) { // "" = being published
+                ++it;
+                continue;
+            }
+            if (own >= 0 && io::unlinkat(own, it->second.name.c_str(), 0) == 0) ++removed;
+            m_staged_bytes -= std::min(m_staged_bytes, it->second.size);
+            it = m_staged.erase(it);
+        }
+    }
+    tidy_temp();
+    return removed;
+}
+
 util::Fd ObjectStore::open(const hash::Digest& d) const {
     std::string rel = object_relpath(d);
     int fd = ::openat(m_objects.get(), rel.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);

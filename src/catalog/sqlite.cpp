@@ -1,32 +1,84 @@
 #include "casmig/catalog/sqlite.hpp"
 
+#include <cerrno>
+
 namespace casmig::catalog {
 
-Db::Db(const std::string& path, OpenMode mode) : m_path(path) {
-    int flags = mode == OpenMode::read_only ? SQLITE_OPEN_READONLY : (SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE);
-    flags |= SQLITE_OPEN_FULLMUTEX;
-    int rc = sqlite3_open_v2(path.c_str(), &m_db, flags, nullptr);
-    if (rc != SQLITE_OK) {
-        std::string msg = m_db ? sqlite3_errmsg(m_db) : sqlite3_errstr(rc);
-        sqlite3_close(m_db);
-        m_db = nullptr;
-        throw DbError("cannot open catalog " + path + ": " + msg + " (check the path and its permissions)", rc);
-    }
-    try {
-        configure(mode);
-    } catch (...) {
-        // A constructor that throws runs no destructor: close the handle here (a malformed file fails
-        // in the first PRAGMA).
-        sqlite3_close_v2(m_db);
-        m_db = nullptr;
-        throw;
-    }
+namespace {
+
+/// The disk (or quota) is full: an I/O error or SQLITE_FULL whose system errno is ENOSPC or EDQUOT.
+bool out_of_space(sqlite3* db, int rc) {
+    int e = db ? sqlite3_system_errno(db) : 0;
+    return ((rc & 0xff) == SQLITE_IOERR || (rc & 0xff) == SQLITE_FULL) && (e == ENOSPC || e == EDQUOT);
 }
 
-void Db::configure(OpenMode mode) {
+} // namespace
+
+Db::Db(const std::string& path, OpenMode mode) : m_path(path) {
+    std::string first_error;
+    try {
+        open(mode, WalIndex::shared);
+        return;
+    } catch (const DbError& e) {
+        if (!m_db || !out_of_space(m_db, e.code())) {
+            close();
+            throw;
+        }
+        first_error = e.what();
+    }
+    // The disk is full and this is the catalog's first connection: SQLite must build the WAL index in
+    // the -shm file and grow it to 32 KiB, which fails (SQLITE_IOERR_SHMSIZE) — every command, even a
+    // read-only status, would die with "disk I/O error". Retry with EXCLUSIVE locking mode set before
+    // the first access: SQLite then keeps the WAL index in heap memory and never touches -shm, and
+    // still reads the WAL, so nothing committed is missed (unlike immutable=1, which ignores the WAL,
+    // or nolock, which would let a writer change the file under the reader).
+    // The exclusive lock is only granted while no other connection is open (every WAL-mode connection
+    // holds a SHARED lock on the database file), and blocks any other until this one closes: a reader
+    // in this mode can never see stale or torn data, because no writer can run meanwhile. The cost is
+    // that concurrent commands wait (writers: busy timeout) or fail for as long as this connection
+    // lives — acceptable on a full disk, where nothing else can make progress anyway. If another
+    // connection holds the catalog (so the -shm exists, sized by it), the normal open is tried again.
+    close();
+    try {
+        open(mode, WalIndex::heap);
+        return;
+    } catch (const DbError& e) {
+        close();
+        if ((e.code() & 0xff) != SQLITE_BUSY)
+            throw DbError(first_error + "; the disk is full: free space on its filesystem and retry", e.code());
+    }
+    open(mode, WalIndex::shared);
+}
+
+void Db::close() noexcept {
+    sqlite3_close_v2(m_db); // NULL is a no-op
+    m_db = nullptr;
+}
+
+void Db::open(OpenMode mode, WalIndex wal_index) {
+    // A read-only connection needs write access for the exclusive lock of WalIndex::heap; query_only
+    // and no checkpoint on close keep it from writing anything.
+    int flags = mode == OpenMode::read_only && wal_index == WalIndex::shared
+                    ? SQLITE_OPEN_READONLY
+                    : (SQLITE_OPEN_READWRITE | (mode == OpenMode::read_write ? SQLITE_OPEN_CREATE : 0));
+    flags |= SQLITE_OPEN_FULLMUTEX;
+    int rc = sqlite3_open_v2(m_path.c_str(), &m_db, flags, nullptr);
+    if (rc != SQLITE_OK) {
+        std::string msg = m_db ? sqlite3_errmsg(m_db) : sqlite3_errstr(rc);
+        close();
+        throw DbError("cannot open catalog " + m_path + ": " + msg + " (check the path and its permissions)", rc);
+    }
     sqlite3_extended_result_codes(m_db, 1);
+    if (wal_index == WalIndex::heap) {
+        exec("PRAGMA locking_mode=EXCLUSIVE"); // before the first access, or SQLite uses the -shm
+        if (mode == OpenMode::read_only) {
+            exec("PRAGMA query_only=1");
+            sqlite3_db_config(m_db, SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1, nullptr);
+        }
+    }
     // 60 s: a writer waits this long for another connection's transaction (readers never block in WAL).
-    sqlite3_busy_timeout(m_db, 60'000);
+    // A reader in heap mode does not wait: a busy catalog means another connection made the -shm.
+    sqlite3_busy_timeout(m_db, mode == OpenMode::read_only && wal_index == WalIndex::heap ? 0 : 60'000);
     if (mode == OpenMode::read_write) {
         // WAL: status and other readers never block the migrating writer and vice versa.
         // synchronous=FULL: a commit is durable when it returns (the WAL is fsynced at every commit).
@@ -39,6 +91,8 @@ void Db::configure(OpenMode mode) {
     exec("PRAGMA foreign_keys=ON");
     exec("PRAGMA temp_store=MEMORY");
     exec("PRAGMA cache_size=-65536"); // 64 MiB page cache: the objects B-tree is keyed by random digests
+    // The first read: opens the WAL and its index now, so that a full disk shows here and not later.
+    exec("SELECT count(*) FROM sqlite_schema");
 }
 
 Db::~Db() { sqlite3_close_v2(m_db); }

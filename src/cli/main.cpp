@@ -95,7 +95,8 @@ int cmd_plan(Ctx& c, const migrate::Options& o) {
     auto r = migrate::plan(*c.store, o, c.progress(), c.problem_sink());
     json j = {{"packages", r.packages}, {"files", r.files}, {"bytes", r.bytes}, {"unique_bytes", r.unique_bytes},
               {"unique_objects", r.unique_objects}, {"free_bytes", r.free_bytes}, {"needed_bytes", r.needed_bytes},
-              {"failing_packages", r.failed}};
+              {"failing_packages", r.failed}, {"enough_space", r.needed_bytes <= r.free_bytes},
+              {"packages_that_fit", r.packages_that_fit}};
     std::string h = fmt("plan: %llu packages, %llu files, %s to read\n"
                         "      %llu new objects, %s of distinct new content (dedup saves %s)\n"
                         "      needs about %s, %s free%s\n",
@@ -105,6 +106,13 @@ int cmd_plan(Ctx& c, const migrate::Options& o) {
                         hb(r.free_bytes).c_str(), r.needed_bytes > r.free_bytes ? "  NOT ENOUGH SPACE" : "");
     if (r.failed) h += fmt("      %llu package(s) would fail (see above)\n", (unsigned long long)r.failed);
     c.out(j, h);
+    if (r.needed_bytes > r.free_bytes) {
+        std::fprintf(stderr, "casmig: not enough space in %s: needs about %s, %s free; free space%s\n",
+                     c.store->root().c_str(), hb(r.needed_bytes).c_str(), hb(r.free_bytes).c_str(),
+                     r.packages_that_fit ? fmt(" or migrate fewer packages (--limit %llu fits)",
+                                               (unsigned long long)r.packages_that_fit).c_str() : "");
+        return k_refused;
+    }
     return r.failed ? k_failed : k_ok;
 }
 
@@ -116,7 +124,7 @@ int cmd_migrate(Ctx& c, const migrate::Options& o) {
     json j = {{"packages", r.packages}, {"migrated", r.migrated}, {"verified", r.verified}, {"failed", r.failed},
               {"files", r.files}, {"bytes", r.bytes}, {"new_objects", r.new_objects},
               {"new_object_bytes", r.new_object_bytes}, {"stopped_by_time_budget", r.stopped_by_budget},
-              {"seconds", r.seconds}};
+              {"disk_full", r.disk_full}, {"not_started", r.not_started}, {"seconds", r.seconds}};
     std::string h = fmt("migrate: %llu packages (%llu migrated, %llu verified, %llu failed), %llu files, %s read, "
                         "%llu new objects (%s) in %.1fs%s\n",
                         (unsigned long long)r.packages, (unsigned long long)r.migrated, (unsigned long long)r.verified,
@@ -124,7 +132,15 @@ int cmd_migrate(Ctx& c, const migrate::Options& o) {
                         (unsigned long long)r.new_objects, hb(r.new_object_bytes).c_str(), r.seconds,
                         r.stopped_by_budget ? "; time budget reached, rerun to continue" : "");
     c.out(j, h);
-    return r.failed || c.problems ? k_failed : k_ok;
+    // A full disk that left nothing undone (the packages went through one at a time) is a success.
+    const bool left = r.disk_full && (r.not_started || r.unverified);
+    if (left || (r.disk_full && !c.g.quiet))
+        std::fprintf(stderr, "casmig: disk full in %s (%s): %llu packages migrated, %llu not started%s\n",
+                     c.store->root().c_str(), r.disk_full_error.c_str(), (unsigned long long)r.migrated,
+                     (unsigned long long)r.not_started,
+                     !left ? "; nothing left to do" : r.not_started ? "; free space and rerun"
+                                                   : "; some are not verified yet: free space and run casmig verify");
+    return r.failed || c.problems || left ? k_failed : k_ok;
 }
 
 // ------------------------------------------------------------------ status
@@ -346,7 +362,7 @@ int main(int argc, char** argv) {
 
     migrate::Options mo;
     std::string time_budget, io_limit, limit; // parsed below, where a bad value is one usage line
-    bool retry = false, no_verify = false;
+    bool retry = false, no_verify = false, no_space_check = false;
     auto add_selection = [&](CLI::App* sc) {
         sc->add_option("packages", mo.packages, "Package ids (legacy directory names); default: all pending");
         sc->add_option("--limit", limit, "At most N packages this run (1 to 1000000000)");
@@ -359,6 +375,8 @@ int main(int argc, char** argv) {
     auto* mig = app.add_subcommand("migrate", "Migrate pending (or the named) packages into the CAS, then verify them");
     add_selection(mig);
     mig->add_flag("--no-verify", no_verify, "Skip the verify pass after writing");
+    mig->add_flag("--no-space-check", no_space_check,
+                  "Start even if the packages may not fit in the free space; migrate what fits, leave the rest pending");
     auto* status = app.add_subcommand("status", "Store mode, package states, object and byte counts, recent journal");
     std::string journal_lines = "5";
     status->add_option("--journal", journal_lines, "Journal rows to show (0 to 1000000, default 5)");
@@ -421,6 +439,7 @@ int main(int argc, char** argv) {
         const int journal_n = static_cast<int>(util::parse_count(journal_lines, 0, 1'000'000, "--journal"));
         mo.retry_failed = retry ? migrate::RetryFailed::yes : migrate::RetryFailed::no;
         mo.verify = no_verify ? migrate::Verify::no : migrate::Verify::yes;
+        mo.space_check = no_space_check ? migrate::SpaceCheck::no : migrate::SpaceCheck::yes;
         mo.threads = g.jobs;
         Ctx c(g);
         if (*plan) return cmd_plan(c, mo);

@@ -1,8 +1,10 @@
 #include "casmig/migrate/pipeline.hpp"
 
+#include "casmig/catalog/sqlite.hpp"
 #include "casmig/migrate/ingest.hpp"
 #include "casmig/util/error.hpp"
 #include "casmig/util/io.hpp"
+#include "casmig/util/parse.hpp"
 #include "casmig/util/threads.hpp"
 #include "casmig/verify/verify.hpp"
 
@@ -52,6 +54,7 @@ struct Job {
     std::vector<catalog::Entry> entries;
     std::mutex mutex;
     std::atomic<bool> failed{false};
+    std::atomic<bool> no_space{false}; // the disk filled up while staging it: neither migrated nor failed
     std::string error_path, error_message;
     std::uint64_t files = 0, bytes = 0;
 
@@ -71,6 +74,41 @@ struct Unit {
     bool last = false;
 };
 using UnitPtr = std::shared_ptr<Unit>;
+
+/// ENOSPC or EDQUOT from a system call, or SQLITE_FULL from the catalog: the disk (or quota) is full.
+bool is_disk_full(const std::exception& e) {
+    if (auto* se = dynamic_cast<const util::SystemError*>(&e)) return se->code() == ENOSPC || se->code() == EDQUOT;
+    if (auto* de = dynamic_cast<const catalog::DbError*>(&e)) return (de->code() & 0xff) == SQLITE_FULL;
+    return false;
+}
+
+/// Room kept for the catalog's write-ahead log, which grows by whole pages at every commit until SQLite
+/// checkpoints it (at 1,000 pages, 4 MiB): without it, a selection that fits to the last byte leaves no
+/// room to record that it is migrated and verified.
+constexpr std::uint64_t k_catalog_reserve = 1ull << 20;
+
+/// Bytes a migration needs beyond what exists: objects rounded up to the filesystem block (half a block
+/// on average), about 200 bytes of catalog per file, and k_catalog_reserve. plan and the preflight use
+/// this one formula.
+std::uint64_t bytes_needed(std::uint64_t unique_bytes, std::uint64_t unique_objects, std::uint64_t files,
+                           std::uint64_t block) {
+    return unique_bytes + unique_objects * (block / 2) + files * 200 + (files ? k_catalog_reserve : 0);
+}
+
+struct FsSpace {
+    std::uint64_t free = 0, block = 4096;
+    bool known = false; // statvfs worked
+};
+FsSpace fs_space(const std::string& path) {
+    FsSpace f;
+    struct statvfs vfs {};
+    if (::statvfs(path.c_str(), &vfs) == 0) {
+        f.free = static_cast<std::uint64_t>(vfs.f_bavail) * vfs.f_frsize;
+        if (vfs.f_frsize) f.block = vfs.f_frsize;
+        f.known = true;
+    }
+    return f;
+}
 
 /// Packages a run works on, from the catalog's packages (`all`) and the legacy directories now present.
 /// Legacy directories the catalog does not know count as pending (migrate discovers them first; plan
@@ -131,6 +169,8 @@ public:
         m_report.phase = mode == Mode::plan ? "plan" : "migrate";
         m_report.packages_total = m_packages.size();
         if (mode == Mode::migrate) m_objects = &store.objects();
+        else m_objects_dir = util::Fd(::open(store.objects_dir().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+        m_block = fs_space(store.root()).block;
     }
 
     ~Pipeline() {
@@ -163,14 +203,42 @@ public:
                                                     [this](UnitPtr u) { commit_stage(std::move(u)); }));
         });
         if (m_mode == Mode::migrate) {
-            flush();
+            if (!m_disk_full) flush();
             finish_committer();
+            if (m_disk_full) {
+                for (size_t i = m_next; i < m_packages.size(); ++i) m_unfinished.push_back(m_packages[i]);
+                commit_held();
+            }
         }
         m_result.seconds = std::chrono::duration<double>(Clock::now() - m_start).count();
     }
 
     /// Digests the catalog's objects table already lists.
     void set_cataloged(const std::vector<hash::Digest>& known) { m_cataloged.insert(known.begin(), known.end()); }
+    using DigestSet = std::unordered_set<hash::Digest, hash::DigestHash>;
+    void set_cataloged(DigestSet known) { m_cataloged = std::move(known); }
+    DigestSet take_cataloged() { return std::move(m_cataloged); }
+
+    /// The disk filled up (ENOSPC, EDQUOT, SQLITE_FULL) during the run. The run stopped starting packages,
+    /// deleted its staged files that no finished package needs, and committed the finished packages.
+    bool disk_full() const { return m_disk_full; }
+    /// The first disk-full error, e.g. "write failed: temp/w0/tmp-casmig-…: No space left on device".
+    const std::string& disk_full_error() const { return m_disk_full_error; }
+    /// Publishing or committing failed on a full disk: this process's view of the objects is not to
+    /// be trusted for another pipeline (see commit_held()).
+    bool commit_failed() const { return m_commit_failed; }
+    /// Packages of the selection this run neither migrated nor failed (disk full), in selection order.
+    std::vector<catalog::Package> unfinished() const {
+        std::vector<catalog::Package> out = m_unfinished;
+        std::unordered_map<std::string, size_t> order;
+        for (size_t i = 0; i < m_packages.size(); ++i) order.emplace(m_packages[i].name, i);
+        std::sort(out.begin(), out.end(), [&](const auto& a, const auto& b) { return order[a.name] < order[b.name]; });
+        return out;
+    }
+    /// plan: for each package in selection order, bytes_needed() of it and every package before it.
+    const std::vector<std::uint64_t>& prefix_needed() const { return m_prefix_needed; }
+    std::uint64_t unique_bytes() const { return m_unique_bytes; }
+    std::uint64_t unique_objects() const { return m_unique_objects; }
 
     Result& result() {
         m_result.verified = m_verified;
@@ -178,12 +246,23 @@ public:
     }
     std::uint64_t verify_failed() const { return m_verify_failed; }
     std::vector<std::int64_t>& migrated_ids() { return m_migrated_ids; }
-    // plan
-    std::unordered_map<hash::Digest, std::uint64_t, hash::DigestHash>& plan_digests() { return m_plan_digests; }
 
 private:
     // ---- stage 1: walk (serial, in order)
     UnitPtr walk_stage(tbb::flow_control& fc) {
+        if (m_disk_full) {
+            // Start nothing more; the package being walked cannot be finished this run.
+            if (!m_walker) {
+                fc.stop();
+                return nullptr;
+            }
+            m_job->no_space = true;
+            auto u = std::make_shared<Unit>();
+            u->job = std::exchange(m_job, nullptr);
+            u->last = true;
+            m_walker.reset();
+            return u;
+        }
         if (!m_walker) {
             if (m_next == m_packages.size() ||
                 (m_opts.time_budget && Clock::now() - m_start >= *m_opts.time_budget)) {
@@ -262,7 +341,7 @@ private:
         }
         for (size_t i = 0; i < u->items.size(); ++i) {
             auto& it = u->items[i];
-            if (job.failed) break; // the package is lost for this run: do not read the rest of it
+            if (job.failed || job.no_space) break; // the package is lost for this run: do not read the rest of it
             if (it.entry.type != catalog::EntryType::file) continue;
             try {
                 if (!fds[i]) fds[i] = open_item(it);
@@ -278,6 +357,10 @@ private:
                 }
             } catch (const walk::PackageError& e) {
                 job.fail(e.path(), e.what());
+            } catch (const util::SystemError& e) {
+                if (!is_disk_full(e)) throw;
+                job.no_space = true; // not the package's fault: it stays pending
+                note_disk_full(e);
             }
         }
         for (auto& it : u->items) it.parent.reset(); // release the directory fds as early as possible
@@ -306,6 +389,12 @@ private:
             return;
         }
         ++m_report.packages_done;
+        if (job.no_space) {
+            std::lock_guard lk(m_held_mutex);
+            m_unfinished.push_back(job.pkg);
+            report();
+            return;
+        }
         ++m_result.packages;
         if (m_mode == Mode::plan) {
             if (job.failed) {
@@ -314,8 +403,18 @@ private:
             } else {
                 m_result.files += job.files;
                 m_result.bytes += job.bytes;
-                for (auto& [d, s] : m_job_digests) m_plan_digests.emplace(d, s);
+                // Contents already under objects/ cost nothing (plan writes nothing, so it only looks).
+                for (auto& [d, s] : m_job_digests) {
+                    struct stat st {};
+                    if (!m_plan_digests.insert(d).second) continue;
+                    if (m_objects_dir &&
+                        ::fstatat(m_objects_dir.get(), cas::object_relpath(d).c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0)
+                        continue;
+                    m_unique_bytes += s;
+                    ++m_unique_objects;
+                }
             }
+            m_prefix_needed.push_back(bytes_needed(m_unique_bytes, m_unique_objects, m_result.files, m_block));
             m_job_digests.clear();
             report();
             return;
@@ -323,8 +422,9 @@ private:
         m_batch.push_back(u->job);
         m_batch_bytes += job.bytes;
         report();
-        if (m_batch.size() >= k_batch_packages || m_batch_bytes >= k_batch_bytes ||
-            Clock::now() - m_last_flush >= k_batch_interval)
+        // Once the disk is full, finished packages wait for commit_held(), which frees space first.
+        if (!m_disk_full && (m_batch.size() >= k_batch_packages || m_batch_bytes >= k_batch_bytes ||
+                             Clock::now() - m_last_flush >= k_batch_interval))
             flush();
     }
 
@@ -366,10 +466,15 @@ private:
             }
             m_queue_cv.notify_all();
             try {
-                commit_batch(batch);
+                if (m_disk_full) {
+                    std::lock_guard lk(m_held_mutex);
+                    m_held.insert(m_held.end(), batch.begin(), batch.end());
+                    continue;
+                }
+                if (!commit_or_hold(batch)) continue;
                 // Verify what was just committed on this thread, while the pipeline keeps the cores
                 // busy with the next packages: verify fills the time the pipeline waits for I/O.
-                if (m_opts.verify == Verify::yes) verify_batch(batch);
+                if (m_opts.verify == Verify::yes) verify_or_note(batch);
             } catch (...) {
                 std::lock_guard lk(m_queue_mutex);
                 m_committer_error = std::current_exception();
@@ -378,6 +483,82 @@ private:
                 return;
             }
         }
+    }
+
+    void note_disk_full(const std::exception& e) {
+        std::lock_guard lk(m_held_mutex);
+        if (m_disk_full_error.empty()) m_disk_full_error = e.what();
+        m_disk_full = true;
+    }
+
+    /// commit_batch(); on a full disk (publish or catalog commit failed), the batch's packages become
+    /// unfinished and false is returned. Other errors propagate.
+    bool commit_or_hold(std::vector<std::shared_ptr<Job>>& batch) {
+        try {
+            commit_batch(batch);
+            return true;
+        } catch (const std::exception& e) {
+            if (!is_disk_full(e)) throw;
+            note_disk_full(e);
+            std::lock_guard lk(m_held_mutex);
+            // publish() may have placed some objects and forgotten the rest of its batch: nothing
+            // this process staged is to be trusted any more (migrate() starts no other pipeline).
+            m_commit_failed = true;
+            for (auto& jp : batch) m_unfinished.push_back(jp->pkg);
+            return false;
+        }
+    }
+
+    /// verify_batch(); a full disk (SQLITE_FULL recording `verified`) leaves the packages `migrated`,
+    /// which the next migrate or verify verifies.
+    void verify_or_note(const std::vector<std::shared_ptr<Job>>& batch) {
+        try {
+            verify_batch(batch);
+        } catch (const std::exception& e) {
+            if (!is_disk_full(e)) throw;
+            note_disk_full(e);
+        }
+    }
+
+    /// After the disk filled up: the finished packages that were not committed yet are committed, once
+    /// every staged file they do not need is deleted (so that publishing and the catalog commit have
+    /// room); if that fails too, every staged file is deleted. temp/ holds none of this run's files after.
+    void commit_held() {
+        std::vector<std::shared_ptr<Job>> jobs;
+        {
+            std::lock_guard lk(m_held_mutex);
+            jobs = std::move(m_held);
+            m_held.clear();
+        }
+        jobs.insert(jobs.end(), m_batch.begin(), m_batch.end());
+        m_batch.clear();
+        if (m_commit_failed) {
+            for (auto& jp : jobs) m_unfinished.push_back(jp->pkg);
+            m_objects->discard_staged(nullptr);
+            return;
+        }
+        // Keep the staged files of the finished packages, while that leaves the catalog its reserve: a
+        // package whose objects would fill the disk to the last byte could not be recorded (or verified)
+        // anyway; the last ones give their room back and stay pending.
+        for (;;) {
+            DigestSet keep;
+            for (const auto& jp : jobs)
+                if (!jp->failed)
+                    for (const auto& e : jp->entries)
+                        if (e.digest) keep.insert(*e.digest);
+            m_objects->discard_staged([&](const hash::Digest& d) { return keep.count(d) > 0; });
+            const FsSpace fs = fs_space(m_store.root());
+            if (jobs.empty() || !fs.known || fs.free >= k_catalog_reserve) break;
+            m_unfinished.push_back(jobs.back()->pkg);
+            jobs.pop_back();
+        }
+        io::crash_point("migrate.disk-full-discarded");
+        if (jobs.empty()) return;
+        if (!commit_or_hold(jobs)) {
+            m_objects->discard_staged(nullptr);
+            return;
+        }
+        if (m_opts.verify == Verify::yes) verify_or_note(jobs);
     }
 
     void verify_batch(const std::vector<std::shared_ptr<Job>>& batch) {
@@ -420,6 +601,9 @@ private:
         }
         bool any_migrated = false;
         std::unordered_set<hash::Digest, hash::DigestHash> added; // to m_cataloged once committed
+        // Counted once the transaction is committed: a commit that fails (disk full) counts nothing.
+        Result counted;
+        std::vector<std::int64_t> migrated_ids;
         for (auto& jp : batch) {
             Job& job = *jp;
             std::string pid = util::printable(job.pkg.name);
@@ -429,7 +613,7 @@ private:
                 std::string msg = job.problem().line();
                 cat.set_state(job.pkg.id, PackageState::failed, msg);
                 cat.journal("migrate", pid, from, "failed", msg);
-                ++m_result.failed;
+                ++counted.failed;
                 continue;
             }
             cat.put_manifest(job.pkg.id, job.entries);
@@ -440,10 +624,10 @@ private:
             cat.set_state(job.pkg.id, PackageState::migrated);
             cat.journal("migrate", pid, from, "migrated",
                         std::to_string(job.files) + " files, " + std::to_string(job.bytes) + " bytes");
-            m_migrated_ids.push_back(job.pkg.id);
-            ++m_result.migrated;
-            m_result.files += job.files;
-            m_result.bytes += job.bytes;
+            migrated_ids.push_back(job.pkg.id);
+            ++counted.migrated;
+            counted.files += job.files;
+            counted.bytes += job.bytes;
             any_migrated = true;
         }
         if (any_migrated && cat.mode() == catalog::StoreMode::legacy) {
@@ -452,6 +636,11 @@ private:
         }
         tx.commit();
         io::crash_point("migrate.committed");
+        m_result.failed += counted.failed;
+        m_result.migrated += counted.migrated;
+        m_result.files += counted.files;
+        m_result.bytes += counted.bytes;
+        m_migrated_ids.insert(m_migrated_ids.end(), migrated_ids.begin(), migrated_ids.end());
         m_cataloged.merge(added);
         for (auto& jp : batch)
             if (jp->failed) problem(jp->problem());
@@ -508,14 +697,164 @@ private:
     Progress m_report;
     Result m_result;
     std::vector<std::pair<hash::Digest, std::uint64_t>> m_unit_digests, m_job_digests;
-    std::unordered_map<hash::Digest, std::uint64_t, hash::DigestHash> m_plan_digests;
+    // plan
+    util::Fd m_objects_dir;
+    DigestSet m_plan_digests;
+    std::uint64_t m_unique_bytes = 0, m_unique_objects = 0, m_block = 4096;
+    std::vector<std::uint64_t> m_prefix_needed;
+    // disk full
+    std::atomic<bool> m_disk_full{false};
+    bool m_commit_failed = false;
+    std::mutex m_held_mutex;
+    std::string m_disk_full_error;
+    std::vector<std::shared_ptr<Job>> m_held;   // finished, not committed: committed by commit_held()
+    std::vector<catalog::Package> m_unfinished; // neither migrated nor failed this run
 };
 
+/// What a selection of packages needs on the store's filesystem (see space_needed() in the header).
+SpaceNeed space_needed_for(store::Store& store, const std::vector<catalog::Package>& packages, const Options& opts,
+                           const ProgressSink& progress) {
+    FsSpace fs = fs_space(store.root());
+    if (!fs.known) fs.free = UINT64_MAX; // cannot tell: never refuse for it
+    SpaceNeed n;
+    n.free_bytes = fs.free;
+    // 1. Cheap upper bound, stat only: as if every file were new content. A package that cannot be
+    //    walked will fail, and costs nothing.
+    std::uint64_t files = 0, bytes = 0;
+    for (const auto& p : packages) {
+        std::uint64_t pf = 0, pb = 0;
+        try {
+            walk::PackageWalker w(store.root_fd(), p.name);
+            walk::Item it;
+            while (w.next(it))
+                if (it.entry.type == catalog::EntryType::file) {
+                    ++pf;
+                    pb += it.entry.size;
+                }
+        } catch (const walk::PackageError&) {
+            continue;
+        }
+        files += pf;
+        bytes += pb;
+    }
+    n.needed_bytes = bytes_needed(bytes, files, files, fs.block);
+    if (n.needed_bytes <= n.free_bytes) {
+        n.packages_that_fit = packages.size();
+        return n;
+    }
+    // 2. It may not fit: hash, as plan does, to count only distinct content not yet under objects/.
+    Options po = opts;
+    po.time_budget.reset(); // the whole selection, or the answer is too small
+    const ProblemSink quiet;   // the packages that would fail are migrate's to report
+    Pipeline pl(store, Mode::plan, po, packages, progress, quiet);
+    pl.run(util::thread_count(opts.threads));
+    n.exact = true;
+    const auto& prefix = pl.prefix_needed();
+    n.needed_bytes = prefix.empty() ? 0 : prefix.back();
+    n.packages_that_fit = 0;
+    while (n.packages_that_fit < prefix.size() && prefix[n.packages_that_fit] <= n.free_bytes) ++n.packages_that_fit;
+    return n;
+}
+
+/// After a full disk stopped the parallel run: the packages it did not finish, one at a time, each
+/// only if it fits (space_needed_for() on it alone), so that one run migrates everything that fits and
+/// no two packages compete for the last bytes. One that does not fit, or hits a full disk again, is
+/// not started (it stays pending; its staged files are deleted).
+/// Returns the packages left not started.
+std::vector<catalog::Package> one_at_a_time(store::Store& store, const Options& opts, Pipeline& first, Result& r,
+                                            Clock::time_point started, const ProgressSink& progress,
+                                            const ProblemSink& problems) {
+    auto rest = first.unfinished();
+    std::vector<catalog::Package> left;
+    r.disk_full = true;
+    r.disk_full_error = first.disk_full_error();
+    auto leave_from = [&](size_t i) {
+        left.insert(left.end(), rest.begin() + static_cast<std::ptrdiff_t>(i), rest.end());
+        r.not_started += rest.size() - i;
+        return left;
+    };
+    if (first.commit_failed()) return leave_from(0);
+    auto cataloged = first.take_cataloged();
+    const unsigned threads = util::thread_count(opts.threads);
+    for (size_t i = 0; i < rest.size(); ++i) {
+        if (opts.time_budget && Clock::now() - started >= *opts.time_budget) {
+            r.stopped_by_budget = true;
+            return leave_from(i);
+        }
+        std::vector<catalog::Package> one{rest[i]};
+        if (space_needed_for(store, one, opts, progress).packages_that_fit == 0) {
+            ++r.not_started;
+            left.push_back(rest[i]);
+            continue;
+        }
+        Pipeline q(store, Mode::migrate, opts, one, progress, problems);
+        q.set_cataloged(std::move(cataloged));
+        q.run(threads);
+        cataloged = q.take_cataloged();
+        const Result& qr = q.result();
+        r.packages += qr.packages;
+        r.migrated += qr.migrated;
+        r.verified += qr.verified;
+        r.failed += qr.failed + q.verify_failed();
+        r.files += qr.files;
+        r.bytes += qr.bytes;
+        r.new_objects += qr.new_objects;
+        r.new_object_bytes += qr.new_object_bytes;
+        if (q.disk_full()) {
+            ++r.not_started;
+            left.push_back(rest[i]);
+            if (q.commit_failed()) return leave_from(i + 1);
+        }
+    }
+    return left;
+}
+
+/// Packages the disk-full run began (recorded in_progress) but left: back to the state they had, so that
+/// status does not show work in progress after the run. Best effort on a full disk: in_progress is
+/// taken as pending by the next run anyway.
+void restore_states(catalog::Catalog& cat, const std::vector<catalog::Package>& left) {
+    if (left.empty()) return;
+    try {
+        catalog::Transaction tx(cat.db());
+        for (const auto& p : left)
+            if (auto now = cat.package(p.name); now && now->state == PackageState::in_progress)
+                cat.set_state(p.id, p.state, p.error);
+        tx.commit();
+    } catch (const std::exception& e) {
+        if (!is_disk_full(e)) throw;
+    }
+}
+
 } // namespace
+
+SpaceNeed space_needed(store::Store& store, const Options& opts, const ProgressSink& progress) {
+    std::vector<catalog::Package> known;
+    // The caller's read-write catalog (it upgrades an older schema); none is created here.
+    if (store.has_catalog()) known = store.catalog().packages();
+    auto selected = select_packages(std::move(known), store.legacy_dirs(), opts);
+    SpaceNeed n = space_needed_for(store, selected, opts, progress);
+    n.packages = selected.size();
+    return n;
+}
 
 Result migrate(store::Store& store, const Options& opts, const ProgressSink& progress, const ProblemSink& problems) {
     const auto started = Clock::now();
     util::raise_fd_limit();
+    if (opts.space_check == SpaceCheck::yes) {
+        // Before discover(): a refusal leaves the catalog as it was.
+        SpaceNeed n = space_needed(store, opts, progress);
+        if (n.needed_bytes > n.free_bytes) {
+            std::string fit = n.packages_that_fit ? ", migrate fewer packages (--limit " + std::to_string(n.packages_that_fit) +
+                                                        " fits)"
+                                                  : "";
+            throw util::RefusedError(
+                "not enough space in " + store.root() + " to migrate " + std::to_string(n.packages) + " package(s): needs " +
+                util::human_bytes(static_cast<double>(n.needed_bytes)) + ", " +
+                util::human_bytes(static_cast<double>(n.free_bytes)) + " free; free " +
+                util::human_bytes(static_cast<double>(n.needed_bytes - n.free_bytes)) + fit +
+                ", or pass --no-space-check to migrate what fits");
+        }
+    }
     store.discover();
     auto& cat = store.catalog();
     auto selected = select_packages(cat.packages(), store.legacy_dirs(), opts);
@@ -567,6 +906,7 @@ Result migrate(store::Store& store, const Options& opts, const ProgressSink& pro
     p.run(util::thread_count(opts.threads));
     Result r = p.result();
     r.failed += p.verify_failed() + kept_changed;
+    if (p.disk_full()) restore_states(cat, one_at_a_time(store, opts, p, r, started, progress, problems));
     if (opts.verify == Verify::yes) {
         // This run's packages, and any a killed run left migrated but unverified.
         std::vector<catalog::Package> todo;
@@ -575,9 +915,18 @@ Result migrate(store::Store& store, const Options& opts, const ProgressSink& pro
         if (!todo.empty()) {
             verify::Options vo;
             vo.threads = opts.threads;
-            auto vr = verify::verify_packages(store, todo, vo, progress, problems);
-            r.verified += vr.ok;
-            r.failed += vr.mismatched;
+            try {
+                auto vr = verify::verify_packages(store, todo, vo, progress, problems);
+                r.verified += vr.ok;
+                r.failed += vr.mismatched;
+            } catch (const std::exception& e) {
+                if (!is_disk_full(e)) throw;
+                // Recording `verified` needs a little catalog space: the packages stay `migrated`
+                // (durable) and the next migrate or verify verifies them.
+                r.disk_full = true;
+                r.unverified = true;
+                if (r.disk_full_error.empty()) r.disk_full_error = e.what();
+            }
         }
     }
     r.seconds = std::chrono::duration<double>(Clock::now() - started).count();
@@ -596,20 +945,12 @@ PlanResult plan(store::Store& store, const Options& opts, const ProgressSink& pr
     r.failed = p.result().failed;
     r.files = p.result().files;
     r.bytes = p.result().bytes;
-    // Contents already under objects/ cost nothing (plan writes nothing, so it only looks).
-    util::Fd objects(::open(store.objects_dir().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-    for (const auto& [d, s] : p.plan_digests()) {
-        struct stat st {};
-        if (objects && ::fstatat(objects.get(), cas::object_relpath(d).c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) continue;
-        r.unique_bytes += s;
-        ++r.unique_objects;
-    }
-    struct statvfs vfs {};
-    if (::statvfs(store.root().c_str(), &vfs) == 0) r.free_bytes = static_cast<std::uint64_t>(vfs.f_bavail) * vfs.f_frsize;
-    // Objects are rounded up to the filesystem block; the catalog needs about 200 bytes per entry.
-    std::uint64_t block = vfs.f_frsize ? vfs.f_frsize : 4096;
-    std::uint64_t padded = r.unique_bytes + r.unique_objects * (block / 2);
-    r.needed_bytes = padded + r.files * 200;
+    r.unique_bytes = p.unique_bytes();
+    r.unique_objects = p.unique_objects();
+    r.free_bytes = fs_space(store.root()).free;
+    r.needed_bytes = p.prefix_needed().empty() ? 0 : p.prefix_needed().back();
+    const auto& prefix = p.prefix_needed();
+    while (r.packages_that_fit < prefix.size() && prefix[r.packages_that_fit] <= r.free_bytes) ++r.packages_that_fit;
     return r;
 }
 

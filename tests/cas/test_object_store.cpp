@@ -341,4 +341,32 @@ TEST_SUITE("cas::ObjectStore") {
         CHECK(c.name().empty());
         ::unlink((t / ("temp/" + s.own_temp_name() + "/" + kept)).c_str());
     }
+    TEST_CASE("discard_staged deletes the staged files not kept, and publish places only the kept ones") {
+        test::TempDir t;
+        util::ensure_dir(t / "objects");
+        util::ensure_dir(t / "temp");
+        cas::ObjectStore s(t / "objects", t / "temp");
+        std::vector<hash::Digest> ds;
+        for (std::string data : {"kept", "dropped one", "dropped two"}) {
+            auto d = hash::hash_bytes(data);
+            ::mkdir((t / "objects/" + d.hex().substr(0, 2)).c_str(), 0755);
+            REQUIRE(s.stage_bytes(d, data) == cas::StageResult::staged);
+            ds.push_back(d);
+        }
+        CHECK(s.discard_staged([&](const hash::Digest& d) { return d == ds[0]; }) == 2);
+        CHECK(s.staged_count() == 1);
+        CHECK_FALSE(s.exists(ds[1]));
+        CHECK(s.publish().objects == 1);
+        CHECK(s.on_disk(ds[0]));
+        CHECK_FALSE(s.on_disk(ds[1]));
+        CHECK_FALSE(s.on_disk(ds[2]));
+        // Nothing kept: everything staged goes.
+        auto d = hash::hash_bytes("again");
+        ::mkdir((t / "objects/" + d.hex().substr(0, 2)).c_str(), 0755);
+        REQUIRE(s.stage_bytes(d, "again") == cas::StageResult::staged);
+        CHECK(s.discard_staged(nullptr) == 1);
+        CHECK(s.staged_count() == 0);
+        CHECK(s.publish().objects == 0);
+        CHECK_FALSE(s.on_disk(d));
+    }
 }

@@ -55,6 +55,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <mutex>
 #include <optional>
 #include <string>
@@ -198,6 +199,12 @@ public:
     TempSweep sweep_temp();
     /// Removes this process's empty per-thread staging subdirectories.
     void tidy_temp();
+    /// Disk full: deletes this process's staged, unpublished temp files except those whose digest
+    /// `keep` answers true for (they stay staged for the next publish()), and this process's temp
+    /// files that a failed publish() left behind. Call with no stage_*() or publish() running.
+    /// Returns the number of files deleted. Never throws for a file that cannot be deleted (the next
+    /// locked run removes it).
+    size_t discard_staged(const std::function<bool(const hash::Digest&)>& keep);
     ~ObjectStore();
     /// Every object file name under objects/ (relative "ab/…"), variants included.
     std::vector<std::string> list_files() const;

@@ -25,6 +25,8 @@ enum class OpenMode { read_only, read_write };
 class Stmt;
 
 /// One connection. Pragmas (WAL, busy timeout, foreign keys, synchronous) are set on every open.
+/// On a full disk, where SQLite cannot create the WAL index (-shm) for the first connection, the
+/// connection keeps the index in memory under an exclusive lock instead (see the constructor).
 class Db {
 public:
     Db(const std::string& path, OpenMode mode);
@@ -37,7 +39,9 @@ public:
     [[noreturn]] void fail(const std::string& what, int rc, std::string_view sql = {}) const;
 
 private:
-    void configure(OpenMode mode);
+    enum class WalIndex { shared, heap }; // in the -shm file (normal), or in memory (full disk)
+    void open(OpenMode mode, WalIndex wal_index);
+    void close() noexcept;
     sqlite3* m_db = nullptr;
     std::string m_path;
 };
