@@ -601,7 +601,10 @@ RollbackResult rollback(store::Store& s, unsigned threads, SpaceCheck space, con
     Progress report;
     report.phase = "rollback";
     for (const auto& j : jobs) report.packages_total += j.rebuild;
-    std::mutex mutex;
+    std::mutex mutex, db_mutex;
+    // Objects are re-hashed before a tree is built from them: a corrupt object would otherwise come
+    // back as a legacy file with the wrong bytes, silently.
+    ObjectProver prover(s, db_mutex);
     tbb::task_arena arena(static_cast<int>(util::thread_count(threads)));
     arena.execute([&] {
         tbb::parallel_for_each(jobs.begin(), jobs.end(), [&](Job& j) {
@@ -609,6 +612,9 @@ RollbackResult rollback(store::Store& s, unsigned threads, SpaceCheck space, con
             const std::string pid = util::printable(j.pkg.name);
             std::string stage = stage_name(j.pkg);
             try {
+                if (std::string bad = prover.prove(j.pkg, j.manifest, -1, "", false, nullptr); !bad.empty())
+                    throw util::Error(bad + "; restore that object from a backup (casmig verify --objects names "
+                                            "every bad one), then rollback again");
                 util::remove_tree_at(objects.temp_dirfd(), stage, s.temp_dir() + "/" + stage);
                 if (io::mkdirat(objects.temp_dirfd(), stage.c_str(), 0700) != 0)
                     util::throw_errno("cannot create staging directory", s.temp_dir() + "/" + stage);

@@ -248,6 +248,32 @@ def rollback_goes_on_package_by_package(t):
 
 
 @test
+def rollback_never_rebuilds_from_a_corrupt_object(t):
+    """An object corrupted in place at the same size after cleanup: rollback names the package and does
+    not rebuild it with wrong bytes; the other packages come back."""
+    s = t.store("rb-corrupt", 3)
+    before = pristine(t, s)
+    t.run(s, "migrate", code=0)
+    t.run(s, "cutover", code=0)
+    t.run(s, "cleanup", code=0)
+    import sqlite3
+    db = sqlite3.connect(os.path.join(s, "store.db"))
+    (digest,) = db.execute("SELECT hex(e.digest) FROM entries e JOIN packages p ON p.id=e.package "
+                           "WHERE p.name=CAST('pkg01' AS BLOB) AND e.path=CAST('bin/tool1' AS BLOB)").fetchone()
+    db.close()
+    h = digest.lower()
+    obj = os.path.join(s, "objects", h[:2], h[2:])
+    os.chmod(obj, 0o644)
+    with open(obj, "r+b") as f:
+        f.write(b"Z")
+    code, out, err = t.run(s, "rollback", code=1)
+    expect("pkg01" in err and "does not match" in err, f"not named: {err}")
+    expect(not os.path.exists(os.path.join(s, "pkg01")), "pkg01 rebuilt from a corrupt object")
+    for p in ("pkg00", "pkg02"):
+        expect(snapshot(os.path.join(s, p), owners=True) == before[p], f"{p} not restored")
+
+
+@test
 def verify_compares_mtime_owner_and_hard_links(t):
     """Found case 8: verify ignored mtime, owner and hard-link structure, which rollback restores."""
     def extra(root):
