@@ -3,6 +3,7 @@
 recover across commands, trust nothing at a package's name (issue 7, found cases 1, 2, 3, 8)."""
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 
@@ -28,6 +29,26 @@ def all_exact(t, s, before, where="legacy"):
             got = snapshot(dest, owners=True)
         expect(got == snap, f"package {p} is not exact ({where}): "
                             f"{sorted(set((got or {}).items()) ^ set(snap.items()))[:3]}")
+
+
+def object_of(s, pkg, path):
+    """Path under objects/ of the object a package's file refers to (from the catalog)."""
+    db = sqlite3.connect(os.path.join(s, "store.db"))
+    (digest,) = db.execute("SELECT hex(e.digest) FROM entries e JOIN packages p ON p.id=e.package "
+                           "WHERE p.name=CAST(? AS BLOB) AND e.path=CAST(? AS BLOB)", (pkg, path)).fetchone()
+    db.close()
+    h = digest.lower()
+    return os.path.join(s, "objects", h[:2], h[2:])
+
+
+def flip_a_byte(obj):
+    """Corrupts an object in place, same size, mode put back."""
+    os.chmod(obj, 0o644)
+    data = bytearray(open(obj, "rb").read())
+    data[len(data) // 2] ^= 1
+    with open(obj, "wb") as f:
+        f.write(data)
+    os.chmod(obj, 0o444)
 
 
 def crash(t, s, command, point, mode="kill", *args):
@@ -135,16 +156,7 @@ def cleanup_repairs_a_corrupt_object_from_the_proven_legacy_file(t):
     before = pristine(t, s)
     t.run(s, "migrate", code=0)
     t.run(s, "cutover", code=0)
-    objs = []
-    for dp, _, fs in os.walk(os.path.join(s, "objects")):
-        objs += [os.path.join(dp, f) for f in fs if os.path.getsize(os.path.join(dp, f)) > 100]
-    victim = sorted(objs)[0]
-    os.chmod(victim, 0o644)
-    data = bytearray(open(victim, "rb").read())
-    data[10] ^= 1
-    with open(victim, "wb") as f:
-        f.write(data)
-    os.chmod(victim, 0o444)
+    flip_a_byte(object_of(s, "pkg00", "LICENSE"))
     code, out, err = t.run(s, "cleanup", code=0)
     expect("repaired" in err, f"repair not reported: {err}")
     expect(len(os.listdir(os.path.join(s, "migration", "corrupt"))) == 1, "bad copy not quarantined")
@@ -156,15 +168,7 @@ def cutover_rehashes_every_object(t):
     """Found case 4: cutover checked only object sizes. A same-size corrupt object refuses the cutover."""
     s = t.store("cutover-hash", 2)
     t.run(s, "migrate", code=0)
-    objs = []
-    for dp, _, fs in os.walk(os.path.join(s, "objects")):
-        objs += [os.path.join(dp, f) for f in fs if os.path.getsize(os.path.join(dp, f)) > 100]
-    victim = sorted(objs)[0]
-    os.chmod(victim, 0o644)
-    data = bytearray(open(victim, "rb").read())
-    data[0] ^= 1
-    with open(victim, "wb") as f:
-        f.write(data)
+    flip_a_byte(object_of(s, "pkg01", "bin/tool1"))
     code, out, err = t.run(s, "cutover", code=3)
     expect("do not hash" in err or "does not match" in err, f"reason: {err}")
     expect(t.json(s, "status")["mode"] == "dual", "mode changed")
@@ -220,15 +224,7 @@ def rollback_goes_on_package_by_package(t):
     t.run(s, "cutover", code=0)
     t.run(s, "cleanup", code=0)
     # the object only pkg02 has: its tool
-    tool = open(os.path.join(t.work, "pbp-tool"), "wb")
-    tool.close()
-    import sqlite3
-    db = sqlite3.connect(os.path.join(s, "store.db"))
-    (digest,) = db.execute("SELECT hex(e.digest) FROM entries e JOIN packages p ON p.id=e.package "
-                           "WHERE p.name=CAST('pkg02' AS BLOB) AND e.path=CAST('bin/tool2' AS BLOB)").fetchone()
-    db.close()
-    h = digest.lower()
-    obj = os.path.join(s, "objects", h[:2], h[2:])
+    obj = object_of(s, "pkg02", "bin/tool2")
     saved = open(obj, "rb").read()
     os.chmod(obj, 0o644)
     os.unlink(obj)
@@ -256,16 +252,7 @@ def rollback_never_rebuilds_from_a_corrupt_object(t):
     t.run(s, "migrate", code=0)
     t.run(s, "cutover", code=0)
     t.run(s, "cleanup", code=0)
-    import sqlite3
-    db = sqlite3.connect(os.path.join(s, "store.db"))
-    (digest,) = db.execute("SELECT hex(e.digest) FROM entries e JOIN packages p ON p.id=e.package "
-                           "WHERE p.name=CAST('pkg01' AS BLOB) AND e.path=CAST('bin/tool1' AS BLOB)").fetchone()
-    db.close()
-    h = digest.lower()
-    obj = os.path.join(s, "objects", h[:2], h[2:])
-    os.chmod(obj, 0o644)
-    with open(obj, "r+b") as f:
-        f.write(b"Z")
+    flip_a_byte(object_of(s, "pkg01", "bin/tool1"))
     code, out, err = t.run(s, "rollback", code=1)
     expect("pkg01" in err and "does not match" in err, f"not named: {err}")
     expect(not os.path.exists(os.path.join(s, "pkg01")), "pkg01 rebuilt from a corrupt object")
