@@ -64,6 +64,7 @@ struct State {
     unsigned long crash_n = 1;
     CrashMode mode = CrashMode::kill;
     std::string trace;
+    std::string fault_trace; // CASMIG_FAULT_TRACE: at exit, "OP CALLS" per op (tests find the Nth call)
     std::vector<std::string> roots; // CASMIG_CRASH_ROOT: where power-data looks for unsynced files
     std::vector<Fault> faults;
     std::atomic<unsigned long> calls[op_count] = {};
@@ -100,6 +101,15 @@ struct State {
             }
         }
         if (const char* f = std::getenv("CASMIG_FAULT")) parse_faults(f);
+        if (const char* t = std::getenv("CASMIG_FAULT_TRACE")) fault_trace = t;
+    }
+
+    ~State() {
+        if (fault_trace.empty()) return;
+        if (FILE* f = std::fopen(fault_trace.c_str(), "a")) {
+            for (int i = 0; i < op_count; ++i) std::fprintf(f, "%s %lu\n", k_op_names[i], calls[i].load());
+            std::fclose(f);
+        }
     }
 
     void parse_faults(std::string spec) {
