@@ -15,6 +15,7 @@ after any crash or fault followed by any command:
 import hashlib
 import os
 import shutil
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -179,6 +180,20 @@ def bad_objects(store):
     return bad
 
 
+def catalog_states(store):
+    """{package: state} from store.db (read-only), {} when there is no catalog; None when unreadable."""
+    db = os.path.join(store, "store.db")
+    if not os.path.exists(db):
+        return {}
+    try:
+        c = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+        rows = c.execute("SELECT name, state FROM packages").fetchall()
+        c.close()
+    except sqlite3.Error:
+        return None
+    return {os.fsdecode(n) if isinstance(n, bytes) else n: st for n, st in rows}
+
+
 def materialize(casmig, store, pkg, dest):
     code, _, err = run(casmig, store, ["materialize", pkg, dest])
     return code, err
@@ -223,6 +238,10 @@ def check_store(casmig, store, pristine, must, may, scratch, after=None, after_c
     temp = os.path.join(store, "temp")
     if after in LOCKED and after_code in (0, 1) and os.path.isdir(temp) and os.listdir(temp):
         problems.append(f"temp/ not empty after {after} exited {after_code}: {sorted(os.listdir(temp))[:4]}")
+    states = catalog_states(store)
+    if states is None:
+        problems.append("store.db cannot be read")
+        states = {}
     for pkg in must + may:
         want = pristine.snaps[pkg]
         tree = os.path.join(store, pkg)
@@ -244,6 +263,9 @@ def check_store(casmig, store, pristine, must, may, scratch, after=None, after_c
         elif code is not None and code < 0 or any(m in err for m in CRASH_MARKERS):
             problems.append(f"{pkg}: materialize crashed: {err.strip()[:200]}")
         remove_tree(dest)
+        if states.get(pkg) == "verified" and not mat_ok:
+            # Readers use a verified package's manifest: it must be whole (objects durable, named right).
+            problems.append(f"{pkg}: the catalog says verified but it does not materialize exactly: {mat_diff}")
         if pkg in may and not os.path.lexists(tree) and code != 0:
             continue  # removed entirely: fine for the package being removed
         if not tree_ok and not mat_ok:
