@@ -299,6 +299,7 @@ if __name__ == "__main__":
     if OPTS.seed is None:
         OPTS.seed = os.environ.get("CASMIG_CRASH_SEED") or datetime.date.today().isoformat()
     sys.argv = [sys.argv[0]] + rest
+    matrix.skip_without_seams(sys.argv)
     if OPTS.case:
         harness.TESTS[:] = [replay]
     print(f"crash matrix: {'full' if OPTS.full else 'CI sample, seed ' + OPTS.seed}, {OPTS.jobs} jobs", flush=True)

@@ -223,6 +223,7 @@ if __name__ == "__main__":
     ap.add_argument("--case")
     OPTS, rest = ap.parse_known_args()
     sys.argv = [sys.argv[0]] + rest
+    matrix.skip_without_seams(sys.argv)
     if OPTS.case:
         harness.TESTS[:] = [replay]
     print(f"fault matrix: {'full' if OPTS.full else 'CI sample'}, {OPTS.jobs} jobs", flush=True)
