@@ -231,6 +231,11 @@ void truncate_dirty(const std::string& path, const std::set<std::pair<dev_t, ino
     for (const auto& n : names) truncate_dirty(path + "/" + n, dirty);
 }
 
+void make_parents(const std::string& path) {
+    for (size_t pos = path.find('/', 1); pos != std::string::npos; pos = path.find('/', pos + 1))
+        ::mkdir(path.substr(0, pos).c_str(), 0700);
+}
+
 [[noreturn]] void crash_now() {
     State& s = state();
     {
@@ -240,7 +245,14 @@ void truncate_dirty(const std::string& path, const std::set<std::pair<dev_t, ino
         } else if (s.mode == CrashMode::power_names) {
             for (auto it = s.names.rbegin(); it != s.names.rend(); ++it) {
                 switch (it->kind) {
-                case NameOp::rename: ::rename(it->to.c_str(), it->from.c_str()); break;
+                case NameOp::rename:
+                    // The source directory may be gone since (temp/ subdirectories are removed once
+                    // empty): its removal was not synced either, so it comes back too.
+                    if (::rename(it->to.c_str(), it->from.c_str()) != 0 && errno == ENOENT) {
+                        make_parents(it->from);
+                        ::rename(it->to.c_str(), it->from.c_str());
+                    }
+                    break;
                 case NameOp::link: ::unlink(it->to.c_str()); break;
                 case NameOp::mkdir: remove_tree(it->to); break;
                 }

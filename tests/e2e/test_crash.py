@@ -302,5 +302,6 @@ if __name__ == "__main__":
     matrix.skip_without_seams(sys.argv)
     if OPTS.case:
         harness.TESTS[:] = [replay]
+        sys.argv.append("--keep")
     print(f"crash matrix: {'full' if OPTS.full else 'CI sample, seed ' + OPTS.seed}, {OPTS.jobs} jobs", flush=True)
     sys.exit(harness.main("e2e-crash"))

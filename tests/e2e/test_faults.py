@@ -226,5 +226,6 @@ if __name__ == "__main__":
     matrix.skip_without_seams(sys.argv)
     if OPTS.case:
         harness.TESTS[:] = [replay]
+        sys.argv.append("--keep")
     print(f"fault matrix: {'full' if OPTS.full else 'CI sample'}, {OPTS.jobs} jobs", flush=True)
     sys.exit(harness.main("e2e-faults"))
