@@ -48,7 +48,7 @@ COMMANDS = [
 ]
 MODES = ["kill", "power-data", "power-names"]
 FOLLOWUPS = ["same", "rollback", "migrate", "verify", "cleanup", "gc"]
-ROTATING = 12  # extra (case, follow-up) pairs per command in the CI sample
+ROTATING = 8  # extra (case, follow-up) pairs per command in the CI sample
 
 OPTS = argparse.Namespace(full=False, jobs=2, seed=None, case=None)
 _pristine = None
