@@ -131,7 +131,9 @@ def run_case(t, label, state, args, spec, keep=False):
         matrix.remove_tree(dest)
         rerun, _, rerr = matrix.run(t.casmig, store, a)
         if rerun != 0:
-            problems.append(f"the rerun without a fault exited {rerun}: {rerr.strip()[-300:]}")
+            lines = rerr.strip().splitlines() or [""]
+            problems.append(f"the rerun without a fault exited {rerun}: {lines[0][:300]}"
+                            + (f" (and {len(lines) - 1} more lines)" if len(lines) > 1 else ""))
         problems += matrix.check_store(t.casmig, store, p, must, may, d, after=a[0], after_code=rerun)
         if a[0] == "materialize" and rerun == 0:
             dd = matrix.diff(p.snaps[a[1]], matrix.snap(dest))
