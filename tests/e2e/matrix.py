@@ -8,6 +8,9 @@ after any crash or fault followed by any command:
   * every object under objects/ hashes (BLAKE3) to its name;
   * no package is lost: each pristine package is either present as an exact legacy tree or materializes
     exactly (content, modes, symlinks, mtimes, hard links); materialize never exits 0 with wrong bytes;
+  * a legacy tree at a package's name is exact (trees are renamed into place whole, never half-made);
+  * a package the catalog says is verified materializes exactly; after a command that exited 0, a
+    package whose legacy tree the catalog says is present has one;
   * after a locked command that finished (exit 0 or 1), temp/ holds nothing;
   * a command exits 0, 1 (finished, something failed) or 3 (refused), its stderr one line per problem,
     never a stack trace.
@@ -181,17 +184,17 @@ def bad_objects(store):
 
 
 def catalog_states(store):
-    """{package: state} from store.db (read-only), {} when there is no catalog; None when unreadable."""
+    """{package: (state, tree)} from store.db (read-only), {} when there is no catalog; None when unreadable."""
     db = os.path.join(store, "store.db")
     if not os.path.exists(db):
         return {}
     try:
         c = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-        rows = c.execute("SELECT name, state FROM packages").fetchall()
+        rows = c.execute("SELECT name, state, tree FROM packages").fetchall()
         c.close()
     except sqlite3.Error:
         return None
-    return {os.fsdecode(n) if isinstance(n, bytes) else n: st for n, st in rows}
+    return {os.fsdecode(n) if isinstance(n, bytes) else n: (st, tree) for n, st, tree in rows}
 
 
 def materialize(casmig, store, pkg, dest):
@@ -263,7 +266,17 @@ def check_store(casmig, store, pristine, must, may, scratch, after=None, after_c
         elif code is not None and code < 0 or any(m in err for m in CRASH_MARKERS):
             problems.append(f"{pkg}: materialize crashed: {err.strip()[:200]}")
         remove_tree(dest)
-        if states.get(pkg) == "verified" and not mat_ok:
+        if os.path.lexists(tree) and not tree_ok:
+            # Trees are built aside, made durable, then renamed into place whole; these stores have no
+            # drift: anything at a package's name that is not its exact tree was put there half-made.
+            problems.append(f"{pkg}: the legacy tree at its name is not exact: {tree_diff}")
+        state, tree_state = states.get(pkg, (None, None))
+        if after in LOCKED and after_code == 0 and tree_state == "present" and not os.path.isdir(tree):
+            # A command that completed leaves no record the disk does not back (nothing here moves trees
+            # behind casmig's back).
+            problems.append(f"{pkg}: the catalog says its legacy tree is present after {after} exited 0, "
+                            f"but there is none")
+        if state == "verified" and not mat_ok:
             # Readers use a verified package's manifest: it must be whole (objects durable, named right).
             problems.append(f"{pkg}: the catalog says verified but it does not materialize exactly: {mat_diff}")
         if pkg in may and not os.path.lexists(tree) and code != 0:

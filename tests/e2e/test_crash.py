@@ -12,7 +12,7 @@ rollback, migrate, verify, cleanup, gc); after F the invariants of tests/e2e/mat
 Usage: test_crash.py --casmig PATH [--full] [--jobs N] [--seed S] [--case 'LABEL|P@N|MODE|F'] [--only TEST]
   default  the CI sample: every point at N=1 in every mode: kill followed by the same command and by
            rollback, power-data checked right after the cut, power-names right after the cut and after
-           the same command; plus a rotating
+           the same command and gc (a command that recovers nothing: records must match the disk); plus a rotating
            subset of the rest (seeded by the date unless --seed or CASMIG_CRASH_SEED; the seed is printed)
   --full   every point x every N x every mode x every follow-up, and the invariants right after the
            crash before any command ("none") (tools/crash-campaign)
@@ -163,7 +163,7 @@ def plan(label, hits):
     for pt, n, m in cases:
         base = []
         if n == 1:
-            base = {"kill": ["same", "rollback"], "power-data": ["none"], "power-names": ["none", "same"]}[m]
+            base = {"kill": ["same", "rollback"], "power-data": ["none"], "power-names": ["none", "same", "gc"]}[m]
         chosen[(pt, n, m)] = base
     rest = sorted(((pt, n, m, f) for pt, n, m in cases for f in FOLLOWUPS if f not in chosen[(pt, n, m)]),
                   key=lambda k: hashlib.sha256(f"{seed}|{label}|{k}".encode()).hexdigest())
