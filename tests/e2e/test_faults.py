@@ -243,6 +243,19 @@ def damaged_objects_are_reported(t):
                 expect(dd is None, f"{damage}: materialize {pkg} exited 0 with a wrong tree: {dd}")
 
 
+@test
+def legacy_mode_damage_is_reported(t):
+    """A legacy file's mode changed after migrate (a chmod by hand): verify reports it, naming the
+    package, the path and 'mode', exit 1 (rollback restores modes, so verify must hold trees to them)."""
+    p = pristine(t)
+    d = os.path.join(t.work, "mode-damage")
+    matrix.copy_tree(p.states["migrated"], d)
+    os.chmod(os.path.join(d, "pkg02", "bin", "tool2"), 0o700)
+    code, _, err = matrix.run(t.casmig, d, ["verify", "pkg02"])
+    expect(code == 1 and "pkg02" in err and "bin/tool2" in err and "mode" in err,
+           f"verify after a chmod: exit {code}, {err.strip()[-300:]!r}")
+
+
 def replay(t):
     label, spec = OPTS.case.split("|")
     state, args = next((s, a) for l, s, a in COMMANDS if l == label)
