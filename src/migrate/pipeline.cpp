@@ -578,6 +578,8 @@ private:
         vo.threads = m_threads;
         vo.db_mutex = &m_db_mutex;
         auto vr = verify::verify_packages(m_store, pkgs, vo, nullptr, [this](const Problem& p) { problem(p); });
+        // Recorded verified: from here readers use these packages' manifests and objects.
+        io::crash_point("migrate.verified");
         m_verified += vr.ok;
         m_verify_failed += vr.mismatched;
     }

@@ -69,6 +69,7 @@ struct State {
     unsigned long crash_n = 1;
     CrashMode mode = CrashMode::kill;
     std::string trace;
+    std::string fault_trace; // CASMIG_FAULT_TRACE: at exit, "OP CALLS" per op (tests find the Nth call)
     std::vector<std::string> roots; // CASMIG_CRASH_ROOT: where power-data looks for unsynced files
     std::vector<Fault> faults;
     std::atomic<unsigned long> calls[op_count] = {};
@@ -105,6 +106,15 @@ struct State {
             }
         }
         if (const char* f = std::getenv("CASMIG_FAULT")) parse_faults(f);
+        if (const char* t = std::getenv("CASMIG_FAULT_TRACE")) fault_trace = t;
+    }
+
+    ~State() {
+        if (fault_trace.empty()) return;
+        if (FILE* f = std::fopen(fault_trace.c_str(), "a")) {
+            for (int i = 0; i < op_count; ++i) std::fprintf(f, "%s %lu\n", k_op_names[i], calls[i].load());
+            std::fclose(f);
+        }
     }
 
     void parse_faults(std::string spec) {
@@ -226,6 +236,11 @@ void truncate_dirty(const std::string& path, const std::set<std::pair<dev_t, ino
     for (const auto& n : names) truncate_dirty(path + "/" + n, dirty);
 }
 
+void make_parents(const std::string& path) {
+    for (size_t pos = path.find('/', 1); pos != std::string::npos; pos = path.find('/', pos + 1))
+        ::mkdir(path.substr(0, pos).c_str(), 0700);
+}
+
 [[noreturn]] void crash_now() {
     State& s = state();
     {
@@ -236,7 +251,12 @@ void truncate_dirty(const std::string& path, const std::set<std::pair<dev_t, ino
             for (auto it = s.names.rbegin(); it != s.names.rend(); ++it) {
                 switch (it->kind) {
                 case NameOp::rename:
-                    ::rename(it->to.c_str(), it->from.c_str());
+                    // The source directory may be gone since (temp/ subdirectories are removed once
+                    // empty): its removal was not synced either, so it comes back too.
+                    if (::rename(it->to.c_str(), it->from.c_str()) != 0 && errno == ENOENT) {
+                        make_parents(it->from);
+                        ::rename(it->to.c_str(), it->from.c_str());
+                    }
                     if (it->replaced) {
                         int fd = ::open(it->to.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, it->old_mode);
                         if (fd >= 0) {

@@ -3,7 +3,9 @@
 #include "../support/tempdir.hpp"
 #include "casmig/migrate/ingest.hpp"
 
+#include <cerrno>
 #include <fcntl.h>
+#include <unistd.h>
 #include <sys/stat.h>
 
 using namespace casmig;
@@ -75,5 +77,33 @@ TEST_SUITE("migrate::ingest_file") {
         ::unlink((t / "p/f").c_str());
         ::symlink((t / "secret").c_str(), (t / "p/f").c_str());
         CHECK_THROWS_AS(migrate::hash_file(item), walk::PackageError);
+        // The open itself refuses the symlink (ELOOP): casmig never opens a file outside the package,
+        // even when the change check after the read would catch it.
+        errno = 0;
+        CHECK(!migrate::try_open_item(item));
+        CHECK(errno == ELOOP);
+        CHECK_THROWS_AS(migrate::open_item(item), walk::PackageError);
+    }
+    TEST_CASE("a same-size edit in place after the walk fails, read whole or streamed") {
+        // Size and content length agree after the read: only the fstat compared with the walk's lstat
+        // (mtime, ctime) sees the change.
+        for (size_t size : {size_t(4096), size_t((9 << 20) + 5)}) {
+            CAPTURE(size);
+            test::TempDir t;
+            test::write_file(t / "p/f", std::string(size, 'a'));
+            util::Fd root = util::open_dir(t.path());
+            auto item = first_file(root.get(), "p");
+            ::usleep(20000); // a later timestamp tick than the walk's
+            int fd = ::open((t / "p/f").c_str(), O_WRONLY);
+            REQUIRE(fd >= 0);
+            REQUIRE(::pwrite(fd, "b", 1, static_cast<off_t>(size / 2)) == 1);
+            ::close(fd);
+            try {
+                migrate::hash_file(item);
+                FAIL("a same-size edit went unnoticed");
+            } catch (const walk::PackageError& e) {
+                CHECK(std::string(e.what()).find("changed") != std::string::npos);
+            }
+        }
     }
 }

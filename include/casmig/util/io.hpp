@@ -17,6 +17,7 @@
 //   CASMIG_FAULT=OP@N[+]=ERR[,…]  the Nth call of OP fails with ERR (ENOSPC, EIO, EACCES, EDQUOT, EROFS);
 //                                 with '+', that call and every later one. OP: write, fsync, syncfs,
 //                                 rename, link, unlink, mkdir, open (O_CREAT opens only), copy.
+//   CASMIG_FAULT_TRACE=FILE       at exit, append "OP CALLS" for each OP to FILE (tests use it to pick N).
 //
 // Crash points name durable steps "command.step" (e.g. "cleanup.moved-aside"); docs/reliability.md
 // lists them. Sync semantics of the power-cut model: syncfs() makes everything durable; fsync(fd) makes
