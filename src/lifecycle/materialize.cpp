@@ -217,16 +217,18 @@ private:
         ++m_r.files;
         m_r.bytes += e.size;
         // A hard link inside the package: recreate it as one.
+        // A copy instead would silently lose the tree's hard-link structure, which rollback promises to
+        // restore exactly: a link that cannot be made is an error for this package.
         if (e.link_to) {
-            auto it = m_files.find(*e.link_to);
-            if (it != m_files.end()) {
-                auto [lparent, lname] = split(*e.link_to, m_display);
-                auto lfd = dir_fd(lparent);
-                if (io::linkat(lfd->get(), lname.c_str(), pfd, name.c_str(), 0) == 0) {
-                    ++m_r.linked;
-                    return;
-                }
-            }
+            if (!m_files.count(*e.link_to))
+                throw util::Error("manifest entry " + disp + " is a hard link of '" + util::printable(*e.link_to) +
+                                  "', which the manifest does not create before it (damaged catalog: run casmig verify)");
+            auto [lparent, lname] = split(*e.link_to, m_display);
+            auto lfd = dir_fd(lparent);
+            if (io::linkat(lfd->get(), lname.c_str(), pfd, name.c_str(), 0) != 0)
+                util::throw_errno("cannot recreate hard link to " + m_display + "/" + util::printable(*e.link_to) + " at", disp);
+            ++m_r.linked;
+            return;
         }
         if (m_link == LinkMode::hardlink) {
             // Never link setuid/setgid files: a shared inode would spread the privilege to every user

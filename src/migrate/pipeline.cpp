@@ -97,6 +97,7 @@ std::uint64_t bytes_needed(std::uint64_t unique_bytes, std::uint64_t unique_obje
 
 struct FsSpace {
     std::uint64_t free = 0, block = 4096;
+    std::uint64_t used = 0, used_inodes = 0; // of the whole filesystem
     bool known = false; // statvfs worked
 };
 FsSpace fs_space(const std::string& path) {
@@ -105,6 +106,8 @@ FsSpace fs_space(const std::string& path) {
     if (::statvfs(path.c_str(), &vfs) == 0) {
         f.free = static_cast<std::uint64_t>(vfs.f_bavail) * vfs.f_frsize;
         if (vfs.f_frsize) f.block = vfs.f_frsize;
+        f.used = static_cast<std::uint64_t>(vfs.f_blocks - std::min(vfs.f_blocks, vfs.f_bfree)) * vfs.f_frsize;
+        f.used_inodes = static_cast<std::uint64_t>(vfs.f_files - std::min(vfs.f_files, vfs.f_ffree));
         f.known = true;
     }
     return f;
@@ -720,6 +723,13 @@ SpaceNeed space_needed_for(store::Store& store, const std::vector<catalog::Packa
     if (!fs.known) fs.free = UINT64_MAX; // cannot tell: never refuse for it
     SpaceNeed n;
     n.free_bytes = fs.free;
+    // 0. Free: the legacy trees live on this filesystem, so their bytes and files are at most what the
+    //    filesystem uses; if even that fits, so does the selection (the usual case, decided without
+    //    reading one directory: walking a large store costs seconds).
+    if (fs.known && bytes_needed(fs.used, fs.used_inodes, fs.used_inodes, fs.block) <= n.free_bytes) {
+        n.packages_that_fit = packages.size();
+        return n;
+    }
     // 1. Cheap upper bound, stat only: as if every file were new content. A package that cannot be
     //    walked will fail, and costs nothing.
     std::uint64_t files = 0, bytes = 0;

@@ -46,12 +46,7 @@ STICKY_OPS = {"write", "copy", "open", "mkdir", "fsync"}
 # Failures found by this matrix and not fixed yet: (label, CASMIG_FAULT prefix) -> what is wrong. Such a
 # case is reported as KNOWN and does not fail the run; once it passes, the run fails until the entry is
 # removed (so this list never hides a fixed bug or a new one).
-KNOWN = {
-    ("rollback", "link@"): "a hard link inside a package that link() cannot make is copied instead: rollback "
-                           "exits 0 and the rebuilt tree has lost its hard-link structure (src/lifecycle/materialize.cpp)",
-    ("materialize", "link@"): "a hard link inside a package that link() cannot make is copied instead: "
-                              "materialize --link copy exits 0 with the hard-link structure lost",
-}
+KNOWN = {}
 
 OPTS = argparse.Namespace(full=False, jobs=2, case=None)
 _pristine = None
