@@ -178,4 +178,14 @@ void Transaction::commit() {
     m_done = true;
 }
 
+RelaxedDurability::RelaxedDurability(Db& db) : m_db(db) { m_db.exec("PRAGMA synchronous=NORMAL"); }
+
+RelaxedDurability::~RelaxedDurability() {
+    try {
+        m_db.exec("PRAGMA synchronous=FULL");
+    } catch (const DbError&) {
+        // The connection is being torn down after a failure; the next one starts FULL.
+    }
+}
+
 } // namespace casmig::catalog

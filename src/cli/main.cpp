@@ -237,6 +237,7 @@ int cmd_status(Ctx& c, int journal_lines) {
 int cmd_verify(Ctx& c, const std::vector<std::string>& names, bool objects, std::optional<std::uint64_t> sample) {
     auto lock = c.lock("verify");
     auto& s = *c.store;
+    catalog::RelaxedDurability relaxed(s.catalog().db()); // verify records results, no intent
     s.discover();
     auto& cat = s.catalog();
     std::vector<catalog::Package> todo;

@@ -867,6 +867,9 @@ Result migrate(store::Store& store, const Options& opts, const ProgressSink& pro
                 ", or pass --no-space-check to migrate what fits");
         }
     }
+    // Migrate's commits record results whose data is already durable (objects synced before their
+    // rows): a commit lost to a power cut is redone, so they need no fsync each (see RelaxedDurability).
+    catalog::RelaxedDurability relaxed(store.catalog().db());
     store.discover();
     auto& cat = store.catalog();
     auto selected = select_packages(cat.packages(), store.legacy_dirs(), opts);

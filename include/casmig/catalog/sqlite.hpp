@@ -91,4 +91,20 @@ private:
     bool m_done = false;
 };
 
+/// For its lifetime, commits on db are not fsynced one by one (PRAGMA synchronous=NORMAL; FULL, the
+/// default, again afterwards). For commands whose commits record results of data already durable —
+/// migrate, verify — where a commit lost to a power cut only means work redone: on this kind of VM an
+/// fsync per package costs more than the work. A later FULL commit makes everything before it durable
+/// (the WAL is append-only). Never around an intent that a destructive step relies on.
+class RelaxedDurability {
+public:
+    explicit RelaxedDurability(Db& db);
+    ~RelaxedDurability();
+    RelaxedDurability(const RelaxedDurability&) = delete;
+    RelaxedDurability& operator=(const RelaxedDurability&) = delete;
+
+private:
+    Db& m_db;
+};
+
 } // namespace casmig::catalog
