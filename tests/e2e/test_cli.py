@@ -168,6 +168,24 @@ def verify_finds_drift_and_corruption(t):
 
 
 @test
+def verify_and_cleanup_catch_a_retargeted_symlink(t):
+    s = t.store("symlink-drift", 2)
+    t.run(s, "migrate", code=0)
+    t.run(s, "verify", code=0)
+    t.run(s, "cutover", code=0)
+    alias = os.path.join(s, "pkg01", "bin", "alias")
+    st = os.lstat(alias)
+    os.unlink(alias)
+    os.symlink("tool0", alias)  # same length as the original target: only the target differs
+    os.utime(alias, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+    code, out, err = t.run(s, "verify", "pkg01")
+    expect(code == 1 and "bin/alias" in err and "symlink target differs" in err, f"retargeted symlink: {err!r}")
+    code, out, err = t.run(s, "cleanup")
+    expect(code == 1 and "bin/alias" in err, f"cleanup must refuse the drifted tree: {err!r}")
+    expect(os.readlink(alias) == "tool0", "cleanup deleted a tree whose symlink changed")
+
+
+@test
 def busy_lock_exit_4_and_status_still_answers(t):
     s = t.store("lock", 2)
     t.run(s, "migrate", code=0)
