@@ -170,16 +170,17 @@ struct Catalog::Stmts {
     explicit Stmts(Db& db)
         : get_mode(db, "SELECT value FROM settings WHERE key='mode'"),
           set_mode(db, "INSERT INTO settings(key, value) VALUES ('mode', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value"),
-          packages(db, "SELECT id, name, state, tree, has_manifest, files, bytes, COALESCE(error,'') FROM packages ORDER BY name"),
-          package(db, "SELECT id, name, state, tree, has_manifest, files, bytes, COALESCE(error,'') FROM packages WHERE name=?"),
+          packages(db, "SELECT id, name, state, tree, has_manifest, files, bytes, COALESCE(error,''), manifest FROM packages ORDER BY name"),
+          package(db, "SELECT id, name, state, tree, has_manifest, files, bytes, COALESCE(error,''), manifest FROM packages WHERE name=?"),
           add_package(db, "INSERT INTO packages(name, state, updated_at) VALUES (?, 'pending', ?)"),
           set_state(db, "UPDATE packages SET state=?, error=?, updated_at=? WHERE id=?"),
           set_tree(db, "UPDATE packages SET tree=?, updated_at=? WHERE id=?"),
           del_package(db, "DELETE FROM packages WHERE id=?"),
           del_entries(db, "DELETE FROM entries WHERE package=?"),
           ins_entry(db, "INSERT INTO entries(package, path, type, mode, size, digest, target, mtime_ns, link_to, uid, gid, xattrs) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"),
-          set_manifest(db, "UPDATE packages SET has_manifest=1, files=?, bytes=?, updated_at=? WHERE id=?"),
-          clear_manifest(db, "UPDATE packages SET has_manifest=0, files=0, bytes=0 WHERE id=?"),
+          set_manifest(db, "UPDATE packages SET has_manifest=1, files=?, bytes=?, manifest=?, updated_at=? WHERE id=?"),
+          clear_manifest(db, "UPDATE packages SET has_manifest=0, files=0, bytes=0, manifest=NULL WHERE id=?"),
+          set_manifest_object(db, "UPDATE packages SET manifest=? WHERE id=? AND has_manifest=1"),
           manifest(db, "SELECT path, type, mode, size, digest, target, mtime_ns, link_to, uid, gid, xattrs FROM entries WHERE package=? ORDER BY path"),
           add_object(db, "INSERT OR IGNORE INTO objects(digest, size, stored_size) VALUES (?,?,?)"),
           has_object(db, "SELECT 1 FROM objects WHERE digest=?"),
@@ -195,7 +196,7 @@ struct Catalog::Stmts {
           journal(db, "INSERT INTO journal(at_ns, who, command, package, from_state, to_state, detail) VALUES (?,?,?,?,?,?,?)"),
           journal_tail(db, "SELECT at_ns, who, command, COALESCE(package,''), COALESCE(from_state,''), COALESCE(to_state,''), COALESCE(detail,'') FROM journal ORDER BY id DESC LIMIT ?") {}
     Stmt get_mode, set_mode, packages, package, add_package, set_state, set_tree, del_package, del_entries, ins_entry,
-        set_manifest, clear_manifest, manifest, add_object, has_object, objects, del_object, unreferenced, totals,
+        set_manifest, clear_manifest, set_manifest_object, manifest, add_object, has_object, objects, del_object, unreferenced, totals,
         get_identity, claim, advance, journal, journal_tail;
 };
 
@@ -267,6 +268,16 @@ static Package read_package(Stmt& s, const std::string& db_path) {
     p.files = s.i64(5);
     p.bytes = s.i64(6);
     p.error = s.str(7);
+    if (s.is_null(8)) p.manifest_object.reset();
+    else {
+        std::string raw = s.str(8);
+        if (raw.size() != 32) {
+            s.reset();
+            throw util::RefusedError("catalog " + db_path + " holds a damaged manifest digest for package '" +
+                                     util::printable(p.name) + "': " + k_recover_catalog);
+        }
+        p.manifest_object = hash::Digest::from_raw(raw);
+    }
     return p;
 }
 
@@ -309,7 +320,7 @@ void Catalog::delete_package(std::int64_t id) {
     m_s->del_package.bind(1, id).run();
 }
 
-void Catalog::put_manifest(std::int64_t id, const std::vector<Entry>& entries) {
+void Catalog::put_manifest(std::int64_t id, const std::vector<Entry>& entries, const std::optional<hash::Digest>& object) {
     m_s->del_entries.bind(1, id).run();
     std::int64_t files = 0, bytes = 0;
     auto& ins = m_s->ins_entry;
@@ -332,7 +343,15 @@ void Catalog::put_manifest(std::int64_t id, const std::vector<Entry>& entries) {
             bytes += static_cast<std::int64_t>(e.size);
         }
     }
-    m_s->set_manifest.bind(1, files).bind(2, bytes).bind(3, now_ns()).bind(4, id).run();
+    auto& sm = m_s->set_manifest;
+    sm.bind(1, files).bind(2, bytes);
+    if (object) sm.bind_blob(3, object->raw());
+    else sm.bind_null(3);
+    sm.bind(4, now_ns()).bind(5, id).run();
+}
+
+void Catalog::set_manifest_object(std::int64_t id, const hash::Digest& object) {
+    m_s->set_manifest_object.bind_blob(1, object.raw()).bind(2, id).run();
 }
 
 void Catalog::clear_manifest(std::int64_t id) {

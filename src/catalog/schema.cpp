@@ -70,6 +70,12 @@ CREATE TABLE store_identity (
     generation  INTEGER NOT NULL          -- advanced before every destructive command touches anything
 );
 )SQL"},
+        // The manifest object in <store>/packages/manifests/ that holds each package's manifest in the
+        // canonical encoding (docs/format.md), named by its BLAKE3; NULL until it is written (catalogs
+        // from before this migration: written by the next locked command, store/packages.hpp).
+        {"0003-manifest-objects", R"SQL(
+ALTER TABLE packages ADD COLUMN manifest BLOB;  -- 32 bytes, or NULL
+)SQL"},
     };
     return k_migrations;
 }

@@ -54,6 +54,7 @@ struct Ctx {
     std::unique_ptr<store::StoreLock> lock(const std::string& command, store::Purpose purpose = store::Purpose::write) {
         auto l = store->lock(command, purpose); // checks that the catalog belongs to the store first
         lifecycle::recover(*store, problem_sink());
+        lifecycle::sync_packages(*store);
         return l;
     }
     ProgressSink progress() {
@@ -329,7 +330,7 @@ int cmd_materialize(Ctx& c, const std::string& pkg, const std::string& dest, con
 
 int cmd_remove(Ctx& c, const std::string& pkg) {
     auto lock = c.lock("remove", store::Purpose::destroy);
-    lifecycle::remove_package(*c.store, pkg);
+    if (auto w = lifecycle::remove_package(*c.store, pkg)) c.bar->println("casmig: warning: " + *w);
     c.out({{"removed", pkg}}, c.g.verbose ? "removed " + util::printable(pkg) + "\n" : "");
     return k_ok;
 }
@@ -337,9 +338,15 @@ int cmd_remove(Ctx& c, const std::string& pkg) {
 int cmd_gc(Ctx& c, bool dry) {
     auto lock = c.lock("gc", dry ? store::Purpose::dry_run : store::Purpose::destroy);
     auto r = lifecycle::gc(*c.store, dry ? lifecycle::DryRun::yes : lifecycle::DryRun::no);
-    c.out({{"dry_run", dry}, {"removed_objects", r.removed_objects}, {"freed_bytes", r.freed_bytes}},
-          fmt("gc%s: %llu unreferenced objects %s, %s\n", dry ? " --dry-run" : "", (unsigned long long)r.removed_objects,
-              dry ? "would be removed" : "removed", hb(r.freed_bytes).c_str()));
+    std::string extra;
+    if (r.removed_manifests || r.removed_refs)
+        extra = fmt("; %llu manifest objects and %llu stale package references in packages/ %s",
+                    (unsigned long long)r.removed_manifests, (unsigned long long)r.removed_refs,
+                    dry ? "would be removed" : "removed");
+    c.out({{"dry_run", dry}, {"removed_objects", r.removed_objects}, {"freed_bytes", r.freed_bytes},
+           {"removed_manifests", r.removed_manifests}, {"removed_refs", r.removed_refs}},
+          fmt("gc%s: %llu unreferenced objects %s, %s%s\n", dry ? " --dry-run" : "", (unsigned long long)r.removed_objects,
+              dry ? "would be removed" : "removed", hb(r.freed_bytes).c_str(), extra.c_str()));
     return k_ok;
 }
 

@@ -1,5 +1,7 @@
 #include "casmig/lifecycle/lifecycle.hpp"
 
+#include "casmig/manifest/manifest.hpp"
+#include "casmig/store/packages.hpp"
 #include "casmig/util/error.hpp"
 #include "casmig/util/io.hpp"
 #include "casmig/util/parse.hpp"
@@ -375,6 +377,8 @@ CutoverResult cutover(store::Store& s, unsigned threads, const ProgressSink& pro
                 std::to_string(r.marked) + " legacy trees marked for cleanup");
     tx.commit();
     io::crash_point("cutover.recorded");
+    if (auto w = store::mirror_step([&] { store::record_mode(s.packages(), catalog::to_string(StoreMode::file_level)); }))
+        problems({"-", "packages/store", *w, true});
     return r;
 }
 
@@ -706,6 +710,9 @@ RollbackResult rollback(store::Store& s, unsigned threads, SpaceCheck space, con
     }
     tx.commit();
     io::crash_point("rollback.recorded");
+    if (failed.empty() && mode != StoreMode::legacy)
+        if (auto w = store::mirror_step([&] { store::record_mode(s.packages(), catalog::to_string(StoreMode::legacy)); }))
+            problems({"-", "packages/store", *w, true});
     return r;
 }
 
@@ -771,7 +778,7 @@ MaterializeResult materialize(store::Store& s, const std::string& name, const st
 
 // ------------------------------------------------------------------ remove
 
-void remove_package(store::Store& s, const std::string& name) {
+std::optional<std::string> remove_package(store::Store& s, const std::string& name) {
     s.discover();
     auto& cat = s.catalog();
     auto p = cat.package(name);
@@ -796,7 +803,60 @@ void remove_package(store::Store& s, const std::string& name) {
         tx.commit();
     }
     io::crash_point("remove.recorded");
+    // A ref left by a stop (or a failure) here is dropped by the next command's sync (the catalog decides).
+    auto warning = store::mirror_step([&] { s.packages().drop_ref(name); });
     util::remove_tree_at(objects.temp_dirfd(), trash, s.temp_dir() + "/" + trash);
+    return warning;
+}
+
+// ------------------------------------------------------------------ packages/ follows the catalog
+
+SyncResult sync_packages(store::Store& s) {
+    SyncResult r;
+    auto& cat = s.catalog();
+    auto& index = s.packages();
+    // Packages recorded by a catalog from before schema 0003 (or whose manifest object a damaged store
+    // lost): their manifest goes into packages/ now, durable before the catalog names it.
+    std::vector<std::pair<std::int64_t, hash::Digest>> written;
+    for (const auto& p : cat.packages()) {
+        if (!p.has_manifest || p.manifest_object) continue;
+        auto entries = cat.manifest(p.id);
+        manifest::normalize(entries);
+        std::string enc = manifest::encode(entries);
+        auto d = manifest::digest_of(enc);
+        index.stage(p.name, enc, d);
+        written.emplace_back(p.id, d);
+    }
+    if (!written.empty()) {
+        index.publish();
+        catalog::Transaction tx(cat.db());
+        for (const auto& [id, d] : written) cat.set_manifest_object(id, d);
+        cat.journal("casmig", "", "", "", std::to_string(written.size()) + " manifests written into packages/");
+        tx.commit();
+        io::crash_point("packages.backfilled");
+        r.manifests_written = written.size();
+    }
+    // Refs of packages the catalog does not hold, or holds without a manifest (a stop between a commit
+    // and the ref's removal): the catalog decides. Listing refs/ costs one directory read.
+    {
+        std::unordered_set<std::string> with_manifest;
+        for (const auto& p : cat.packages())
+            if (p.has_manifest) with_manifest.insert(p.name);
+        for (const auto& n : index.ref_names())
+            if (!with_manifest.count(n)) {
+                index.drop_ref(n);
+                ++r.refs_dropped;
+            }
+    }
+    // The store mode, mirrored for rebuild-catalog (a stop between a mode change and its mirror).
+    std::string mode = catalog::to_string(cat.mode());
+    auto settings = index.settings();
+    auto it = settings.find("mode");
+    if (it == settings.end() ? mode != catalog::to_string(StoreMode::legacy) : it->second != mode) {
+        store::record_mode(index, mode);
+        r.mode_written = true;
+    }
+    return r;
 }
 
 // ------------------------------------------------------------------ gc
@@ -827,6 +887,40 @@ GcResult gc(store::Store& s, DryRun dry) {
     auto rows = cat.unreferenced_objects();
     for (const auto& o : rows) dead.insert(o.digest);
     r.removed_objects = dead.size();
+    // packages/ follows the catalog: refs of packages it does not hold (a stop between a catalog commit
+    // and the ref's removal) go, and so do manifest objects no package of the catalog names.
+    auto& index = s.packages();
+    std::unordered_map<std::string, std::optional<hash::Digest>> current;
+    for (const auto& p : cat.packages()) current.emplace(p.name, p.has_manifest ? p.manifest_object : std::nullopt);
+    std::vector<std::string> stale_refs;
+    for (const auto& n : index.ref_names()) {
+        auto it = current.find(n);
+        if (it == current.end() || !it->second) stale_refs.push_back(n);
+    }
+    // A ref naming another manifest than the catalog's (a stop between placing refs and the catalog
+    // commit that would have named them) is put back to the catalog's.
+    std::vector<std::pair<std::string, hash::Digest>> wrong_refs;
+    for (const auto& [n, d] : current) {
+        if (!d) continue;
+        std::optional<hash::Digest> on_disk;
+        try {
+            on_disk = index.ref(n);
+        } catch (const util::SystemError&) {
+            throw;
+        } catch (const util::Error&) {
+            // damaged: rewritten below
+        }
+        if (on_disk != d) wrong_refs.emplace_back(n, *d);
+    }
+    r.fixed_refs = wrong_refs.size();
+    std::unordered_set<hash::Digest, hash::DigestHash> live_manifests;
+    for (const auto& [n, d] : current)
+        if (d) live_manifests.insert(*d);
+    std::vector<hash::Digest> dead_manifests;
+    for (const auto& d : index.manifest_objects())
+        if (!live_manifests.count(d)) dead_manifests.push_back(d);
+    r.removed_manifests = dead_manifests.size();
+    r.removed_refs = stale_refs.size();
     if (dry == DryRun::yes) return r;
     // Rows first, then files: either order is safe for unreferenced objects, and a crash between the
     // two leaves orphan files the next gc removes.
@@ -840,6 +934,28 @@ GcResult gc(store::Store& s, DryRun dry) {
             util::throw_errno("cannot remove object", objects.dir() + "/" + rel);
         io::crash_point("gc.unlinked");
     }
+    for (const auto& n : stale_refs) index.drop_ref(n);
+    if (!wrong_refs.empty()) {
+        for (const auto& [n, d] : wrong_refs) {
+            try {
+                index.read_manifest(d);
+                index.stage_ref(n, d);
+            } catch (const util::SystemError&) {
+                throw;
+            } catch (const util::Error&) {
+                // The catalog's manifest object is gone or damaged: written again from the catalog.
+                auto p = cat.package(n);
+                auto entries = cat.manifest(p->id);
+                manifest::normalize(entries);
+                std::string enc = manifest::encode(entries);
+                if (manifest::digest_of(enc) != d)
+                    throw util::Error("package " + util::printable(n) + ": the catalog's manifest does not encode to its recorded manifest object " + d.hex() + ": run casmig verify " + util::printable(n));
+                index.stage(n, enc, d);
+            }
+        }
+        index.publish();
+    }
+    for (const auto& d : dead_manifests) index.delete_manifest(d);
     return r;
 }
 

@@ -1,7 +1,9 @@
 #include "casmig/migrate/pipeline.hpp"
 
 #include "casmig/catalog/sqlite.hpp"
+#include "casmig/manifest/manifest.hpp"
 #include "casmig/migrate/ingest.hpp"
+#include "casmig/store/packages.hpp"
 #include "casmig/util/error.hpp"
 #include "casmig/util/io.hpp"
 #include "casmig/util/parse.hpp"
@@ -57,6 +59,7 @@ struct Job {
     std::atomic<bool> no_space{false}; // the disk filled up while staging it: neither migrated nor failed
     std::string error_path, error_message;
     std::uint64_t files = 0, bytes = 0;
+    std::optional<hash::Digest> manifest_object; // its manifest in packages/ (commit_batch)
 
     void fail(const std::string& path, const std::string& message) {
         std::lock_guard lk(mutex);
@@ -589,7 +592,29 @@ private:
 
     /// Objects durable first, then the catalog rows that refer to them (see cas/object_store.hpp).
     void commit_batch(std::vector<std::shared_ptr<Job>>& batch) {
-        auto published = m_store.objects().publish();
+        // Each package's manifest also goes into packages/ (store/packages.hpp), in canonical form:
+        // staged now, placed once the objects it names are durable, durable before the catalog commit.
+        auto& index = m_store.packages();
+        for (auto& jp : batch) {
+            if (jp->failed) continue;
+            try {
+                manifest::normalize(jp->entries);
+                std::string enc = manifest::encode(jp->entries);
+                jp->manifest_object = manifest::digest_of(enc);
+                index.stage(jp->pkg.name, enc, *jp->manifest_object);
+            } catch (const manifest::FormatError& e) {
+                jp->fail("", e.what());
+            }
+        }
+        cas::PublishStats published;
+        std::vector<std::string> manifests_quarantined;
+        try {
+            published = m_store.objects().publish();
+            index.publish(&manifests_quarantined);
+        } catch (...) {
+            index.discard(); // nothing of this batch is recorded; its refs must not be placed later
+            throw;
+        }
         std::lock_guard lk(m_db_mutex);
         auto& cat = m_store.catalog();
         catalog::Transaction tx(cat.db());
@@ -621,7 +646,7 @@ private:
                 ++counted.failed;
                 continue;
             }
-            cat.put_manifest(job.pkg.id, job.entries);
+            cat.put_manifest(job.pkg.id, job.entries, job.manifest_object);
             for (const auto& e : job.entries)
                 if (e.type == catalog::EntryType::file && e.digest && !m_cataloged.count(*e.digest) &&
                     added.insert(*e.digest).second)
@@ -639,8 +664,21 @@ private:
             cat.set_mode(catalog::StoreMode::dual);
             cat.journal("migrate", "", "legacy", "dual", "store mode");
         }
+        const bool now_dual = any_migrated && !m_recorded_dual;
         tx.commit();
         io::crash_point("migrate.committed");
+        // packages/ follows the catalog: a failed package's old manifest is no longer its current one,
+        // and the store mode is mirrored for rebuild-catalog.
+        for (auto& jp : batch)
+            if (jp->failed)
+                if (auto w = store::mirror_step([&] { index.drop_ref(jp->pkg.name); }))
+                    problem({util::printable(jp->pkg.name), "", *w, true});
+        if (now_dual) {
+            if (auto w = store::mirror_step([&] { store::record_mode(index, catalog::to_string(cat.mode())); }))
+                problem({"-", "packages/store", *w, true});
+            m_recorded_dual = true;
+        }
+        for (const auto& q : manifests_quarantined) problem({"-", q, "the manifest was written again"});
         m_result.failed += counted.failed;
         m_result.migrated += counted.migrated;
         m_result.files += counted.files;
@@ -694,6 +732,7 @@ private:
     std::uint64_t m_verified = 0, m_verify_failed = 0;
     std::exception_ptr m_committer_error;
     std::vector<std::int64_t> m_migrated_ids;
+    bool m_recorded_dual = false; // packages/store holds the mode this run set
     unsigned m_threads = 1;
     size_t m_unit_dirs = 1; // see tokens_for()
     std::mutex m_started_mutex;

@@ -1,4 +1,5 @@
 #include "casmig/store/store.hpp"
+#include "casmig/store/packages.hpp"
 
 #include "casmig/util/error.hpp"
 #include "casmig/util/io.hpp"
@@ -169,7 +170,7 @@ bool is_store_id(const std::string& s) {
 
 bool Store::holds_data() const {
     return dir_has_entry(m_root_fd.get(), "objects", true, objects_dir()) ||
-           dir_has_entry(m_root_fd.get(), "packages", false, m_root + "/packages");
+           dir_has_entry(m_root_fd.get(), "packages", true, m_root + "/packages");
 }
 
 std::optional<catalog::Identity> Store::read_marker() const {
@@ -322,6 +323,13 @@ void Store::check_catalog(Purpose purpose, const std::string& command) {
         write_marker(*id);
     }
     m_checked = true;
+}
+
+Store::~Store() = default;
+
+PackageIndex& Store::packages() {
+    if (!m_packages) m_packages = std::make_unique<PackageIndex>(*this);
+    return *m_packages;
 }
 
 cas::ObjectStore& Store::objects() {

@@ -121,6 +121,8 @@ void check_tree(Task& t, int store_fd, const std::string& name, size_t read_ahea
     want.reserve(t.manifest.size());
     for (const auto& e : t.manifest) want.emplace(e.path, &e);
     size_t seen = 0;
+    std::vector<std::string> walked_files;                         // files both sides have
+    std::vector<std::pair<std::string, std::string>> walked_links; // path -> the path the walk met it at first
     try {
         walk::PackageWalker w(store_fd, name);
         walk::Item it;
@@ -161,12 +163,10 @@ void check_tree(Task& t, int store_fd, const std::string& name, size_t read_ahea
             if (m.uid != it.entry.uid || m.gid != it.entry.gid)
                 t.add(path, "owner differs: manifest " + std::to_string(m.uid) + ":" + std::to_string(m.gid) +
                                 ", legacy tree " + std::to_string(it.entry.uid) + ":" + std::to_string(it.entry.gid));
-            if (m.type == EntryType::file && m.link_to != it.entry.link_to)
-                t.add(path, "hard links differ: manifest " +
-                                (m.link_to ? "links it to '" + util::printable(*m.link_to) + "'" : std::string("has it alone")) +
-                                ", legacy tree " +
-                                (it.entry.link_to ? "links it to '" + util::printable(*it.entry.link_to) + "'"
-                                                  : std::string("has it alone")));
+            if (m.type == EntryType::file) {
+                walked_files.push_back(path);
+                if (it.entry.link_to) walked_links.emplace_back(path, *it.entry.link_to);
+            }
             if (m.type == EntryType::file) {
                 if (files.empty() || files.back().item.parent != it.parent) ++dirs;
                 files.push_back({std::move(it), &m});
@@ -180,6 +180,22 @@ void check_tree(Task& t, int store_fd, const std::string& name, size_t read_ahea
     } catch (const walk::PackageError& e) {
         t.add(e.path(), e.what());
         return;
+    }
+    // Hard links, compared as groups: which path of a group a walk meets first is not the manifest's
+    // choice (manifest::normalize), so both sides are reduced to each group's first path in byte order.
+    {
+        auto mine = manifest::link_leaders(t.manifest);
+        auto theirs = manifest::link_leaders(walked_links);
+        auto says = [](const std::unordered_map<std::string, std::string>& l, const std::string& p) {
+            auto f = l.find(p);
+            if (f == l.end()) return std::string("has it alone");
+            return f->second == p ? std::string("links others to it") : "links it to '" + util::printable(f->second) + "'";
+        };
+        for (const auto& path : walked_files) {
+            auto a = mine.find(path), b = theirs.find(path);
+            bool same = (a == mine.end()) == (b == theirs.end()) && (a == mine.end() || a->second == b->second);
+            if (!same) t.add(path, "hard links differ: manifest " + says(mine, path) + ", legacy tree " + says(theirs, path));
+        }
     }
     if (seen != want.size()) {
         // Report what the legacy tree lacks (slow path only when something is missing).

@@ -117,7 +117,7 @@ bool PackageWalker::next(Item& out) {
         m_root_pending = false;
         out = Item{};
         out.entry.path = "";
-        out.entry.type = catalog::EntryType::dir;
+        out.entry.type = manifest::EntryType::dir;
         out.entry.mode = m_root_st.st_mode & 07777;
         out.entry.mtime_ns = mtime_ns(m_root_st);
         out.entry.xattrs = m_root_xattrs;
@@ -148,7 +148,7 @@ bool PackageWalker::next(Item& out) {
         out.entry.uid = st.st_uid;
         out.entry.gid = st.st_gid;
         if (S_ISDIR(st.st_mode)) {
-            out.entry.type = catalog::EntryType::dir;
+            out.entry.type = manifest::EntryType::dir;
             util::Fd fd(::openat(f.fd->get(), name.c_str(), k_dir_flags));
             if (!fd) {
                 int e = errno;
@@ -169,7 +169,7 @@ bool PackageWalker::next(Item& out) {
             return true;
         }
         if (S_ISLNK(st.st_mode)) {
-            out.entry.type = catalog::EntryType::symlink;
+            out.entry.type = manifest::EntryType::symlink;
             try {
                 out.entry.target = util::read_link_at(f.fd->get(), name, path);
             } catch (const util::SystemError& e) {
@@ -179,7 +179,7 @@ bool PackageWalker::next(Item& out) {
             return true;
         }
         if (S_ISREG(st.st_mode)) {
-            out.entry.type = catalog::EntryType::file;
+            out.entry.type = manifest::EntryType::file;
             out.entry.size = static_cast<std::uint64_t>(st.st_size);
             out.parent = f.fd;
             out.name = name;

@@ -61,7 +61,7 @@ TEST_SUITE("catalog::Catalog") {
         es[3] = es[1];
         es[3].path = "twin";
         es[3].link_to = es[1].path;
-        c.put_manifest(id, es);
+        c.put_manifest(id, es, std::nullopt);
         auto back = c.manifest(id);
         REQUIRE(back.size() == 4);
         auto p = c.package(std::string("pkg\xff\n", 5));
@@ -127,7 +127,7 @@ TEST_SUITE("catalog::Catalog") {
         e.type = EntryType::file;
         e.size = 4;
         e.digest = used;
-        c.put_manifest(id, {e});
+        c.put_manifest(id, {e}, std::nullopt);
         auto un = c.unreferenced_objects();
         REQUIRE(un.size() == 1);
         CHECK(un[0].digest == unused);

@@ -237,6 +237,7 @@ def catalog_from_before_identities_is_adopted(t):
     db = os.path.join(s, "store.db")
     c = sqlite3.connect(db)
     c.execute("DROP TABLE store_identity")
+    c.execute("ALTER TABLE packages DROP COLUMN manifest")  # schema 0003
     c.execute("DELETE FROM schema_migrations WHERE version > 1")
     c.execute("PRAGMA user_version=1")
     c.commit()

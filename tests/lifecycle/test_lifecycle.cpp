@@ -116,7 +116,7 @@ TEST_SUITE("lifecycle") {
         es[2].mode = 0644;
         es[2].size = 0;
         es[2].digest = hash::hash_bytes("");
-        cat.put_manifest(id, es);
+        cat.put_manifest(id, es, std::nullopt);
         util::ensure_dir(m.dir / "victim");
         CHECK_THROWS_AS(lifecycle::materialize(*m.store, "crafted", m.elsewhere / "out", lifecycle::LinkMode::copy), util::Error);
         struct stat st {};

@@ -14,7 +14,7 @@ static walk::Item first_file(int store_fd, const std::string& pkg) {
     walk::PackageWalker w(store_fd, pkg);
     walk::Item it;
     while (w.next(it))
-        if (it.entry.type == catalog::EntryType::file) return it;
+        if (it.entry.type == manifest::EntryType::file) return it;
     FAIL("no file");
     return it;
 }

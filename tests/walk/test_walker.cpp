@@ -159,11 +159,11 @@ TEST_SUITE("walk::PackageWalker") {
         for (auto& n : names) {
             CAPTURE(n);
             REQUIRE(items.count(n));
-            CHECK(items[n].entry.type == catalog::EntryType::file);
+            CHECK(items[n].entry.type == manifest::EntryType::file);
             CHECK(items[n].entry.size == n.size());
         }
         CHECK(items.count(""));
-        CHECK(items[""].entry.type == catalog::EntryType::dir);
+        CHECK(items[""].entry.type == manifest::EntryType::dir);
     }
     TEST_CASE("deep trees beyond PATH_MAX are walked through directory fds") {
         test::TempDir t;
@@ -195,7 +195,7 @@ TEST_SUITE("walk::PackageWalker") {
         ::symlink("loop", (t / "p/loop").c_str());
         auto items = walk_all(t.path(), "p");
         CHECK(items.size() == 3);
-        CHECK(items["escape"].entry.type == catalog::EntryType::symlink);
+        CHECK(items["escape"].entry.type == manifest::EntryType::symlink);
         CHECK(items["escape"].entry.target == t / "outside");
         CHECK(items.count("escape/secret") == 0);
         CHECK(items["loop"].entry.target == "loop");

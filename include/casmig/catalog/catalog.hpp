@@ -15,13 +15,13 @@
 
 #include "casmig/catalog/sqlite.hpp"
 #include "casmig/hash/blake3.hpp"
+#include "casmig/manifest/manifest.hpp"
 
 namespace casmig::catalog {
 
 enum class PackageState { pending, in_progress, migrated, verified, failed, rolled_back };
 enum class TreeState { present, marked, removed };
 enum class StoreMode { legacy, dual, file_level };
-enum class EntryType { file = 1, dir = 2, symlink = 3 };
 
 const char* to_string(PackageState s);
 const char* to_string(TreeState s);
@@ -30,19 +30,9 @@ PackageState package_state_from(const std::string& s);
 TreeState tree_state_from(const std::string& s);
 StoreMode store_mode_from(const std::string& s);
 
-/// One manifest row. `path` is the byte path relative to the package root ("" is the root itself).
-struct Entry {
-    std::string path;
-    EntryType type = EntryType::file;
-    std::uint32_t mode = 0;          // the 07777 bits
-    std::uint64_t size = 0;          // files: content bytes; symlinks: target length; dirs: 0
-    std::optional<hash::Digest> digest; // files only
-    std::string target;              // symlinks only: target bytes, verbatim
-    std::int64_t mtime_ns = 0;
-    std::uint32_t uid = 0, gid = 0;  // owner, restored when casmig runs as root
-    std::optional<std::string> link_to; // files only: an earlier path of the same package this is a hard link of
-    std::string xattrs;              // files and dirs: extended attributes (util/xattr.hpp encoding), "" if none
-};
+/// One manifest row (the manifest area owns the type).
+using Entry = manifest::Entry;
+using manifest::EntryType;
 
 struct Package {
     std::int64_t id = 0;
@@ -53,6 +43,9 @@ struct Package {
     std::int64_t files = 0;
     std::int64_t bytes = 0;
     std::string error;
+    /// The manifest object under packages/manifests/ holding this manifest (store/packages.hpp);
+    /// nullopt while it is not written yet (a catalog from before schema 0003) or without manifest.
+    std::optional<hash::Digest> manifest_object;
 };
 
 struct ObjectRow {
@@ -136,8 +129,12 @@ public:
     void set_tree(std::int64_t id, TreeState t);
     void delete_package(std::int64_t id);
 
-    /// Replaces a package's manifest (entries) and records files/bytes; does not change its state.
-    void put_manifest(std::int64_t id, const std::vector<Entry>& entries);
+    /// Replaces a package's manifest (entries, normalized: manifest::normalize) and records files/bytes
+    /// and the manifest object that holds it (written and durable before this is committed); does not
+    /// change its state.
+    void put_manifest(std::int64_t id, const std::vector<Entry>& entries, const std::optional<hash::Digest>& object);
+    /// Records the manifest object of a package that has a manifest (backfill of older catalogs).
+    void set_manifest_object(std::int64_t id, const hash::Digest& object);
     std::vector<Entry> manifest(std::int64_t id);
     /// Deletes a package's manifest entries and clears has_manifest.
     void clear_manifest(std::int64_t id);

@@ -6,6 +6,7 @@
 // reader.
 #pragma once
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "casmig/progress.hpp"
@@ -25,6 +26,16 @@ struct RecoverResult {
 /// proof fails; a half-built rollback tree is deleted (it is rebuilt from the CAS). Never overwrites
 /// anything at a package's name: such a tree stays in temp/ and is reported.
 RecoverResult recover(store::Store& store, const ProblemSink& problems);
+
+struct SyncResult {
+    std::uint64_t manifests_written = 0, refs_dropped = 0;
+    bool mode_written = false;
+};
+/// Brings packages/ up to the catalog (call with the lock held, after recover()): writes the manifest
+/// object and ref of every package whose manifest the catalog holds without one (catalogs from before
+/// schema 0003), and mirrors the store mode into packages/store.
+SyncResult sync_packages(store::Store& store);
+
 enum class LinkMode { copy, reflink, hardlink };
 
 struct CutoverResult {
@@ -67,13 +78,17 @@ struct MaterializeResult {
 /// Rebuilds package `name` at `dest` (absent or an empty directory) from its manifest.
 MaterializeResult materialize(store::Store& store, const std::string& name, const std::string& dest, LinkMode link);
 
-/// Drops a package: its legacy tree (if present) and its catalog rows. Objects stay for gc.
-void remove_package(store::Store& store, const std::string& name);
+/// Drops a package: its legacy tree (if present), its catalog rows and its ref in packages/. Objects
+/// and manifest objects stay for gc. Returns a warning when only the ref could not be removed.
+std::optional<std::string> remove_package(store::Store& store, const std::string& name);
 
 struct GcResult {
     std::uint64_t removed_objects = 0, freed_bytes = 0;
+    std::uint64_t removed_manifests = 0, removed_refs = 0; // packages/ entries no catalogued package names
+    std::uint64_t fixed_refs = 0;                          // refs put back to the catalog's manifest
 };
-/// Deletes objects no package references (catalog rows and files, variants included).
+/// Deletes objects no package references (catalog rows and files, variants included), then refs in
+/// packages/refs/ of packages the catalog does not hold and manifest objects no package names.
 GcResult gc(store::Store& store, DryRun dry);
 
 } // namespace casmig::lifecycle

@@ -9,7 +9,7 @@
 //   <store>/migration/identity  the store's identity marker (see Store::check_catalog)
 //   <store>/migration/gc.lock  shared by materialize, exclusive by gc/remove (objects must not vanish
 //                           under a reader)
-//   <store>/packages/       reserved
+//   <store>/packages/       the store's own description: manifests, refs, settings (store/packages.hpp)
 //   <store>/store.db        the catalog (catalog/catalog.hpp); --db may put it elsewhere
 #pragma once
 #include <functional>
@@ -24,6 +24,8 @@
 #include "casmig/util/fd.hpp"
 
 namespace casmig::store {
+
+class PackageIndex;
 
 /// Names directly under the store that are never package trees.
 bool is_reserved(const std::string& name);
@@ -56,6 +58,7 @@ class Store {
 public:
     /// Checks that root is an existing directory (UsageError otherwise). Creates nothing.
     Store(std::string root, std::string db_path = {});
+    ~Store();
 
     const std::string& root() const { return m_root; }
     const std::string& db_path() const { return m_db_path; }
@@ -103,6 +106,8 @@ public:
     std::optional<catalog::Identity> read_marker() const;
     /// The object store (layout must exist).
     cas::ObjectStore& objects();
+    /// packages/ (store/packages.hpp; layout must exist).
+    PackageIndex& packages();
 
     /// Names of the legacy package directories now under the root, sorted.
     std::vector<std::string> legacy_dirs() const;
@@ -120,6 +125,7 @@ private:
     util::Fd m_root_fd;
     std::unique_ptr<catalog::Catalog> m_catalog;
     std::unique_ptr<cas::ObjectStore> m_objects;
+    std::unique_ptr<PackageIndex> m_packages;
     std::function<void(const std::string&)> m_warn;
 };
 

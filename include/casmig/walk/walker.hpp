@@ -18,7 +18,7 @@
 #include <utility>
 #include <vector>
 
-#include "casmig/catalog/catalog.hpp"
+#include "casmig/manifest/manifest.hpp"
 #include "casmig/util/error.hpp"
 #include "casmig/util/fd.hpp"
 
@@ -38,7 +38,7 @@ private:
 /// One entry of a walk. For files, `parent` keeps the containing directory open so that a later
 /// stage can open the file by `name` relative to it (openat + O_NOFOLLOW), however deep it is.
 struct Item {
-    catalog::Entry entry;
+    manifest::Entry entry;
     std::shared_ptr<util::Fd> parent; // files only
     std::string name;                 // last path component (files only)
     struct stat st {};                // lstat at walk time, for change detection
