@@ -312,6 +312,25 @@ int cmd_rollback(Ctx& c, bool space_check) {
     return r.failed || c.problems ? k_failed : k_ok;
 }
 
+int cmd_rebuild_catalog(Ctx& c, bool force) {
+    auto lock = c.store->lock("rebuild-catalog", store::Purpose::rebuild);
+    auto r = lifecycle::rebuild_catalog(*c.store, force, c.g.jobs, c.progress(), c.problem_sink());
+    lifecycle::recover(*c.store, c.problem_sink()); // half-built rollback trees, with the new catalog
+    lifecycle::sync_packages(*c.store);
+    c.out({{"mode", r.mode}, {"packages", r.packages}, {"recovered", r.recovered}, {"pending", r.pending},
+           {"failed", r.failed}, {"lost", r.lost}, {"objects", r.objects}, {"objects_quarantined", r.objects_quarantined},
+           {"trees_moved_back", r.trees_moved_back}, {"old_catalog", r.old_catalog}, {"reason", r.reason},
+           {"mode_inferred", r.mode_inferred}},
+          fmt("rebuild-catalog: %s rebuilt, store is %s%s; %llu packages: %llu recovered with their manifests, %llu "
+              "pending (migrate takes them again), %llu failed, %llu lost; %llu objects; the journal before the "
+              "rebuild is not recoverable%s\n",
+              c.store->db_path().c_str(), r.mode.c_str(), r.mode_inferred ? " (inferred from the trees)" : "",
+              (unsigned long long)r.packages, (unsigned long long)r.recovered, (unsigned long long)r.pending,
+              (unsigned long long)r.failed, (unsigned long long)r.lost, (unsigned long long)r.objects,
+              r.old_catalog.empty() ? "" : ("; the old catalog is kept at " + r.old_catalog).c_str()));
+    return r.failed || r.lost || c.problems ? k_failed : k_ok;
+}
+
 int cmd_materialize(Ctx& c, const std::string& pkg, const std::string& dest, const std::string& link) {
     lifecycle::LinkMode m = link == "hardlink" ? lifecycle::LinkMode::hardlink
                             : link == "reflink" ? lifecycle::LinkMode::reflink
@@ -413,6 +432,9 @@ int main(int argc, char** argv) {
     auto* gcc = app.add_subcommand("gc", "Delete objects no package references");
     bool gc_dry = false;
     gcc->add_flag("--dry-run", gc_dry, "Report what would be deleted");
+    auto* rbc = app.add_subcommand("rebuild-catalog", "Recreate store.db from the store itself (packages/, objects/, legacy trees)");
+    bool rbc_force = false;
+    rbc->add_flag("--force", rbc_force, "Rebuild even a catalog that fits its store (the old one is kept aside)");
 
     try {
         app.parse(argc, argv);
@@ -460,6 +482,7 @@ int main(int argc, char** argv) {
         if (*mat) return cmd_materialize(c, mat_pkg, mat_dest, mat_link);
         if (*rem) return cmd_remove(c, rem_pkg);
         if (*gcc) return cmd_gc(c, gc_dry);
+        if (*rbc) return cmd_rebuild_catalog(c, rbc_force);
     } catch (const util::UsageError& e) {
         std::fprintf(stderr, "casmig: %s\n", e.what());
         return k_usage;

@@ -280,7 +280,17 @@ void Store::judge(const catalog::Inspection& c, const std::optional<catalog::Ide
         refuse(db + " holds an invalid package name '" + util::printable(*c.bad_name) + "': the catalog is damaged");
 }
 
+std::optional<std::string> Store::catalog_misfit() const {
+    try {
+        judge(catalog::inspect(m_db_path, catalog::IntegrityCheck::yes, is_package_name), read_marker(), holds_data());
+    } catch (const util::RefusedError& e) {
+        return std::string(e.what());
+    }
+    return std::nullopt;
+}
+
 void Store::check_catalog(Purpose purpose, const std::string& command) {
+    if (purpose == Purpose::rebuild) return;
     auto check = purpose == Purpose::dry_run || purpose == Purpose::destroy ? catalog::IntegrityCheck::yes
                                                                             : catalog::IntegrityCheck::no;
     auto inspect = [&] {

@@ -1,5 +1,8 @@
 #include "casmig/verify/verify.hpp"
 
+#include "casmig/manifest/manifest.hpp"
+#include "casmig/store/packages.hpp"
+
 #include "casmig/migrate/ingest.hpp"
 #include "casmig/util/error.hpp"
 #include "casmig/util/io.hpp"
@@ -337,6 +340,70 @@ Result verify_packages(store::Store& store, const std::vector<catalog::Package>&
     return r;
 }
 
+namespace {
+
+/// Each package's manifest object in packages/ must hash to its name and decode, and its ref must name
+/// it: rebuild-catalog depends on them. A damaged one is a problem, moved to migration/corrupt/ and
+/// written again from the catalog (the authority while it belongs to the store); a wrong ref is put right.
+void check_manifest_objects(store::Store& store, Result& r, const ProblemSink& problems) {
+    auto& cat = store.catalog();
+    auto& index = store.packages();
+    bool staged = false;
+    for (const auto& p : cat.packages()) {
+        if (!p.has_manifest || !p.manifest_object) continue;
+        const hash::Digest d = *p.manifest_object;
+        const std::string pid = util::printable(p.name);
+        const std::string rel = store::PackageIndex::manifest_relpath(d);
+        ++r.objects_checked;
+        std::string why;
+        try {
+            manifest::decode(index.read_manifest(d));
+        } catch (const util::SystemError&) {
+            throw;
+        } catch (const util::Error& e) {
+            why = e.what();
+        }
+        if (!why.empty()) {
+            ++r.objects_bad;
+            std::string moved;
+            try {
+                moved = "; the damaged file is kept at " + index.quarantine_manifest(d);
+            } catch (const util::SystemError& e) {
+                if (e.code() != ENOENT) throw;
+            }
+            auto entries = cat.manifest(p.id);
+            manifest::normalize(entries);
+            std::string enc = manifest::encode(entries);
+            if (manifest::digest_of(enc) != d) {
+                if (problems)
+                    problems({pid, rel, why + moved + "; the catalog's manifest no longer encodes to it either: run casmig verify " + pid});
+                continue;
+            }
+            index.stage(p.name, enc, d);
+            staged = true;
+            if (problems) problems({pid, rel, why + moved + "; written again from the catalog"});
+            continue;
+        }
+        std::optional<hash::Digest> ref;
+        try {
+            ref = index.ref(p.name);
+        } catch (const util::SystemError&) {
+            throw;
+        } catch (const util::Error&) {
+        }
+        if (ref != d) {
+            index.stage_ref(p.name, d);
+            staged = true;
+            if (problems)
+                problems({pid, "packages/refs/" + pid, std::string(ref ? "named another manifest" : "was missing or damaged") +
+                                                            ": put back to the catalog's", true});
+        }
+    }
+    if (staged) index.publish();
+}
+
+} // namespace
+
 Result verify_objects(store::Store& store, const Options& opts, const ProgressSink& progress,
                       const ProblemSink& problems) {
     auto& cat = store.catalog();
@@ -521,6 +588,7 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
             if (problems) problems({"-", "objects/" + cas::object_relpath(o.digest), "is in the catalog but missing on disk"});
         }
     }
+    check_manifest_objects(store, r, problems);
     return r;
 }
 

@@ -82,6 +82,22 @@ MaterializeResult materialize(store::Store& store, const std::string& name, cons
 /// and manifest objects stay for gc. Returns a warning when only the ref could not be removed.
 std::optional<std::string> remove_package(store::Store& store, const std::string& name);
 
+struct RebuildResult {
+    std::uint64_t packages = 0, recovered = 0, pending = 0, failed = 0, lost = 0, objects = 0;
+    std::uint64_t objects_quarantined = 0, trees_moved_back = 0;
+    std::string mode, reason, old_catalog; // reason: why the old catalog did not fit; old_catalog: where it went
+    bool mode_inferred = false;            // packages/store did not say
+};
+/// Recreates store.db from the store alone (src/lifecycle/rebuild.cpp, docs/format.md): packages/refs
+/// and their manifest objects (each must hash to its name and decode), objects/ (each one a manifest
+/// needs is re-hashed; a wrong one is quarantined), legacy trees (a present tree is compared with its
+/// manifest). Refuses (store unchanged) when the catalog fits its store, unless `force`. The old catalog
+/// is moved aside to <db>.replaced-<UTC time>, never deleted; trees an interrupted cleanup left in
+/// temp/ go back under their names (or to migration/aside/). Call with the lock taken for
+/// Purpose::rebuild. Each package whose content cannot be recovered is reported (not a warning).
+RebuildResult rebuild_catalog(store::Store& store, bool force, unsigned threads, const ProgressSink& progress,
+                              const ProblemSink& problems);
+
 struct GcResult {
     std::uint64_t removed_objects = 0, freed_bytes = 0;
     std::uint64_t removed_manifests = 0, removed_refs = 0; // packages/ entries no catalogued package names

@@ -37,7 +37,8 @@ enum class Purpose {
     read,    // status, plan, materialize: no lock; writes nothing, not even the marker
     write,   // migrate, verify: lock held; claims a new store, brings the marker up to the catalog
     dry_run, // cleanup/gc --dry-run: as write, plus PRAGMA integrity_check
-    destroy  // cutover, cleanup, rollback, remove, gc: as dry_run, then the generation advances
+    destroy, // cutover, cleanup, rollback, remove, gc: as dry_run, then the generation advances
+    rebuild  // rebuild-catalog: lock held, the catalog is not checked (it is the thing being replaced)
 };
 
 enum class LockKind { shared, exclusive };
@@ -100,6 +101,11 @@ public:
     /// generation.committed, identity.staged, identity.renamed). Purpose read needs no lock; the
     /// others need the lock (lock() calls this).
     void check_catalog(Purpose purpose, const std::string& command);
+    /// Why check_catalog(dry_run) would refuse the catalog (its message), or nullopt if the catalog fits
+    /// the store. Reads only. For rebuild-catalog, which replaces only a catalog that does not fit.
+    std::optional<std::string> catalog_misfit() const;
+    /// Writes the identity marker durably (rebuild-catalog, after committing the rebuilt catalog).
+    void write_identity(const catalog::Identity& id) { write_marker(id); }
     /// True if objects/ holds any file or packages/ any entry: the store is not new.
     bool holds_data() const;
     /// The identity marker; nullopt if there is none. Throws RefusedError if it is damaged.

@@ -1,0 +1,314 @@
+#!/usr/bin/env python3
+"""packages/ (manifest objects, refs, store settings) and `casmig rebuild-catalog`: a store that lost its
+catalog (deleted, truncated, restored from an old backup) is recreated from the store alone, exactly; a
+catalog from the previous release (schema 0002) is upgraded and its manifests written into packages/."""
+import glob
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tarfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from harness import test, put, snapshot, expect  # noqa: E402
+
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures", "store-0002.tar.gz")
+
+
+def trees(s):
+    return sorted(n for n in os.listdir(s) if n.startswith("pkg"))
+
+
+def pristine_of(s):
+    return {p: snapshot(os.path.join(s, p), owners=True) for p in trees(s)}
+
+
+def cleaned_store(t, name, n=4):
+    """migrate, cutover, cleanup: the CAS and packages/ are the only copy of every package."""
+    s = t.store(name, n, extra=lambda root: (
+        os.link(os.path.join(root, "pkg00", "LICENSE"), os.path.join(root, "pkg00", "LICENSE.link")),
+        put(os.path.join(root, "pkg01"), "a-c", b"dash"), put(os.path.join(root, "pkg01"), "a/b", b"slash")))
+    # A hard-link group whose first path in byte order ("a-c") is not the first one walked ("a/b").
+    os.unlink(os.path.join(s, "pkg01", "a-c"))
+    os.link(os.path.join(s, "pkg01", "a", "b"), os.path.join(s, "pkg01", "a-c"))
+    pristine = pristine_of(s)
+    t.run(s, "migrate", code=0)
+    return s, pristine
+
+
+def finish_lifecycle(t, s):
+    t.run(s, "cutover", code=0)
+    t.run(s, "cleanup", code=0)
+    expect(trees(s) == [], f"cleanup left trees: {trees(s)}")
+
+
+def drop_catalog(s):
+    for f in glob.glob(os.path.join(s, "store.db*")):
+        os.remove(f)
+
+
+def refused_naming_rebuild(t, s, what):
+    code, _, err = t.run(s, "status")
+    expect(code == 3 and "rebuild-catalog" in err, f"{what}: status exited {code}: {err!r}")
+    code, _, err = t.run(s, "gc")
+    expect(code == 3 and "rebuild-catalog" in err, f"{what}: gc exited {code}: {err!r}")
+
+
+def rebuilt_is_exact(t, s, pristine, what):
+    j = t.json(s, "rebuild-catalog")
+    expect(j["recovered"] == len(pristine) and j["lost"] == 0 and j["failed"] == 0, f"{what}: rebuild: {j}")
+    st = t.json(s, "status")
+    expect(st["packages"]["verified"] == len(pristine), f"{what}: status after rebuild: {st}")
+    t.run(s, "verify", "--objects", code=0)
+    t.run(s, "rollback", code=0)
+    for p, snap in pristine.items():
+        expect(snapshot(os.path.join(s, p), owners=True) == snap, f"{what}: rollback after rebuild-catalog did not rebuild {p} exactly")
+    return j
+
+
+@test
+def migrate_writes_manifests_refs_and_mode_into_packages(t):
+    s, _ = cleaned_store(t, "layout", 3)
+    refs = sorted(os.listdir(os.path.join(s, "packages", "refs")))
+    expect(refs == ["pkg00", "pkg01", "pkg02"], f"refs: {refs}")
+    c = sqlite3.connect(os.path.join(s, "store.db"))
+    rows = dict(c.execute("SELECT name, hex(manifest) FROM packages").fetchall())
+    c.close()
+    for p in refs:
+        digest = open(os.path.join(s, "packages", "refs", p)).read()
+        expect(len(digest) == 65 and digest.endswith("\n"), f"ref {p}: {digest!r}")
+        expect(rows[p.encode()].lower() == digest[:64], f"catalog and ref disagree for {p}")
+        m = os.path.join(s, "packages", "manifests", digest[:2], digest[2:64])
+        expect(os.stat(m).st_mode & 0o777 == 0o444, f"manifest object mode {oct(os.stat(m).st_mode)}")
+        data = open(m, "rb").read()
+        expect(data.startswith(b"casmig manifest\n"), "manifest header")
+        got = subprocess.run(["b3sum", "--no-names"], input=data, capture_output=True).stdout.decode().strip() \
+            if shutil.which("b3sum") else digest[:64]
+        expect(got == digest[:64], f"manifest object is not named by its BLAKE3: {got}")
+    settings = open(os.path.join(s, "packages", "store")).read()
+    expect(settings == "casmig-store 1\nmode dual\n", f"packages/store: {settings!r}")
+    t.run(s, "cutover", code=0)
+    expect("mode file-level" in open(os.path.join(s, "packages", "store")).read(), "cutover did not mirror the mode")
+    # materialize rebuilds the cross-order hard-link group (its first path in byte order comes first)
+    dest = os.path.join(t.work, "layout-mat")
+    t.run(s, "materialize", "pkg01", dest, code=0)
+    expect(os.stat(os.path.join(dest, "a-c")).st_ino == os.stat(os.path.join(dest, "a", "b")).st_ino,
+           "hard link a-c / a/b not recreated")
+
+
+@test
+def deleted_catalog_after_cleanup_is_rebuilt_exactly(t):
+    s, pristine = cleaned_store(t, "deleted")
+    finish_lifecycle(t, s)
+    drop_catalog(s)
+    refused_naming_rebuild(t, s, "deleted catalog")
+    j = rebuilt_is_exact(t, s, pristine, "deleted catalog")
+    expect(j["mode"] == "file-level" and j["old_catalog"] == "", f"rebuild of a deleted catalog: {j}")
+
+
+@test
+def truncated_catalog_is_rebuilt_exactly_and_kept_aside(t):
+    s, pristine = cleaned_store(t, "truncated")
+    finish_lifecycle(t, s)
+    db = os.path.join(s, "store.db")
+    t.run(s, "status", code=0)
+    with open(db, "wb"):
+        pass
+    refused_naming_rebuild(t, s, "truncated catalog")
+    j = rebuilt_is_exact(t, s, pristine, "truncated catalog")
+    expect(j["old_catalog"].startswith(db + ".replaced-") and os.path.getsize(j["old_catalog"]) == 0,
+           f"the 0-byte catalog was not kept aside: {j}")
+
+
+@test
+def catalog_restored_from_a_backup_before_cutover_is_rebuilt_exactly(t):
+    s, pristine = cleaned_store(t, "backup")
+    db = os.path.join(s, "store.db")
+    backup = os.path.join(t.work, "backup-store.db")
+    src, dst = sqlite3.connect(db), sqlite3.connect(backup)
+    src.backup(dst)
+    src.close()
+    dst.close()
+    finish_lifecycle(t, s)
+    drop_catalog(s)
+    shutil.copy(backup, db)
+    refused_naming_rebuild(t, s, "catalog restored from before cutover")
+    rebuilt_is_exact(t, s, pristine, "catalog restored from before cutover")
+
+
+@test
+def rebuild_refuses_a_sound_catalog_unless_forced(t):
+    s, pristine = cleaned_store(t, "sound", 2)
+    before = open(os.path.join(s, "store.db"), "rb").read()
+    code, _, err = t.run(s, "rebuild-catalog")
+    expect(code == 3 and "--force" in err, f"rebuild of a sound catalog: {code} {err!r}")
+    expect(open(os.path.join(s, "store.db"), "rb").read() == before, "a refused rebuild changed the catalog")
+    j = t.json(s, "rebuild-catalog", "--force")
+    expect(j["recovered"] == 2 and j["mode"] == "dual" and os.path.exists(j["old_catalog"]), f"forced rebuild: {j}")
+    t.run(s, "verify", code=0)
+    # the journal says what happened and what could not be recovered
+    c = sqlite3.connect(os.path.join(s, "store.db"))
+    details = [r[0] for r in c.execute("SELECT detail FROM journal WHERE command='rebuild-catalog'")]
+    c.close()
+    expect(any("not recoverable" in d and j["old_catalog"] in d for d in details), f"journal after rebuild: {details}")
+
+
+@test
+def rebuild_in_dual_mode_rechecks_present_trees(t):
+    s, pristine = cleaned_store(t, "dual", 3)
+    with open(os.path.join(s, "pkg02", "bin", "tool2"), "ab") as f:
+        f.write(b"edited after migration")
+    drop_catalog(s)
+    code, out, err = t.run(s, "rebuild-catalog")
+    expect(code == 1 and "pkg02" in err and "bin/tool2" in err, f"drifted tree after rebuild: {code} {err!r}")
+    st = t.json(s, "status")["packages"]
+    expect(st["verified"] == 2 and st["failed"] == 1, f"states after rebuild: {st}")
+    t.run(s, "migrate", "--retry-failed", code=0)
+    expect(t.json(s, "status")["packages"]["verified"] == 3, "retry after rebuild did not verify the package")
+
+
+@test
+def damaged_manifest_is_named_and_what_is_lost_is_said(t):
+    s, pristine = cleaned_store(t, "damaged", 3)
+    finish_lifecycle(t, s)
+    ref = open(os.path.join(s, "packages", "refs", "pkg01")).read().strip()
+    m = os.path.join(s, "packages", "manifests", ref[:2], ref[2:])
+    os.chmod(m, 0o644)
+    with open(m, "r+b") as f:
+        f.seek(20)
+        f.write(b"\xff\xff")
+    # verify --objects finds the damaged manifest object and writes it again from the catalog
+    code, _, err = t.run(s, "verify", "--objects")
+    expect(code == 1 and "packages/manifests/" + ref[:2] in err, f"verify --objects on a damaged manifest: {code} {err!r}")
+    t.run(s, "verify", "--objects", code=0)
+    # damaged again, and the catalog is lost: the package is named as lost, the others come back
+    os.chmod(m, 0o644)
+    with open(m, "r+b") as f:
+        f.seek(20)
+        f.write(b"\xff\xff")
+    drop_catalog(s)
+    code, out, err = t.run(s, "rebuild-catalog")
+    expect(code == 1 and "pkg01" in err and "damaged" in err, f"rebuild with a damaged manifest: {code} {err!r}")
+    st = t.json(s, "status")["packages"]
+    expect(st["verified"] == 2 and st["failed"] == 1, f"states: {st}")
+    t.run(s, "rollback", code=1)  # pkg01 cannot come back, and the run says so
+    for p in ("pkg00", "pkg02"):
+        expect(snapshot(os.path.join(s, p), owners=True) == pristine[p], f"{p} not restored exactly")
+
+
+@test
+def interrupted_cleanup_then_lost_catalog_puts_the_tree_back(t):
+    if not harness_seams(t):
+        print("SKIP interrupted_cleanup_then_lost_catalog_puts_the_tree_back: build without test seams")
+        return
+    s, pristine = cleaned_store(t, "trash", 2)
+    t.run(s, "cutover", code=0)
+    code, _, _ = t.run(s, "cleanup", env={"CASMIG_CRASH_AT": "cleanup.moved-aside"})
+    expect(code != 0 and any(n.startswith("trash-") for n in os.listdir(os.path.join(s, "temp"))), "no tree in temp/")
+    drop_catalog(s)
+    code, out, err = t.run(s, "rebuild-catalog")
+    expect(code == 0, f"rebuild after an interrupted cleanup: {code} {err!r}")
+    expect(not any(n.startswith("trash-") for n in os.listdir(os.path.join(s, "temp"))), "tree left in temp/")
+    for p, snap in pristine.items():
+        expect(snapshot(os.path.join(s, p), owners=True) == snap, f"{p} not back in place exactly")
+    t.run(s, "cleanup", code=0)
+    rollback_exact = lambda: [expect(snapshot(os.path.join(s, p), owners=True) == snap, f"{p}") for p, snap in pristine.items()]
+    t.run(s, "rollback", code=0)
+    rollback_exact()
+
+
+def harness_seams(t):
+    trace = os.path.join(t.work, "seam-probe.trace")
+    if not os.path.exists(trace):
+        s = t.store("seam-probe", 1)
+        t.run(s, "migrate", env={"CASMIG_CRASH_TRACE": trace})
+    return os.path.exists(trace)
+
+
+@test
+def killed_rebuild_then_rebuild_again(t):
+    if not harness_seams(t):
+        print("SKIP killed_rebuild_then_rebuild_again: build without test seams")
+        return
+    for point in ["rebuild.old-moved", "rebuild.committed"]:
+        for mode in ["kill", "power-names"]:
+            s, pristine = cleaned_store(t, f"kill-{point}-{mode}", 2)
+            finish_lifecycle(t, s)
+            drop_catalog(s)
+            code, _, _ = t.run(s, "rebuild-catalog", env={"CASMIG_CRASH_AT": point, "CASMIG_CRASH_MODE": mode,
+                                                           "CASMIG_CRASH_ROOT": s})
+            expect(code != 0, f"{point}/{mode}: the crash point was not reached")
+            code, _, err = t.run(s, "status")
+            if code != 0:
+                expect(code == 3 and "rebuild-catalog" in err, f"{point}/{mode}: status after the crash: {code} {err!r}")
+                t.run(s, "rebuild-catalog", code=0)
+            t.run(s, "verify", "--objects", code=0)
+            t.run(s, "rollback", code=0)
+            for p, snap in pristine.items():
+                expect(snapshot(os.path.join(s, p), owners=True) == snap, f"{point}/{mode}: {p} not exact")
+
+
+@test
+def gc_keeps_live_manifests_and_drops_removed_ones(t):
+    s, pristine = cleaned_store(t, "gc", 3)
+    ref = open(os.path.join(s, "packages", "refs", "pkg02")).read().strip()
+    t.run(s, "remove", "pkg02", code=0)
+    expect(not os.path.exists(os.path.join(s, "packages", "refs", "pkg02")), "remove left the ref")
+    j = t.json(s, "gc")
+    expect(j["removed_manifests"] == 1, f"gc: {j}")
+    expect(not os.path.exists(os.path.join(s, "packages", "manifests", ref[:2], ref[2:])), "gc kept a dead manifest")
+    expect(len(os.listdir(os.path.join(s, "packages", "refs"))) == 2, "gc touched live refs")
+    t.run(s, "verify", "--objects", code=0)
+    # A stale ref (a stop between the catalog commit and the ref's removal) is dropped by the next command.
+    shutil.copy(os.path.join(s, "packages", "refs", "pkg00"), os.path.join(s, "packages", "refs", "pkg99"))
+    t.run(s, "verify", code=0)
+    expect(not os.path.exists(os.path.join(s, "packages", "refs", "pkg99")), "stale ref kept")
+
+
+@test
+def store_from_schema_0002_is_upgraded_then_survives_a_lost_catalog(t):
+    work = os.path.join(t.work, "fixture")
+    os.makedirs(work)
+    with tarfile.open(FIXTURE) as tf:
+        tf.extractall(work)
+    s = os.path.join(work, "store")
+    # tarfile cannot set a symlink's mtime; the fixture's are all 1700000000 (make-store-0002.py)
+    for d, dirs, files in os.walk(os.fsencode(s)):
+        for n in dirs + files:
+            if os.path.islink(os.path.join(d, n)):
+                os.utime(os.path.join(d, n), (1700000000, 1700000000), follow_symlinks=False)
+    names = sorted(n for n in os.listdir(os.fsencode(s)) if n.startswith(b"pkg"))
+    pristine = {n: snapshot(os.path.join(os.fsencode(s), n), owners=True) for n in names}
+    c = sqlite3.connect(os.path.join(s, "store.db"))
+    st = dict(c.execute("SELECT state, COUNT(*) FROM packages GROUP BY state").fetchall())
+    version = c.execute("PRAGMA user_version").fetchone()[0]
+    c.close()
+    expect(version == 2 and st == {"verified": 2, "pending": 1}, f"fixture: schema {version}, states {st}")
+    expect(not os.path.exists(os.path.join(s, "packages", "refs")), "the fixture already has refs")
+    t.run(s, "migrate", code=0)  # upgrades the catalog (0003), writes the two old manifests, migrates pkg-c
+    refs = sorted(os.listdir(os.path.join(os.fsencode(s), b"packages", b"refs")))
+    expect(refs == names, f"refs after the upgrade: {refs}")
+    c = sqlite3.connect(os.path.join(s, "store.db"))
+    version = c.execute("PRAGMA user_version").fetchone()[0]
+    missing = c.execute("SELECT COUNT(*) FROM packages WHERE has_manifest=1 AND manifest IS NULL").fetchone()[0]
+    c.close()
+    expect(version >= 3 and missing == 0, f"schema {version}, {missing} manifests not in packages/")
+    finish_lifecycle_any(t, s)
+    drop_catalog(s)
+    t.run(s, "rebuild-catalog", code=0)
+    t.run(s, "verify", "--objects", code=0)
+    t.run(s, "rollback", code=0)
+    for n, snap in pristine.items():
+        expect(snapshot(os.path.join(os.fsencode(s), n), owners=True) == snap, f"{n!r} not rebuilt exactly")
+
+
+def finish_lifecycle_any(t, s):
+    t.run(s, "cutover", code=0)
+    t.run(s, "cleanup", code=0)
+    expect(not any(n.startswith(b"pkg") for n in os.listdir(os.fsencode(s))), "cleanup left trees")
+
+
+if __name__ == "__main__":
+    sys.exit(harness.main("e2e-rebuild"))
