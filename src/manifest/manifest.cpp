@@ -256,6 +256,8 @@ std::vector<Entry> decode(std::string_view bytes) {
         e.path.append(suffix);
         if (i == 0 && !e.path.empty()) r.fail("first entry is not the package root");
         if (i > 0 && !path_less(out.back().path, e.path)) r.fail("paths out of order at '" + e.path + "'");
+        // Canonical: the prefix is the longest one shared (else two encodings of one manifest exist).
+        if (i > 0 && common_prefix(out.back().path, e.path) != common) r.fail("path prefix is not the longest shared one");
         if (!valid_path(e.path)) r.fail("invalid path '" + e.path + "'");
         if (i > 0 && !dirs.count(std::string(parent_of(e.path)))) r.fail("'" + e.path + "' has no directory entry for its parent");
         std::uint8_t type = r.byte("type");
