@@ -591,19 +591,13 @@ std::vector<std::string> ObjectStore::list_files() const {
         if (n.size() == 2 && std::isxdigit(static_cast<unsigned char>(n[0])) && std::isxdigit(static_cast<unsigned char>(n[1])))
             fan.push_back(n);
     }
+    // One listing helper, one error policy (util::list_dir): a fan-out directory that cannot be read
+    // is an error, never a silently shorter list (gc and fsck decide from it).
     for (const auto& f : fan) {
-        int fd = ::openat(m_objects.get(), f.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-        if (fd < 0) continue;
-        DIR* d = ::fdopendir(fd);
-        if (!d) {
-            ::close(fd);
-            continue;
-        }
-        while (dirent* e = ::readdir(d)) {
-            std::string n = e->d_name;
-            if (n != "." && n != "..") out.push_back(f + "/" + n);
-        }
-        ::closedir(d);
+        struct stat st {};
+        if (::fstatat(m_objects.get(), f.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISDIR(st.st_mode)) continue;
+        util::Fd d = util::open_dir_at(m_objects.get(), f, m_objects_path + "/" + f);
+        for (auto& n : util::list_dir(d.get(), m_objects_path + "/" + f)) out.push_back(f + "/" + n);
     }
     return out;
 }

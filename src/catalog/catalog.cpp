@@ -354,6 +354,25 @@ void Catalog::set_manifest_object(std::int64_t id, const hash::Digest& object) {
     m_s->set_manifest_object.bind_blob(1, object.raw()).bind(2, id).run();
 }
 
+void Catalog::for_each_referenced_digest(const std::function<void(const hash::Digest&)>& f) {
+    Stmt q(m_db, "SELECT DISTINCT digest FROM entries WHERE digest IS NOT NULL");
+    while (q.step()) {
+        std::string raw = q.str(0);
+        if (raw.size() != 32)
+            throw util::RefusedError("catalog " + m_db.path() + " holds a damaged object digest: " + k_recover_catalog);
+        f(hash::Digest::from_raw(raw));
+    }
+}
+
+std::vector<Package> Catalog::packages_needing(const hash::Digest& d) {
+    Stmt q(m_db, "SELECT id, name, state, tree, has_manifest, files, bytes, COALESCE(error,''), manifest FROM packages "
+                 "WHERE id IN (SELECT DISTINCT package FROM entries WHERE digest = ?) ORDER BY name");
+    q.bind_blob(1, d.raw());
+    std::vector<Package> out;
+    while (q.step()) out.push_back(read_package(q, m_db.path()));
+    return out;
+}
+
 void Catalog::clear_manifest(std::int64_t id) {
     m_s->del_entries.bind(1, id).run();
     m_s->clear_manifest.bind(1, id).run();

@@ -867,10 +867,7 @@ GcResult gc(store::Store& s, DryRun dry) {
     auto& objects = s.objects();
     // Reachable: every digest a manifest refers to.
     std::unordered_set<hash::Digest, hash::DigestHash> live;
-    {
-        catalog::Stmt q(cat.db(), "SELECT DISTINCT digest FROM entries WHERE digest IS NOT NULL");
-        while (q.step()) live.insert(hash::Digest::from_raw(q.str(0)));
-    }
+    cat.for_each_referenced_digest([&](const hash::Digest& d) { live.insert(d); });
     GcResult r;
     std::unordered_set<hash::Digest, hash::DigestHash> dead;
     std::vector<std::string> doomed;

@@ -541,7 +541,6 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
     r.objects_bad = bad.size();
     // Quarantine corrupt objects so a later migrate rewrites them, and name who needs them.
     if (!bad.empty()) {
-        catalog::Stmt who(cat.db(), "SELECT DISTINCT p.id, p.name, p.tree, p.state FROM entries e JOIN packages p ON p.id = e.package WHERE e.digest = ?");
         catalog::Transaction tx(cat.db());
         for (auto& [rel, d] : bad) {
             // Never deleted, never over an earlier quarantined file of the same name.
@@ -555,16 +554,14 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
             io::crash_point("verify.quarantined");
             // The catalog must not claim it any more: a later migrate then rewrites the content.
             if (rel.size() == 65) cat.delete_object(d);
-            who.bind_blob(1, d.raw());
             std::string names;
             bool recoverable = false;
             std::vector<std::int64_t> ids;
-            while (who.step()) {
-                names += (names.empty() ? "" : ", ") + util::printable(who.str(1));
-                if (who.str(2) != "removed") recoverable = true;
-                ids.push_back(who.i64(0));
+            for (const auto& p : cat.packages_needing(d)) {
+                names += (names.empty() ? "" : ", ") + util::printable(p.name);
+                if (p.tree != catalog::TreeState::removed) recoverable = true;
+                ids.push_back(p.id);
             }
-            who.reset();
             for (auto id : ids) cat.set_state(id, PackageState::failed, "verify --objects: object " + d.hex() + " was corrupt");
             cat.journal("verify", names, "", "failed", "corrupt object " + rel + " moved to " + moved);
             if (problems)

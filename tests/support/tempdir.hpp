@@ -1,6 +1,7 @@
 // Test support: a fresh temporary directory per test, kept when the test fails.
 #pragma once
 #include <doctest/doctest.h>
+#include <boost/filesystem.hpp>
 #include <cstdio>
 #include <cstdlib>
 #include <fcntl.h>
@@ -17,12 +18,19 @@ extern bool g_current_test_failed;
 
 class TempDir {
 public:
+    // Fixtures use Boost.Filesystem (the declared stack; unique_path has no std:: equivalent); the code
+    // under test does its own fd-relative I/O (docs/design.md says why).
     TempDir() {
-        std::string tmpl = (std::getenv("TMPDIR") ? std::string(std::getenv("TMPDIR")) : std::string("/tmp")) +
-                           "/casmig-test-XXXXXX";
-        char* p = ::mkdtemp(tmpl.data());
-        REQUIRE(p != nullptr);
-        m_path = p;
+        namespace bfs = boost::filesystem;
+        for (int attempt = 0;; ++attempt) {
+            bfs::path p = bfs::temp_directory_path() / bfs::unique_path("casmig-test-%%%%-%%%%-%%%%");
+            if (bfs::create_directory(p)) {
+                bfs::permissions(p, bfs::owner_all);
+                m_path = p.string();
+                return;
+            }
+            REQUIRE(attempt < 100);
+        }
     }
     ~TempDir() {
         // A failed test keeps its directory for a look; a passing one cleans up.
@@ -46,8 +54,7 @@ private:
 
 /// Writes a file (creating parent directories) with the given mode.
 inline void write_file(const std::string& path, const std::string& data, mode_t mode = 0644) {
-    for (size_t i = 1; i < path.size(); ++i)
-        if (path[i] == '/') ::mkdir(path.substr(0, i).c_str(), 0755);
+    boost::filesystem::create_directories(boost::filesystem::path(path).parent_path());
     int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
     REQUIRE(fd >= 0);
     util::write_all(fd, data.data(), data.size(), path);

@@ -143,6 +143,10 @@ public:
     bool has_object(const hash::Digest& d);
     std::vector<ObjectRow> objects();
     void delete_object(const hash::Digest& d);
+    /// Calls f once for every distinct digest some manifest entry refers to (one scan of entries).
+    void for_each_referenced_digest(const std::function<void(const hash::Digest&)>& f);
+    /// The packages whose manifest refers to digest d (one scan of entries: no index on digests).
+    std::vector<Package> packages_needing(const hash::Digest& d);
     /// Digests referenced by no manifest entry.
     std::vector<ObjectRow> unreferenced_objects();
 
