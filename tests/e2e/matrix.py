@@ -28,7 +28,7 @@ import harness  # noqa: E402
 
 PACKAGES = ["pkg00", "pkg01", "pkg02", "pkg03"]
 GONE_PACKAGE = "pkg03"  # what `remove` removes (and what gc then collects)
-LOCKED = {"migrate", "verify", "cutover", "cleanup", "rollback", "remove", "gc"}
+LOCKED = {"migrate", "verify", "cutover", "cleanup", "rollback", "remove", "gc", "rebuild-catalog"}
 CRASH_MARKERS = ("terminate called", "what():", "Traceback", "Assertion", "Aborted", "core dumped",
                  "AddressSanitizer", "runtime error:", "Segmentation")
 
@@ -183,6 +183,33 @@ def bad_objects(store):
     return bad
 
 
+def bad_manifests(store):
+    """packages/: manifest objects that do not hash to their name, refs that name no sound manifest."""
+    base = os.path.join(store, "packages", "manifests")
+    files = []
+    if os.path.isdir(base):
+        for fan in sorted(os.listdir(base)):
+            d = os.path.join(base, fan)
+            if os.path.isdir(d):
+                files += [f"{fan}/{n}" for n in sorted(os.listdir(d))]
+    got = {}
+    if files:
+        p = subprocess.run(["b3sum", "--no-mmap", "--"] + files, cwd=base, capture_output=True, text=True)
+        for line in p.stdout.splitlines():
+            h, _, name = line.partition("  ")
+            got[name] = h
+    bad = [f"packages/manifests/{f} hashes to {got.get(f, 'unreadable')[:16]}…" for f in files
+           if got.get(f) != f[:2] + f[3:]]
+    refs = os.path.join(store, "packages", "refs")
+    if os.path.isdir(refs):
+        for n in sorted(os.listdir(refs)):
+            text = open(os.path.join(refs, n), "rb").read()
+            name = text[:64].decode(errors="replace")
+            if len(text) != 65 or got.get(f"{name[:2]}/{name[2:]}") != name:
+                bad.append(f"packages/refs/{n} names no sound manifest ({text[:20]!r})")
+    return bad
+
+
 def catalog_states(store):
     """{package: (state, tree)} from store.db (read-only), {} when there is no catalog; None when unreadable."""
     db = os.path.join(store, "store.db")
@@ -221,6 +248,13 @@ class Pristine:
             if code != 0:
                 raise AssertionError(f"building state {name}: casmig {' '.join(args)} exited {code}: {err.strip()[-400:]}")
             self.states[name] = d
+        # "lost": after cleanup, store.db deleted: packages/ and objects/ are all there is (rebuild-catalog).
+        d = os.path.join(work, "state-lost")
+        copy_tree(self.states["cleaned"], d)
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(os.path.join(d, "store.db" + suffix)):
+                os.remove(os.path.join(d, "store.db" + suffix))
+        self.states["lost"] = d
 
     def expected(self, state, command_args):
         """(packages that must survive, packages that may be gone) for a case run from `state`."""
@@ -238,6 +272,7 @@ def check_store(casmig, store, pristine, must, may, scratch, after=None, after_c
     problems = []
     os.makedirs(scratch, exist_ok=True)
     problems += bad_objects(store)
+    problems += bad_manifests(store)
     temp = os.path.join(store, "temp")
     if after in LOCKED and after_code in (0, 1) and os.path.isdir(temp) and os.listdir(temp):
         problems.append(f"temp/ not empty after {after} exited {after_code}: {sorted(os.listdir(temp))[:4]}")
@@ -256,6 +291,16 @@ def check_store(casmig, store, pristine, must, may, scratch, after=None, after_c
         dest = os.path.join(scratch, f"mat-{pkg}")
         remove_tree(dest)
         code, err = materialize(casmig, store, pkg, dest)
+        if code == 3 and "rebuild-catalog" in err:
+            # The catalog does not fit the store (lost, or a crash mid-rebuild): the package is safe if the
+            # documented way back recovers it. Tried on a copy, so the store under test stays as it is.
+            rebuilt = os.path.join(scratch, "rebuilt")
+            if not os.path.exists(rebuilt):
+                copy_tree(store, rebuilt)
+                rcode, _, rerr = run(casmig, rebuilt, ["rebuild-catalog"])
+                if rcode != 0:
+                    problems.append(f"rebuild-catalog on a copy exited {rcode}: {rerr.strip()[-200:]}")
+            code, err = materialize(casmig, rebuilt, pkg, dest)
         mat_ok = False
         mat_diff = f"materialize exit {code}: {err.strip()[:200]}"
         if code == 0:

@@ -46,6 +46,7 @@ COMMANDS = [
     ("remove", "cleaned", ["remove", "pkg01"]),
     ("remove-present", "migrated", ["remove", "pkg01"]),
     ("gc", "removed", ["gc"]),
+    ("rebuild-catalog", "lost", ["rebuild-catalog"]),
 ]
 MODES = ["kill", "power-data", "power-names"]
 FOLLOWUPS = ["same", "rollback", "migrate", "verify", "cleanup", "gc"]
@@ -275,6 +276,11 @@ def crash_remove_present(t):
 @test
 def crash_gc(t):
     matrix_for(t, "gc")
+
+
+@test
+def crash_rebuild_catalog(t):
+    matrix_for(t, "rebuild-catalog")
 
 
 def replay(t):
