@@ -1,6 +1,7 @@
 #include "casmig/manifest/manifest.hpp"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <unordered_map>
 #include <unordered_set>
@@ -11,7 +12,8 @@ namespace casmig::manifest {
 namespace {
 
 constexpr std::string_view k_magic{"casmig manifest\n", 16};
-constexpr std::uint8_t k_flag_link = 1, k_flag_xattrs = 2, k_known_flags = k_flag_link | k_flag_xattrs;
+constexpr std::uint8_t k_flag_link = 1, k_flag_xattrs = 2, k_flag_xlink = 4,
+                       k_known_flags = k_flag_link | k_flag_xattrs | k_flag_xlink;
 
 void put_varint(std::string& out, std::uint64_t v) {
     while (v >= 0x80) {
@@ -209,6 +211,10 @@ std::string encode(const std::vector<Entry>& entries) {
         std::uint8_t flags = 0;
         if (e.type == EntryType::file && e.link_to) flags |= k_flag_link;
         if (!e.xattrs.empty()) flags |= k_flag_xattrs;
+        if (e.type == EntryType::file && e.xlink) {
+            if (*e.xlink < 0) throw FormatError("manifest file entry '" + e.path + "' has a negative link group");
+            flags |= k_flag_xlink;
+        }
         out.push_back(static_cast<char>(flags));
         put_varint(out, e.mode & 07777);
         put_varint(out, e.uid);
@@ -220,6 +226,7 @@ std::string encode(const std::vector<Entry>& entries) {
             put_varint(out, e.size);
             out.append(e.digest->raw());
             if (e.link_to) put_bytes(out, *e.link_to);
+            if (flags & k_flag_xlink) put_varint(out, static_cast<std::uint64_t>(*e.xlink));
             break;
         case EntryType::symlink: put_bytes(out, e.target); break;
         case EntryType::dir: break;
@@ -266,7 +273,7 @@ std::vector<Entry> decode(std::string_view bytes) {
         if (i == 0 && e.type != EntryType::dir) r.fail("package root is not a directory");
         std::uint8_t flags = r.byte("flags");
         if (flags & ~k_known_flags) r.fail("unknown entry flags");
-        if ((flags & k_flag_link) && e.type != EntryType::file) r.fail("hard link flag on a non-file");
+        if ((flags & (k_flag_link | k_flag_xlink)) && e.type != EntryType::file) r.fail("hard link flag on a non-file");
         std::uint64_t mode = r.varint("mode");
         if (mode > 07777) r.fail("mode out of range");
         e.mode = static_cast<std::uint32_t>(mode);
@@ -285,6 +292,11 @@ std::vector<Entry> decode(std::string_view bytes) {
                 if (it == files.end()) r.fail("'" + e.path + "' is a hard link of '" + std::string(to) + "', not an earlier file");
                 if (it->second) r.fail("'" + e.path + "' is a hard link of a link group member, not its first path");
                 e.link_to = std::string(to);
+            }
+            if (flags & k_flag_xlink) {
+                std::uint64_t g = r.varint("link group");
+                if (g > static_cast<std::uint64_t>(INT64_MAX)) r.fail("link group out of range");
+                e.xlink = static_cast<std::int64_t>(g);
             }
             break;
         }

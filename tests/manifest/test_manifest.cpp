@@ -55,6 +55,8 @@ std::vector<Entry> sample() {
     std::vector<Entry> m = {dir(""), dir("a"), file("a/b", "x"), file("a-c", "x", "a/b"),
                             sym("link", "a/b"), file(std::string("odd\n\xff name", 10), ""), dir("z", 01777)};
     m.back().xattrs = xattr("user.k", "v");
+    m[2].xlink = 0x7fffffffffffffffLL; // a link group across packages
+    m[3].xlink = 0x7fffffffffffffffLL;
     return m;
 }
 
@@ -73,6 +75,7 @@ void same(const std::vector<Entry>& a, const std::vector<Entry>& b) {
         CHECK(a[i].gid == b[i].gid);
         CHECK(a[i].link_to == b[i].link_to);
         CHECK(a[i].xattrs == b[i].xattrs);
+        CHECK(a[i].xlink == b[i].xlink);
     }
 }
 

@@ -30,6 +30,11 @@ struct Entry {
     std::optional<std::string> link_to; // files only: another path of this package that is the same inode
                                      // (after normalize(): the group's first path in path-byte order)
     std::string xattrs;              // files and dirs: extended attributes (util/xattr.hpp encoding), "" if none
+    // files only: hard-link group across packages. Set, on every path of the inode, when the legacy
+    // file had more links (st_nlink) than its package has paths to it; the same value in every package
+    // that holds a name of that inode: a store-wide id derived from (st_dev, st_ino) at migrate time.
+    // A hint, never trusted alone: rollback links two files of one group only after proving them equal.
+    std::optional<std::int64_t> xlink; // never negative
 };
 
 /// A manifest object that does not decode: damaged, truncated, or not a manifest.
