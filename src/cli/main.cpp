@@ -286,9 +286,13 @@ int cmd_cleanup(Ctx& c, bool dry) {
     auto lock = c.lock("cleanup", dry ? store::Purpose::dry_run : store::Purpose::destroy);
     auto r = lifecycle::cleanup(*c.store, dry ? lifecycle::DryRun::yes : lifecycle::DryRun::no, c.g.jobs, c.progress(),
                                 c.problem_sink());
-    c.out({{"dry_run", dry}, {"trees", r.trees}, {"freed_bytes", r.bytes}, {"skipped", r.skipped}},
-          fmt("cleanup%s: %llu legacy trees %s, %s %s%s\n", dry ? " --dry-run" : "", (unsigned long long)r.trees,
-              dry ? "would be removed" : "removed", hb(r.bytes).c_str(), dry ? "would be freed" : "freed",
+    // freed_bytes keeps its meaning (apparent sizes, as before); freed_allocated_bytes is the disk space
+    // the filesystem got back, which is what the text reports first.
+    c.out({{"dry_run", dry}, {"trees", r.trees}, {"freed_bytes", r.bytes}, {"freed_allocated_bytes", r.allocated},
+           {"skipped", r.skipped}},
+          fmt("cleanup%s: %llu legacy trees %s, %s %s on disk (%s of file contents)%s\n", dry ? " --dry-run" : "",
+              (unsigned long long)r.trees, dry ? "would be removed" : "removed", hb(r.allocated).c_str(),
+              dry ? "would be freed" : "freed", hb(r.bytes).c_str(),
               r.skipped ? fmt(", %llu skipped (see above)", (unsigned long long)r.skipped).c_str() : ""));
     return r.skipped || c.problems ? k_failed : k_ok;
 }

@@ -15,6 +15,7 @@
 #include <cerrno>
 #include <dirent.h>
 #include <fcntl.h>
+#include <map>
 #include <mutex>
 #include <set>
 #include <sys/stat.h>
@@ -53,24 +54,33 @@ AtName at_name(int dirfd, const std::string& name, const std::string& display) {
     return S_ISDIR(st.st_mode) ? AtName::directory : AtName::other;
 }
 
-std::uint64_t tree_bytes(int dirfd, const std::string& name) {
-    std::uint64_t total = 0;
-    int fd = ::openat(dirfd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-    if (fd < 0) return 0;
-    DIR* d = ::fdopendir(fd);
-    if (!d) {
-        ::close(fd);
-        return 0;
-    }
-    while (dirent* e = ::readdir(d)) {
-        std::string n = e->d_name;
-        if (n == "." || n == "..") continue;
-        struct stat st {};
-        if (::fstatat(::dirfd(d), n.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) continue;
-        if (S_ISDIR(st.st_mode)) total += tree_bytes(::dirfd(d), n);
-        else if (S_ISREG(st.st_mode)) total += static_cast<std::uint64_t>(st.st_size);
-    }
-    ::closedir(d);
+/// What deleting the tree at dirfd/name would give back (cleanup --dry-run): apparent sizes of its
+/// regular files, and the blocks of each file all of whose names are in the tree.
+util::FreedBytes tree_bytes(int dirfd, const std::string& name) {
+    util::FreedBytes total;
+    std::map<std::pair<dev_t, ino_t>, nlink_t> linked; // names seen of files with several
+    auto walk = [&](auto& self, int parent, const std::string& dir) -> void {
+        int fd = ::openat(parent, dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0) return;
+        DIR* d = ::fdopendir(fd);
+        if (!d) {
+            ::close(fd);
+            return;
+        }
+        while (dirent* e = ::readdir(d)) {
+            std::string n = e->d_name;
+            if (n == "." || n == "..") continue;
+            struct stat st {};
+            if (::fstatat(::dirfd(d), n.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) continue;
+            if (S_ISDIR(st.st_mode)) self(self, ::dirfd(d), n);
+            if (!S_ISREG(st.st_mode)) continue;
+            total.apparent += static_cast<std::uint64_t>(st.st_size);
+            if (st.st_nlink > 1 && ++linked[{st.st_dev, st.st_ino}] < st.st_nlink) continue;
+            total.allocated += static_cast<std::uint64_t>(st.st_blocks) * 512;
+        }
+        ::closedir(d);
+    };
+    walk(walk, dirfd, name);
     return total;
 }
 
@@ -162,11 +172,12 @@ private:
                 if (n < 0) util::throw_errno("read failed", pid + "/" + util::printable(e.path));
                 if (n == 0) break;
                 h.update(buf.data(), static_cast<size_t>(n));
-                tmp.append(buf.data(), static_cast<size_t>(n));
+                tmp.append_sparse(buf.data(), static_cast<size_t>(n));
                 total += static_cast<std::uint64_t>(n);
             }
             if (total != e.size || h.finish() != *e.digest)
                 return "the legacy file changed too; the tree is kept";
+            tmp.finish();
             util::fsync_fd(tmp.fd(), "temp/" + tmp.name());
             // Quarantine the bad object: moved, never deleted.
             std::string qdir = m_s.migration_dir() + "/corrupt";
@@ -440,7 +451,7 @@ CleanupResult cleanup(store::Store& s, DryRun dry, unsigned threads, const Progr
         std::lock_guard lk(sink_mutex);
         if (problems) problems(p);
     };
-    std::atomic<std::uint64_t> bytes{0};
+    std::atomic<std::uint64_t> bytes{0}, allocated{0};
     tbb::task_arena arena(static_cast<int>(util::thread_count(threads)));
     arena.execute([&] {
         tbb::parallel_for_each(todo.begin(), todo.end(), [&](Candidate& c) {
@@ -475,7 +486,11 @@ CleanupResult cleanup(store::Store& s, DryRun dry, unsigned threads, const Progr
                                           s.root() + "/" + pid);
                     return;
                 }
-                if (dry == DryRun::yes) bytes += tree_bytes(s.root_fd(), c.pkg.name);
+                if (dry == DryRun::yes) {
+                    auto b = tree_bytes(s.root_fd(), c.pkg.name);
+                    bytes += b.apparent;
+                    allocated += b.allocated;
+                }
                 c.proven = true;
             } catch (const util::Error& e) {
                 sink({pid, "", std::string(e.what()) + "; the legacy tree is kept"});
@@ -488,6 +503,7 @@ CleanupResult cleanup(store::Store& s, DryRun dry, unsigned threads, const Progr
     }
     if (dry == DryRun::yes) {
         r.bytes = bytes.load();
+        r.allocated = allocated.load();
         return r;
     }
     // The trees that could not be put back after a failed proof stay in temp/ and are not recorded.
@@ -512,7 +528,10 @@ CleanupResult cleanup(store::Store& s, DryRun dry, unsigned threads, const Progr
         tbb::parallel_for_each(todo.begin(), todo.end(), [&](Candidate& c) {
             if (!c.proven || !c.present) return;
             try {
-                bytes += util::remove_tree_at(objects.temp_dirfd(), c.trash, s.temp_dir() + "/" + c.trash);
+                util::FreedBytes freed;
+                util::remove_tree_at(objects.temp_dirfd(), c.trash, s.temp_dir() + "/" + c.trash, &freed);
+                bytes += freed.apparent;
+                allocated += freed.allocated;
                 std::lock_guard lk(mutex);
                 ++report.packages_done;
                 if (progress) progress(report);
@@ -525,6 +544,7 @@ CleanupResult cleanup(store::Store& s, DryRun dry, unsigned threads, const Progr
     io::crash_point("cleanup.deleted");
     if (first_error) std::rethrow_exception(first_error); // recorded removed; the next run finishes the deletion
     r.bytes = bytes.load();
+    r.allocated = allocated.load();
     return r;
 }
 

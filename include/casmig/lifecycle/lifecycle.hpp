@@ -35,7 +35,11 @@ struct CutoverResult {
 CutoverResult cutover(store::Store& store, unsigned threads, const ProgressSink& progress, const ProblemSink& problems);
 
 struct CleanupResult {
-    std::uint64_t trees = 0, bytes = 0, skipped = 0;
+    std::uint64_t trees = 0, skipped = 0;
+    std::uint64_t bytes = 0;     // apparent: st_size of every legacy file deleted (JSON freed_bytes)
+    std::uint64_t allocated = 0; // on disk: st_blocks × 512 of each file whose last name was deleted
+                                 // (a sparse file counts its data, a file hard-linked from elsewhere
+                                 // nothing); JSON freed_allocated_bytes
 };
 /// Deletes each marked legacy tree (and each tree verified after cutover) only after proving, in this
 /// run, that it equals its manifest (path set, types, modes, owners, mtimes, symlink targets, hard
