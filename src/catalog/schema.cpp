@@ -70,6 +70,12 @@ CREATE TABLE store_identity (
     generation  INTEGER NOT NULL          -- advanced before every destructive command touches anything
 );
 )SQL"},
+        // NOTE for the merge: "0003" is the manifest area's migration (lead); this one must follow it.
+        // Hard-link groups that span packages (catalog::Entry::xlink): NULL for every entry of a catalog
+        // made before, which rollback then treats as before (each package's files its own).
+        {"0004-cross-package-links", R"SQL(
+ALTER TABLE entries ADD COLUMN xlink INTEGER; -- files only: hard-link group across packages, NULL if none
+)SQL"},
     };
     return k_migrations;
 }

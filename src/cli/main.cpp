@@ -303,7 +303,7 @@ int cmd_rollback(Ctx& c, bool space_check) {
                                  c.progress(), c.problem_sink());
     std::string mode = catalog::to_string(c.store->catalog().mode());
     c.out({{"mode", mode}, {"packages", r.packages}, {"rebuilt", r.rebuilt}, {"files", r.files}, {"bytes", r.bytes},
-           {"failed", r.failed}},
+           {"failed", r.failed}, {"linked_across_packages", r.linked_across}},
           r.failed ? fmt("rollback: %llu package(s) could not be restored (listed above), store stays %s; %llu packages "
                          "rolled back, %llu legacy trees rebuilt; fix the cause and rollback again\n",
                          (unsigned long long)r.failed, mode.c_str(), (unsigned long long)r.packages,

@@ -6,6 +6,7 @@
 #include "casmig/util/threads.hpp"
 #include "casmig/verify/verify.hpp"
 #include "materialize.hpp"
+#include "xlink.hpp"
 
 #include <array>
 #include <atomic>
@@ -659,6 +660,36 @@ RollbackResult rollback(store::Store& s, unsigned threads, SpaceCheck space, con
             }
         });
     });
+    // 1b. Hard links across packages (catalog::Entry::xlink): a rebuilt file becomes a link of the same
+    // file in another package's tree (in place, or rebuilt above), once that file is proven equal.
+    {
+        std::vector<detail::LinkTree> trees;
+        std::vector<Job*> owner;
+        for (auto& j : jobs) {
+            const std::string pid = util::printable(j.pkg.name);
+            if (j.built) {
+                trees.push_back({&j.pkg, &j.manifest, objects.temp_dirfd(), stage_name(j.pkg), s.root() + "/" + pid, true});
+            } else if (!j.rebuild && at_name(s.root_fd(), j.pkg.name, s.root() + "/" + pid) == AtName::directory) {
+                trees.push_back({&j.pkg, &j.manifest, s.root_fd(), j.pkg.name, s.root() + "/" + pid, false});
+            } else {
+                continue;
+            }
+            owner.push_back(&j);
+        }
+        auto linked = detail::link_across(trees, problems);
+        r.linked_across = linked.linked;
+        for (size_t i : linked.failed) {
+            Job& j = *owner[i];
+            j.built = false; // reported by link_across; rebuilt by the next rollback
+            std::string stage = stage_name(j.pkg);
+            try {
+                util::remove_tree_at(objects.temp_dirfd(), stage, s.temp_dir() + "/" + stage);
+            } catch (const util::Error&) {
+                // Dropped on purpose: a rollback-* tree left in temp/ is deleted by the next run's recover().
+            }
+        }
+        io::crash_point("rollback.linked");
+    }
     // 2. Every rebuilt tree is durable before any of them gets a package name.
     cas::sync_filesystem(objects.temp_dirfd(), s.temp_dir());
     io::crash_point("rollback.built");

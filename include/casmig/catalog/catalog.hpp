@@ -42,7 +42,16 @@ struct Entry {
     std::uint32_t uid = 0, gid = 0;  // owner, restored when casmig runs as root
     std::optional<std::string> link_to; // files only: an earlier path of the same package this is a hard link of
     std::string xattrs;              // files and dirs: extended attributes (util/xattr.hpp encoding), "" if none
+    // files only: hard-link group across packages. Set, on every path of the inode, when the legacy
+    // file had more links (st_nlink) than its package has paths to it; the same value in every package
+    // that holds a name of that inode: a store-wide id derived from (st_dev, st_ino) at migrate time
+    // (xlink_group()). A hint, never trusted alone: rollback links two files of one group only after
+    // proving them equal (docs/design.md, "Hard links across packages").
+    std::optional<std::int64_t> xlink;
 };
+
+/// The hard-link group id of the inode (dev, ino): 63 bits of BLAKE3 of both, never negative.
+std::int64_t xlink_group(std::uint64_t dev, std::uint64_t ino);
 
 struct Package {
     std::int64_t id = 0;

@@ -53,11 +53,13 @@ CleanupResult cleanup(store::Store& store, DryRun dry, unsigned threads, const P
 
 struct RollbackResult {
     std::uint64_t packages = 0, rebuilt = 0, files = 0, bytes = 0, failed = 0;
+    std::uint64_t linked_across = 0; // rebuilt files made hard links of another package's file again
 };
 /// Back to mode legacy: every package with a manifest whose legacy tree is not exactly present (absent,
 /// not a directory, or — after cleanup or cutover — different from its manifest) is rebuilt from the CAS
 /// (staged in temp/, synced, renamed into place); whatever was at its name is moved to
-/// migration/aside/, never deleted. Package by package: one that cannot be rebuilt is reported and
+/// migration/aside/, never deleted. Hard links across packages come back once the files are proven
+/// equal (detail::link_across()). Package by package: one that cannot be rebuilt is reported and
 /// counted in `failed`, the others carry on, and the mode stays until every package is back.
 /// Refuses (store unchanged) when free space is short (unless SpaceCheck::no) and, as non-root, when
 /// a tree to rebuild has foreign owners or capabilities. Idempotent.
