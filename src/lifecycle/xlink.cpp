@@ -128,9 +128,13 @@ std::string link_one(const LinkTree& at, const Entry& a, const LinkTree& mt, con
                 break;
             }
             if (errno == EEXIST && n < 1000) continue;
-            std::string why = std::string("cannot be linked: ") + std::strerror(errno);
+            const int e = errno;
             undo();
-            return why;
+            // Where a link cannot exist (another filesystem, the inode's link limit) the file stays a
+            // copy; any other failure fails the package, as for a link inside it (no silent copy): the
+            // next rollback links it.
+            if (e == EXDEV || e == EMLINK) return std::string("cannot be linked: ") + std::strerror(e);
+            throw util::SystemError("cannot link " + adisp + " at", t.display, e);
         }
         // The name linked must be the inode proven (the anchor's name could have been swapped since).
         struct stat st {};

@@ -30,7 +30,9 @@ struct LinkAcross {
 /// same content (a file found in place is re-hashed), size, mode, owner, mtime and extended
 /// attributes. An inode number reused after both trees were deleted can therefore never join two
 /// different files: such a file stays a separate copy (nothing is lost), and `problems` gets a
-/// warning naming both. The file's own hard links inside its package (link_to) move with it. Every
+/// warning naming both; so does one that cannot be a link of it (another filesystem, EXDEV; the link
+/// limit, EMLINK). Any other failure to link fails that tree (LinkAcross::failed), as a hard link
+/// inside a package does: never a silent copy. The file's own hard links inside its package (link_to) move with it. Every
 /// change is a link to a temporary name then a rename over the built file, inside the built tree in
 /// temp/ (made durable with it by the caller's sync; recover() deletes an unfinished one).
 LinkAcross link_across(const std::vector<LinkTree>& trees, const ProblemSink& problems);

@@ -106,6 +106,25 @@ def partner_in_place_that_changed_is_never_linked(t):
 
 
 @test
+def a_link_that_fails_fails_the_package_and_the_next_rollback_links_it(t):
+    """No silent copy: an I/O error on the cross-package link leaves that package unrestored (exit 1)."""
+    s, a = linked_store(t, "linkfault")
+    t.run(s, "migrate", code=0)
+    t.run(s, "cutover", code=0)
+    t.run(s, "cleanup", code=0)
+    # link #1 is pkg01's own alias.so (inside the package), #2 the first link across packages.
+    rc, out, err = t.run(s, "rollback", env={"CASMIG_FAULT": "link@2=EIO"})
+    expect(rc == 1 and "pkg01" in err and "cannot link" in err, f"rollback exited {rc}: {err}")
+    expect(not os.path.exists(os.path.join(s, "pkg01")), "pkg01 was put in place without its link")
+    expect(os.path.exists(a) and os.listdir(os.path.join(s, "temp")) == [], "pkg00 missing or temp/ not empty")
+    r = t.json(s, "rollback")
+    expect(r["failed"] == 0 and r["linked_across_packages"] == 1, f"second rollback: {r}")
+    expect(inode(os.path.join(s, "pkg01", "lib", "alias.so")) == inode(a) and os.lstat(a).st_nlink == 3,
+           "the second rollback did not link pkg01 to pkg00's file")
+    t.run(s, "verify", code=0)
+
+
+@test
 def a_false_group_never_links_different_files(t):
     """An inode number reused after both trees were deleted puts unrelated files in one group: simulated by
     giving them one xlink in the catalog. Files that differ in content or in mtime stay separate."""
