@@ -309,9 +309,12 @@ int cmd_rollback(Ctx& c, bool space_check) {
                          (unsigned long long)r.failed, mode.c_str(), (unsigned long long)r.packages,
                          (unsigned long long)r.rebuilt)
                    : fmt("rollback: store is legacy; %llu packages rolled back, %llu legacy trees rebuilt from the CAS "
-                         "(%llu files, %s)\n",
+                         "(%llu files, %s%s)\n",
                          (unsigned long long)r.packages, (unsigned long long)r.rebuilt, (unsigned long long)r.files,
-                         hb(r.bytes).c_str()));
+                         hb(r.bytes).c_str(),
+                         r.linked_across ? fmt("; %llu hard links across packages restored",
+                                               (unsigned long long)r.linked_across).c_str()
+                                         : ""));
     return r.failed || c.problems ? k_failed : k_ok;
 }
 
