@@ -140,7 +140,9 @@ TEST_SUITE("cas::ObjectStore") {
             add(data.data(), k);
             f.append_hole(3 * k); // a hole of the source
             want.append(3 * k, '\0');
-            add(zeros.data(), 12 * k); // the file ends in a hole
+            add(zeros.data(), 12 * k); // unaligned: its last partial block is written
+            f.append_hole(5 * k);      // the file ends in a hole
+            want.append(5 * k, '\0');
             CHECK(f.size() == want.size());
             f.finish();
             std::string tmpname = f.release();
