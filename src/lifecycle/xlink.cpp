@@ -78,23 +78,32 @@ struct Target {
 };
 
 /// Makes m's file (and its link_to siblings) in built tree `mt` hard links of anchor a's file in tree
-/// `at`. Returns "" when linked; otherwise why not, with nothing changed. Throws util::Error if a
-/// rename failed half-way (the built tree is then not to be published).
+/// `at`. Returns "" when linked; otherwise why not, with nothing changed. Throws util::Error when m's
+/// tree cannot be changed as planned (a link or rename failed: the built tree is not to be published).
 std::string link_one(const LinkTree& at, const Entry& a, const LinkTree& mt, const Entry& m) {
     const std::string adisp = at.display + "/" + util::printable(a.path);
-    auto [adir, aleaf] = open_parent(at, a.path);
-    int afd = ::openat(adir.get(), aleaf.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
-    if (afd < 0) return std::string("cannot be opened: ") + std::strerror(errno);
-    util::Fd anchor(afd);
+    // The anchor's side: whatever is wrong there (gone, unreadable, different) only means "not linked".
+    util::Fd adir, anchor;
+    std::string aleaf;
     struct stat ast {};
-    if (::fstat(afd, &ast) != 0) return std::string("cannot be examined: ") + std::strerror(errno);
-    // A file in place is proven against this entry (its tree was not rebuilt: it may have changed since
-    // migrate, or be another inode with a reused number); one this run built from the same manifest
-    // values is checked for what it shows without reading.
-    if (!at.built) {
-        if (std::string why = prove_file(afd, ast, m, adisp); !why.empty()) return why;
-    } else if (!S_ISREG(ast.st_mode) || static_cast<std::uint64_t>(ast.st_size) != m.size || (ast.st_mode & 07777) != m.mode) {
-        return "is not the file its manifest describes";
+    try {
+        auto opened = open_parent(at, a.path);
+        adir = std::move(opened.first);
+        aleaf = std::move(opened.second);
+        anchor = util::Fd(::openat(adir.get(), aleaf.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC));
+        if (!anchor) return std::string("cannot be opened: ") + std::strerror(errno);
+        if (::fstat(anchor.get(), &ast) != 0) return std::string("cannot be examined: ") + std::strerror(errno);
+        // A file in place is proven against this entry (its tree was not rebuilt: it may have changed
+        // since migrate, or be another inode with a reused number); one this run built from the same
+        // manifest values is checked for what it shows without reading.
+        if (!at.built) {
+            if (std::string why = prove_file(anchor.get(), ast, m, adisp); !why.empty()) return why;
+        } else if (!S_ISREG(ast.st_mode) || static_cast<std::uint64_t>(ast.st_size) != m.size ||
+                   (ast.st_mode & 07777) != m.mode) {
+            return "is not the file its manifest describes";
+        }
+    } catch (const util::Error& e) {
+        return std::string("cannot be proven: ") + e.what();
     }
     // Every name of m's inode in its package: m itself and the entries linked to it.
     std::vector<Target> targets;

@@ -106,6 +106,25 @@ def partner_in_place_that_changed_is_never_linked(t):
 
 
 @test
+def a_partner_reached_through_a_symlink_is_never_linked_and_fails_nothing(t):
+    """pkg00's lib/ replaced by a symlink to a directory holding the same file: never followed; pkg01 is
+    restored with its own copy (not failed) and a warning says so."""
+    s, a = linked_store(t, "symlinked")
+    t.run(s, "migrate", code=0)
+    shutil.rmtree(os.path.join(s, "pkg01"))
+    os.rename(os.path.join(s, "pkg00", "lib"), os.path.join(s, "pkg00", "lib-real"))
+    os.symlink("lib-real", os.path.join(s, "pkg00", "lib"))
+    rc, out, err = t.run(s, "rollback")
+    expect(rc == 0, f"rollback exited {rc}: {err}")
+    b = os.path.join(s, "pkg01", "lib", "libshared.so")
+    real = os.path.join(s, "pkg00", "lib-real", "libshared.so")
+    expect(os.path.exists(b) and inode(b) != inode(real), "pkg01 was linked through a symlink (or not restored)")
+    expect(os.lstat(real).st_nlink == 1 and sorted(os.listdir(os.path.dirname(real))) == ["libshared.so"],
+           "pkg00's directory behind the symlink was written to")
+    expect("nothing is lost" in err, f"no warning about the unlinked file: {err}")
+
+
+@test
 def a_link_that_fails_fails_the_package_and_the_next_rollback_links_it(t):
     """No silent copy: an I/O error on the cross-package link leaves that package unrestored (exit 1)."""
     s, a = linked_store(t, "linkfault")
