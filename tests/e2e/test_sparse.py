@@ -124,6 +124,9 @@ def sparse_image_migrates_materializes_cleans_up_and_rolls_back_sparse(t):
     expect(os.lstat(out).st_mtime_ns == 1_600_000_000_123_456_789, "materialize: mtime differs")
 
     t.run(s, "cutover", code=0)
+    dry = t.json(s, "cleanup", "--dry-run")
+    expect(dry["freed_bytes"] >= IMAGE_SIZE, f"cleanup --dry-run: {dry}")
+    near(dry["freed_allocated_bytes"], src_alloc + others, "cleanup --dry-run's freed_allocated_bytes")
     c = t.json(s, "cleanup")
     expect(c["trees"] == 1 and c["skipped"] == 0, f"cleanup: {c}")
     expect(c["freed_bytes"] >= IMAGE_SIZE, f"freed_bytes (apparent sizes) lost its meaning: {c}")
@@ -167,6 +170,23 @@ def written_zero_runs_become_holes_in_objects_and_copies(t):
             expect(f.read() == data, f"materialize: {name} differs")
     expect(allocated(os.path.join(dest, "big.bin")) < 3 * MiB, "materialize wrote the object's holes out")
     t.run(s, "verify", "--objects", code=0)
+
+
+@test
+def cleanup_counts_the_blocks_of_a_hard_linked_file_once(t):
+    """Two names of one 4 MiB file in a package: freed_bytes counts both names, freed_allocated_bytes the
+    blocks once (the filesystem gets them back once)."""
+    s = t.store("hardlinked", 1)
+    pkg = os.path.join(s, "pkg00")
+    others = du(pkg)  # the small files t.store() puts in every package
+    put(pkg, "a.bin", chunk(9, 4 * MiB))
+    os.link(os.path.join(pkg, "a.bin"), os.path.join(pkg, "b.bin"))
+    t.run(s, "migrate", code=0)
+    t.run(s, "cutover", code=0)
+    for args in (["--dry-run"], []):
+        c = t.json(s, "cleanup", *args)
+        expect(c["freed_bytes"] >= 8 * MiB, f"cleanup {args}: freed_bytes counts each name: {c}")
+        expect(4 * MiB <= c["freed_allocated_bytes"] <= 4 * MiB + others, f"cleanup {args}: blocks counted twice: {c}")
 
 
 if __name__ == "__main__":
