@@ -606,9 +606,22 @@ RollbackResult rollback(store::Store& s, unsigned threads, SpaceCheck space, con
         jobs.push_back(std::move(j));
     }
     // Space first: a rollback that stops half-way for want of space helps nobody.
+    // A file costs what its object has allocated (a sparse object less than its size, copies keep the
+    // holes), at most its size; a hard link inside a package costs nothing.
     std::uint64_t need = 0;
-    for (const auto& j : jobs)
-        if (j.rebuild) need += static_cast<std::uint64_t>(j.pkg.bytes) + 4096 * (j.manifest.size() + 1);
+    std::unordered_map<hash::Digest, std::uint64_t, hash::DigestHash> cost;
+    for (const auto& j : jobs) {
+        if (!j.rebuild) continue;
+        need += 4096 * (j.manifest.size() + 1);
+        for (const auto& e : j.manifest) {
+            if (e.type != catalog::EntryType::file || e.link_to || !e.digest) continue;
+            auto [it, fresh] = cost.emplace(*e.digest, e.size);
+            struct stat st {};
+            if (fresh && ::fstatat(objects.dirfd(), cas::object_relpath(*e.digest).c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0)
+                it->second = std::min(e.size, static_cast<std::uint64_t>(st.st_blocks) * 512);
+            need += it->second;
+        }
+    }
     struct statvfs vfs {};
     if (space == SpaceCheck::yes && need && ::fstatvfs(s.root_fd(), &vfs) == 0) {
         std::uint64_t free_bytes = static_cast<std::uint64_t>(vfs.f_bavail) * vfs.f_frsize;
