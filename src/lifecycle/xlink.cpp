@@ -34,7 +34,8 @@ std::pair<util::Fd, std::string> open_parent(const LinkTree& t, const std::strin
         size_t slash = path.find('/', pos);
         std::string comp = path.substr(pos, slash == std::string::npos ? std::string::npos : slash - pos);
         if (comp.empty() || comp == "." || comp == "..")
-            throw util::Error("refusing path " + t.display + "/" + util::printable(path) + ": not a plain relative path");
+            throw util::Error("refusing path " + t.display + "/" + util::printable(path) +
+                              ": not a plain relative path");
         if (slash == std::string::npos) return {std::move(cur), comp};
         cur = util::open_dir_at(cur.get(), comp, t.display + "/" + util::printable(path.substr(0, slash)));
         pos = slash + 1;
@@ -114,7 +115,8 @@ std::string link_one(const LinkTree& at, const Entry& a, const LinkTree& mt, con
         auto [dir, leaf] = open_parent(mt, e->path);
         Target t{std::move(dir), leaf, {}, mt.display + "/" + util::printable(e->path)};
         struct stat dst {};
-        if (::fstat(t.dir.get(), &dst) != 0) return std::string("its directory cannot be examined: ") + std::strerror(errno);
+        if (::fstat(t.dir.get(), &dst) != 0)
+            return std::string("its directory cannot be examined: ") + std::strerror(errno);
         t.dir_times[0] = dst.st_atim;
         t.dir_times[1] = dst.st_mtim;
         targets.push_back(std::move(t));
@@ -178,7 +180,8 @@ LinkAcross link_across(const std::vector<LinkTree>& trees, const ProblemSink& pr
             if (e.type == catalog::EntryType::file && e.xlink && !e.link_to) groups[*e.xlink].push_back({i, &e});
     std::vector<bool> failed(trees.size(), false);
     for (auto& [group, members] : groups) {
-        if (members.size() < 2 || std::none_of(members.begin(), members.end(), [&](const Member& m) { return trees[m.tree].built; }))
+        if (members.size() < 2 ||
+            std::none_of(members.begin(), members.end(), [&](const Member& m) { return trees[m.tree].built; }))
             continue;
         // Trees in place first (they are never changed, so linking to them keeps them as they are), then
         // by package name and path: the same anchor whatever order the packages were built in.
@@ -224,8 +227,8 @@ LinkAcross link_across(const std::vector<LinkTree>& trees, const ProblemSink& pr
                 anchors.push_back(&m);
                 if (!refused.empty() && problems)
                     problems({pid, path,
-                              "was hard-linked to another package's file at migrate time, but is not linked to " + refused +
-                                  ": restored as a separate file with its own content; nothing is lost",
+                              "was hard-linked to another package's file at migrate time, but is not linked to " +
+                                  refused + ": restored as a separate file with its own content; nothing is lost",
                               true});
             }
         }

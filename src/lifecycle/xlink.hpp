@@ -20,8 +20,8 @@ struct LinkTree {
 };
 
 struct LinkAcross {
-    std::uint64_t linked = 0;        // files of built trees now hard links of a file in another tree
-    std::vector<size_t> failed;      // trees (indices) left half-relinked: the caller must not publish them
+    std::uint64_t linked = 0;   // files of built trees now hard links of a file in another tree
+    std::vector<size_t> failed; // trees (indices) left half-relinked: the caller must not publish them
 };
 
 /// For each hard-link group across packages (entries with the same xlink), makes the file of every
@@ -32,9 +32,9 @@ struct LinkAcross {
 /// different files: such a file stays a separate copy (nothing is lost), and `problems` gets a
 /// warning naming both; so does one that cannot be a link of it (another filesystem, EXDEV; the link
 /// limit, EMLINK). Any other failure to link fails that tree (LinkAcross::failed), as a hard link
-/// inside a package does: never a silent copy. The file's own hard links inside its package (link_to) move with it. Every
-/// change is a link to a temporary name then a rename over the built file, inside the built tree in
-/// temp/ (made durable with it by the caller's sync; recover() deletes an unfinished one).
+/// inside a package does: never a silent copy. The file's own hard links inside its package (link_to) move with it.
+/// Every change is a link to a temporary name then a rename over the built file, inside the built tree in temp/ (made
+/// durable with it by the caller's sync; recover() deletes an unfinished one).
 LinkAcross link_across(const std::vector<LinkTree>& trees, const ProblemSink& problems);
 
 } // namespace casmig::lifecycle::detail
