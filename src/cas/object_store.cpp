@@ -29,7 +29,8 @@ std::string object_relpath(const hash::Digest& d) {
 }
 
 TempFile::TempFile(TempFile&& o) noexcept
-    : m_dirfd(o.m_dirfd), m_name(std::exchange(o.m_name, {})), m_fd(std::move(o.m_fd)), m_direct(o.m_direct) {}
+    : m_dirfd(o.m_dirfd), m_name(std::exchange(o.m_name, {})), m_fd(std::move(o.m_fd)), m_direct(o.m_direct),
+      m_size(std::exchange(o.m_size, 0)), m_end(std::exchange(o.m_end, 0)) {}
 
 TempFile& TempFile::operator=(TempFile&& o) noexcept {
     if (this != &o) {
@@ -38,6 +39,8 @@ TempFile& TempFile::operator=(TempFile&& o) noexcept {
         m_name = std::exchange(o.m_name, {});
         m_fd = std::move(o.m_fd);
         m_direct = o.m_direct;
+        m_size = std::exchange(o.m_size, 0);
+        m_end = std::exchange(o.m_end, 0);
     }
     return *this;
 }
@@ -49,7 +52,55 @@ void TempFile::stop_direct() {
     m_direct = false;
 }
 
-void TempFile::append(const char* data, size_t len) {
+void TempFile::append(const char* data, size_t len) { write_data(data, len); }
+
+namespace {
+bool all_zero(const char* p, size_t n) {
+    return n == 0 || (p[0] == 0 && std::memcmp(p, p + 1, n - 1) == 0);
+}
+} // namespace
+
+void TempFile::append_sparse(const char* data, size_t len) {
+    // [run, pos) is data not yet written; a zero block at an aligned offset ends it.
+    size_t run = 0, pos = 0;
+    while (pos < len) {
+        const std::uint64_t off = m_size + (pos - run);
+        const size_t into = static_cast<size_t>(off % k_sparse_block);
+        if (into == 0 && len - pos >= k_sparse_block && all_zero(data + pos, k_sparse_block)) {
+            write_data(data + run, pos - run);
+            size_t z = pos + k_sparse_block;
+            while (len - z >= k_sparse_block && all_zero(data + z, k_sparse_block)) z += k_sparse_block;
+            append_hole(z - pos);
+            run = pos = z;
+            continue;
+        }
+        pos += std::min<size_t>(len - pos, k_sparse_block - into);
+    }
+    write_data(data + run, len - run);
+}
+
+void TempFile::append_hole(std::uint64_t len) { m_size += len; }
+
+void TempFile::finish() {
+    if (m_end >= m_size) return;
+    // One zero byte at the end sets the size (and allocates one block). Unaligned, so buffered.
+    if (m_direct) stop_direct();
+    const char zero = 0;
+    for (;;) {
+        ssize_t n = io::pwrite(m_fd.get(), &zero, 1, static_cast<off_t>(m_size - 1));
+        if (n == 1) break;
+        if (n < 0 && errno == EINTR) continue;
+        util::throw_errno("write failed", "temp/" + m_name);
+    }
+    m_end = m_size;
+}
+
+void TempFile::write_data(const char* data, size_t len) {
+    if (len == 0) return;
+    if (m_end != m_size && ::lseek(m_fd.get(), static_cast<off_t>(m_size), SEEK_SET) < 0)
+        util::throw_errno("seek failed", "temp/" + m_name);
+    m_size += len;
+    m_end = m_size;
     if (m_direct) {
         size_t aligned = len / util::k_direct_align * util::k_direct_align;
         if (reinterpret_cast<std::uintptr_t>(data) % util::k_direct_align != 0) aligned = 0;
@@ -78,6 +129,7 @@ void TempFile::discard() noexcept {
     if (!m_name.empty()) io::unlinkat(m_dirfd, m_name.c_str(), 0);
     m_name.clear();
     m_direct = false;
+    m_size = m_end = 0;
 }
 
 TempFile::~TempFile() { discard(); }
@@ -344,6 +396,7 @@ StageResult ObjectStore::stage(const hash::Digest& d, TempFile&& tmp, std::uint6
 StageResult ObjectStore::stage_checked(const hash::Digest& d, TempFile&& tmp, std::uint64_t size, DiskChecked checked) {
     // Objects are never writable: create_temp() made the file 0444 before it got any name.
     if (checked == DiskChecked::no && exists(d, size)) return StageResult::already_present; // tmp's destructor unlinks it
+    tmp.finish(); // a trailing hole gets its size before anything can read the file
     std::lock_guard lk(m_mutex);
     // Re-check under the lock: another thread may have staged the same content meanwhile.
     if (m_staged.count(d)) return StageResult::already_present;
@@ -355,7 +408,7 @@ StageResult ObjectStore::stage_checked(const hash::Digest& d, TempFile&& tmp, st
 StageResult ObjectStore::stage_bytes(const hash::Digest& d, std::string_view data) {
     if (exists(d, data.size())) return StageResult::already_present;
     TempFile t = create_temp(data.size());
-    t.append(data.data(), data.size());
+    t.append_sparse(data.data(), data.size());
     return stage_checked(d, std::move(t), data.size(), DiskChecked::yes); // exists() just looked
 }
 

@@ -58,6 +58,20 @@ StoreMode store_mode_from(const std::string& s) {
 
 int schema_version() { return static_cast<int>(detail::migrations().size()); }
 
+std::int64_t xlink_group(std::uint64_t dev, std::uint64_t ino) {
+    // Hashed, not packed: st_dev and st_ino are both 64 bits wide. A collision would only put two
+    // inodes in one group, which rollback's proof of equality then keeps apart.
+    unsigned char in[16];
+    for (int i = 0; i < 8; ++i) {
+        in[i] = static_cast<unsigned char>(dev >> (8 * i));
+        in[8 + i] = static_cast<unsigned char>(ino >> (8 * i));
+    }
+    auto d = hash::hash_bytes(std::string_view(reinterpret_cast<const char*>(in), sizeof in));
+    std::uint64_t v = 0;
+    for (int i = 0; i < 8; ++i) v |= static_cast<std::uint64_t>(d.bytes[i]) << (8 * i);
+    return static_cast<std::int64_t>(v >> 1);
+}
+
 bool is_path_component(std::string_view name) {
     return !name.empty() && name != "." && name != ".." && name.size() <= 255 &&
            name.find('/') == std::string_view::npos && name.find('\0') == std::string_view::npos;
@@ -177,11 +191,11 @@ struct Catalog::Stmts {
           set_tree(db, "UPDATE packages SET tree=?, updated_at=? WHERE id=?"),
           del_package(db, "DELETE FROM packages WHERE id=?"),
           del_entries(db, "DELETE FROM entries WHERE package=?"),
-          ins_entry(db, "INSERT INTO entries(package, path, type, mode, size, digest, target, mtime_ns, link_to, uid, gid, xattrs) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"),
+          ins_entry(db, "INSERT INTO entries(package, path, type, mode, size, digest, target, mtime_ns, link_to, uid, gid, xattrs, xlink) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"),
           set_manifest(db, "UPDATE packages SET has_manifest=1, files=?, bytes=?, manifest=?, updated_at=? WHERE id=?"),
           clear_manifest(db, "UPDATE packages SET has_manifest=0, files=0, bytes=0, manifest=NULL WHERE id=?"),
           set_manifest_object(db, "UPDATE packages SET manifest=? WHERE id=? AND has_manifest=1"),
-          manifest(db, "SELECT path, type, mode, size, digest, target, mtime_ns, link_to, uid, gid, xattrs FROM entries WHERE package=? ORDER BY path"),
+          manifest(db, "SELECT path, type, mode, size, digest, target, mtime_ns, link_to, uid, gid, xattrs, xlink FROM entries WHERE package=? ORDER BY path"),
           add_object(db, "INSERT OR IGNORE INTO objects(digest, size, stored_size) VALUES (?,?,?)"),
           has_object(db, "SELECT 1 FROM objects WHERE digest=?"),
           objects(db, "SELECT digest, size, stored_size FROM objects"),
@@ -337,6 +351,8 @@ void Catalog::put_manifest(std::int64_t id, const std::vector<Entry>& entries, c
         ins.bind(10, static_cast<std::int64_t>(e.uid)).bind(11, static_cast<std::int64_t>(e.gid));
         if (e.xattrs.empty()) ins.bind_null(12);
         else ins.bind_blob(12, e.xattrs);
+        if (e.xlink) ins.bind(13, *e.xlink);
+        else ins.bind_null(13);
         ins.run();
         if (e.type == EntryType::file) {
             ++files;
@@ -395,6 +411,7 @@ std::vector<Entry> Catalog::manifest(std::int64_t id) {
         e.uid = static_cast<std::uint32_t>(s.i64(8));
         e.gid = static_cast<std::uint32_t>(s.i64(9));
         if (!s.is_null(10)) e.xattrs = s.str(10);
+        if (!s.is_null(11)) e.xlink = s.i64(11);
         out.push_back(std::move(e));
     }
     s.reset();

@@ -76,6 +76,11 @@ CREATE TABLE store_identity (
         {"0003-manifest-objects", R"SQL(
 ALTER TABLE packages ADD COLUMN manifest BLOB;  -- 32 bytes, or NULL
 )SQL"},
+        // Hard-link groups that span packages (catalog::Entry::xlink): NULL for every entry of a catalog
+        // made before, which rollback then treats as before (each package's files its own).
+        {"0004-cross-package-links", R"SQL(
+ALTER TABLE entries ADD COLUMN xlink INTEGER; -- files only: hard-link group across packages, NULL if none
+)SQL"},
     };
     return k_migrations;
 }

@@ -287,9 +287,13 @@ int cmd_cleanup(Ctx& c, bool dry) {
     auto lock = c.lock("cleanup", dry ? store::Purpose::dry_run : store::Purpose::destroy);
     auto r = lifecycle::cleanup(*c.store, dry ? lifecycle::DryRun::yes : lifecycle::DryRun::no, c.g.jobs, c.progress(),
                                 c.problem_sink());
-    c.out({{"dry_run", dry}, {"trees", r.trees}, {"freed_bytes", r.bytes}, {"skipped", r.skipped}},
-          fmt("cleanup%s: %llu legacy trees %s, %s %s%s\n", dry ? " --dry-run" : "", (unsigned long long)r.trees,
-              dry ? "would be removed" : "removed", hb(r.bytes).c_str(), dry ? "would be freed" : "freed",
+    // freed_bytes keeps its meaning (apparent sizes, as before); freed_allocated_bytes is the disk space
+    // the filesystem got back, which is what the text reports first.
+    c.out({{"dry_run", dry}, {"trees", r.trees}, {"freed_bytes", r.bytes}, {"freed_allocated_bytes", r.allocated},
+           {"skipped", r.skipped}},
+          fmt("cleanup%s: %llu legacy trees %s, %s %s on disk (%s of file contents)%s\n", dry ? " --dry-run" : "",
+              (unsigned long long)r.trees, dry ? "would be removed" : "removed", hb(r.allocated).c_str(),
+              dry ? "would be freed" : "freed", hb(r.bytes).c_str(),
               r.skipped ? fmt(", %llu skipped (see above)", (unsigned long long)r.skipped).c_str() : ""));
     return r.skipped || c.problems ? k_failed : k_ok;
 }
@@ -300,15 +304,18 @@ int cmd_rollback(Ctx& c, bool space_check) {
                                  c.progress(), c.problem_sink());
     std::string mode = catalog::to_string(c.store->catalog().mode());
     c.out({{"mode", mode}, {"packages", r.packages}, {"rebuilt", r.rebuilt}, {"files", r.files}, {"bytes", r.bytes},
-           {"failed", r.failed}},
+           {"failed", r.failed}, {"linked_across_packages", r.linked_across}},
           r.failed ? fmt("rollback: %llu package(s) could not be restored (listed above), store stays %s; %llu packages "
                          "rolled back, %llu legacy trees rebuilt; fix the cause and rollback again\n",
                          (unsigned long long)r.failed, mode.c_str(), (unsigned long long)r.packages,
                          (unsigned long long)r.rebuilt)
                    : fmt("rollback: store is legacy; %llu packages rolled back, %llu legacy trees rebuilt from the CAS "
-                         "(%llu files, %s)\n",
+                         "(%llu files, %s%s)\n",
                          (unsigned long long)r.packages, (unsigned long long)r.rebuilt, (unsigned long long)r.files,
-                         hb(r.bytes).c_str()));
+                         hb(r.bytes).c_str(),
+                         r.linked_across ? fmt("; %llu hard links across packages restored",
+                                               (unsigned long long)r.linked_across).c_str()
+                                         : ""));
     return r.failed || c.problems ? k_failed : k_ok;
 }
 

@@ -5,7 +5,10 @@
 #include <blake3.h>
 #include <cerrno>
 #include <cstring>
+#include <algorithm>
+#include <fcntl.h>
 #include <mutex>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <vector>
 
@@ -57,6 +60,20 @@ Hasher& Hasher::operator=(Hasher&&) noexcept = default;
 
 void Hasher::update(const void* data, size_t len) { blake3_hasher_update(&m_impl->h, data, len); }
 
+namespace {
+// Zeros for holes: large enough for BLAKE3's SIMD tree hashing to reach full speed.
+constexpr size_t k_zero_block = 256 * 1024;
+alignas(64) const unsigned char k_zeros[k_zero_block] = {};
+} // namespace
+
+void Hasher::update_zeros(std::uint64_t n) {
+    while (n > 0) {
+        size_t len = static_cast<size_t>(std::min<std::uint64_t>(n, k_zero_block));
+        blake3_hasher_update(&m_impl->h, k_zeros, len);
+        n -= len;
+    }
+}
+
 Digest Hasher::finish() const {
     Digest d;
     blake3_hasher_finalize(&m_impl->h, d.bytes.data(), d.bytes.size());
@@ -85,6 +102,29 @@ Digest hash_bytes(std::string_view data) {
     return h.finish();
 }
 
+namespace {
+
+/// Reads [off, end) of fd (stopping early at EOF) into the hasher; returns the bytes read.
+std::uint64_t hash_range(int fd, Hasher& h, std::vector<char>& buf, std::uint64_t off, std::uint64_t end,
+                         const std::string& display) {
+    std::uint64_t total = 0;
+    while (off < end) {
+        size_t want = static_cast<size_t>(std::min<std::uint64_t>(buf.size(), end - off));
+        ssize_t n = ::pread(fd, buf.data(), want, static_cast<off_t>(off));
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            util::throw_errno("read failed", display);
+        }
+        if (n == 0) break;
+        h.update(buf.data(), static_cast<size_t>(n));
+        off += static_cast<std::uint64_t>(n);
+        total += static_cast<std::uint64_t>(n);
+    }
+    return total;
+}
+
+} // namespace
+
 Digest hash_fd(int fd, const std::string& display, std::uint64_t* bytes_read) {
     // 256 KiB: large enough for BLAKE3's SIMD tree hashing to reach full speed, small enough that
     // many concurrent readers stay within a few MiB.
@@ -92,6 +132,33 @@ Digest hash_fd(int fd, const std::string& display, std::uint64_t* bytes_read) {
     std::vector<char> buf(k_buffer);
     Hasher h;
     std::uint64_t total = 0;
+    // A file with holes: its data extents are read, its holes hashed as zeros, up to the size it had
+    // when we started; whatever lies beyond (a file that grew) is read by the loop below as usual.
+    struct stat st {};
+    off_t start = ::lseek(fd, 0, SEEK_CUR);
+    if (start >= 0 && ::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) &&
+        static_cast<std::uint64_t>(st.st_blocks) * 512 < static_cast<std::uint64_t>(st.st_size)) {
+        const auto size = static_cast<std::uint64_t>(st.st_size);
+        auto off = static_cast<std::uint64_t>(start);
+        bool short_read = false;
+        while (off < size && !short_read) {
+            off_t d = ::lseek(fd, static_cast<off_t>(off), SEEK_DATA);
+            std::uint64_t data = d >= 0 ? static_cast<std::uint64_t>(d) : size; // ENXIO: a hole to the end
+            if (d < 0 && errno != ENXIO) break; // no SEEK_DATA here: read the rest
+            data = std::min(data, size);
+            h.update_zeros(data - off);
+            total += data - off;
+            off = data;
+            if (off >= size) break;
+            off_t e = ::lseek(fd, static_cast<off_t>(off), SEEK_HOLE);
+            std::uint64_t end = e > d ? std::min<std::uint64_t>(static_cast<std::uint64_t>(e), size) : size;
+            std::uint64_t n = hash_range(fd, h, buf, off, end, display);
+            short_read = n < end - off; // shrank meanwhile: the caller sees the count
+            off += n;
+            total += n;
+        }
+        if (::lseek(fd, static_cast<off_t>(off), SEEK_SET) < 0) util::throw_errno("seek failed", display);
+    }
     for (;;) {
         ssize_t n = ::read(fd, buf.data(), buf.size());
         if (n < 0) {

@@ -8,6 +8,7 @@
 #include "casmig/util/threads.hpp"
 #include "casmig/verify/verify.hpp"
 #include "materialize.hpp"
+#include "xlink.hpp"
 
 #include <array>
 #include <atomic>
@@ -17,6 +18,7 @@
 #include <cerrno>
 #include <dirent.h>
 #include <fcntl.h>
+#include <map>
 #include <mutex>
 #include <set>
 #include <sys/stat.h>
@@ -55,24 +57,33 @@ AtName at_name(int dirfd, const std::string& name, const std::string& display) {
     return S_ISDIR(st.st_mode) ? AtName::directory : AtName::other;
 }
 
-std::uint64_t tree_bytes(int dirfd, const std::string& name) {
-    std::uint64_t total = 0;
-    int fd = ::openat(dirfd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-    if (fd < 0) return 0;
-    DIR* d = ::fdopendir(fd);
-    if (!d) {
-        ::close(fd);
-        return 0;
-    }
-    while (dirent* e = ::readdir(d)) {
-        std::string n = e->d_name;
-        if (n == "." || n == "..") continue;
-        struct stat st {};
-        if (::fstatat(::dirfd(d), n.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) continue;
-        if (S_ISDIR(st.st_mode)) total += tree_bytes(::dirfd(d), n);
-        else if (S_ISREG(st.st_mode)) total += static_cast<std::uint64_t>(st.st_size);
-    }
-    ::closedir(d);
+/// What deleting the tree at dirfd/name would give back (cleanup --dry-run): apparent sizes of its
+/// regular files, and the blocks of each file all of whose names are in the tree.
+util::FreedBytes tree_bytes(int dirfd, const std::string& name) {
+    util::FreedBytes total;
+    std::map<std::pair<dev_t, ino_t>, nlink_t> linked; // names seen of files with several
+    auto walk = [&](auto& self, int parent, const std::string& dir) -> void {
+        int fd = ::openat(parent, dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0) return;
+        DIR* d = ::fdopendir(fd);
+        if (!d) {
+            ::close(fd);
+            return;
+        }
+        while (dirent* e = ::readdir(d)) {
+            std::string n = e->d_name;
+            if (n == "." || n == "..") continue;
+            struct stat st {};
+            if (::fstatat(::dirfd(d), n.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) continue;
+            if (S_ISDIR(st.st_mode)) self(self, ::dirfd(d), n);
+            if (!S_ISREG(st.st_mode)) continue;
+            total.apparent += static_cast<std::uint64_t>(st.st_size);
+            if (st.st_nlink > 1 && ++linked[{st.st_dev, st.st_ino}] < st.st_nlink) continue;
+            total.allocated += static_cast<std::uint64_t>(st.st_blocks) * 512;
+        }
+        ::closedir(d);
+    };
+    walk(walk, dirfd, name);
     return total;
 }
 
@@ -164,11 +175,12 @@ private:
                 if (n < 0) util::throw_errno("read failed", pid + "/" + util::printable(e.path));
                 if (n == 0) break;
                 h.update(buf.data(), static_cast<size_t>(n));
-                tmp.append(buf.data(), static_cast<size_t>(n));
+                tmp.append_sparse(buf.data(), static_cast<size_t>(n));
                 total += static_cast<std::uint64_t>(n);
             }
             if (total != e.size || h.finish() != *e.digest)
                 return "the legacy file changed too; the tree is kept";
+            tmp.finish();
             util::fsync_fd(tmp.fd(), "temp/" + tmp.name());
             // Quarantine the bad object: moved, never deleted.
             std::string qdir = m_s.migration_dir() + "/corrupt";
@@ -444,7 +456,7 @@ CleanupResult cleanup(store::Store& s, DryRun dry, unsigned threads, const Progr
         std::lock_guard lk(sink_mutex);
         if (problems) problems(p);
     };
-    std::atomic<std::uint64_t> bytes{0};
+    std::atomic<std::uint64_t> bytes{0}, allocated{0};
     tbb::task_arena arena(static_cast<int>(util::thread_count(threads)));
     arena.execute([&] {
         tbb::parallel_for_each(todo.begin(), todo.end(), [&](Candidate& c) {
@@ -479,7 +491,11 @@ CleanupResult cleanup(store::Store& s, DryRun dry, unsigned threads, const Progr
                                           s.root() + "/" + pid);
                     return;
                 }
-                if (dry == DryRun::yes) bytes += tree_bytes(s.root_fd(), c.pkg.name);
+                if (dry == DryRun::yes) {
+                    auto b = tree_bytes(s.root_fd(), c.pkg.name);
+                    bytes += b.apparent;
+                    allocated += b.allocated;
+                }
                 c.proven = true;
             } catch (const util::Error& e) {
                 sink({pid, "", std::string(e.what()) + "; the legacy tree is kept"});
@@ -492,6 +508,7 @@ CleanupResult cleanup(store::Store& s, DryRun dry, unsigned threads, const Progr
     }
     if (dry == DryRun::yes) {
         r.bytes = bytes.load();
+        r.allocated = allocated.load();
         return r;
     }
     // The trees that could not be put back after a failed proof stay in temp/ and are not recorded.
@@ -516,7 +533,10 @@ CleanupResult cleanup(store::Store& s, DryRun dry, unsigned threads, const Progr
         tbb::parallel_for_each(todo.begin(), todo.end(), [&](Candidate& c) {
             if (!c.proven || !c.present) return;
             try {
-                bytes += util::remove_tree_at(objects.temp_dirfd(), c.trash, s.temp_dir() + "/" + c.trash);
+                util::FreedBytes freed;
+                util::remove_tree_at(objects.temp_dirfd(), c.trash, s.temp_dir() + "/" + c.trash, &freed);
+                bytes += freed.apparent;
+                allocated += freed.allocated;
                 std::lock_guard lk(mutex);
                 ++report.packages_done;
                 if (progress) progress(report);
@@ -529,6 +549,7 @@ CleanupResult cleanup(store::Store& s, DryRun dry, unsigned threads, const Progr
     io::crash_point("cleanup.deleted");
     if (first_error) std::rethrow_exception(first_error); // recorded removed; the next run finishes the deletion
     r.bytes = bytes.load();
+    r.allocated = allocated.load();
     return r;
 }
 
@@ -589,9 +610,22 @@ RollbackResult rollback(store::Store& s, unsigned threads, SpaceCheck space, con
         jobs.push_back(std::move(j));
     }
     // Space first: a rollback that stops half-way for want of space helps nobody.
+    // A file costs what its object has allocated (a sparse object less than its size, copies keep the
+    // holes), at most its size; a hard link inside a package costs nothing.
     std::uint64_t need = 0;
-    for (const auto& j : jobs)
-        if (j.rebuild) need += static_cast<std::uint64_t>(j.pkg.bytes) + 4096 * (j.manifest.size() + 1);
+    std::unordered_map<hash::Digest, std::uint64_t, hash::DigestHash> cost;
+    for (const auto& j : jobs) {
+        if (!j.rebuild) continue;
+        need += 4096 * (j.manifest.size() + 1);
+        for (const auto& e : j.manifest) {
+            if (e.type != catalog::EntryType::file || e.link_to || !e.digest) continue;
+            auto [it, fresh] = cost.emplace(*e.digest, e.size);
+            struct stat st {};
+            if (fresh && ::fstatat(objects.dirfd(), cas::object_relpath(*e.digest).c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0)
+                it->second = std::min(e.size, static_cast<std::uint64_t>(st.st_blocks) * 512);
+            need += it->second;
+        }
+    }
     struct statvfs vfs {};
     if (space == SpaceCheck::yes && need && ::fstatvfs(s.root_fd(), &vfs) == 0) {
         std::uint64_t free_bytes = static_cast<std::uint64_t>(vfs.f_bavail) * vfs.f_frsize;
@@ -643,6 +677,36 @@ RollbackResult rollback(store::Store& s, unsigned threads, SpaceCheck space, con
             }
         });
     });
+    // 1b. Hard links across packages (catalog::Entry::xlink): a rebuilt file becomes a link of the same
+    // file in another package's tree (in place, or rebuilt above), once that file is proven equal.
+    {
+        std::vector<detail::LinkTree> trees;
+        std::vector<Job*> owner;
+        for (auto& j : jobs) {
+            const std::string pid = util::printable(j.pkg.name);
+            if (j.built) {
+                trees.push_back({&j.pkg, &j.manifest, objects.temp_dirfd(), stage_name(j.pkg), s.root() + "/" + pid, true});
+            } else if (!j.rebuild && at_name(s.root_fd(), j.pkg.name, s.root() + "/" + pid) == AtName::directory) {
+                trees.push_back({&j.pkg, &j.manifest, s.root_fd(), j.pkg.name, s.root() + "/" + pid, false});
+            } else {
+                continue;
+            }
+            owner.push_back(&j);
+        }
+        auto linked = detail::link_across(trees, problems);
+        r.linked_across = linked.linked;
+        for (size_t i : linked.failed) {
+            Job& j = *owner[i];
+            j.built = false; // reported by link_across; rebuilt by the next rollback
+            std::string stage = stage_name(j.pkg);
+            try {
+                util::remove_tree_at(objects.temp_dirfd(), stage, s.temp_dir() + "/" + stage);
+            } catch (const util::Error&) {
+                // Dropped on purpose: a rollback-* tree left in temp/ is deleted by the next run's recover().
+            }
+        }
+        io::crash_point("rollback.linked");
+    }
     // 2. Every rebuilt tree is durable before any of them gets a package name.
     cas::sync_filesystem(objects.temp_dirfd(), s.temp_dir());
     io::crash_point("rollback.built");

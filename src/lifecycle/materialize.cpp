@@ -48,9 +48,12 @@ std::pair<std::string, std::string> split(const std::string& path, const std::st
     return {parent, name};
 }
 
-/// Kernel-side copy of a whole object into fd; falls back to read/write.
-void copy_data(int src, int dst, std::uint64_t size, const std::string& display) {
-    std::uint64_t left = size;
+/// Kernel-side copy of bytes [off, off + len) of src to the same offset of dst; falls back to
+/// read/write. Returns the bytes copied (fewer only if src ends early).
+std::uint64_t copy_range(int src, int dst, std::uint64_t off, std::uint64_t len, const std::string& display) {
+    if (::lseek(src, static_cast<off_t>(off), SEEK_SET) < 0 || ::lseek(dst, static_cast<off_t>(off), SEEK_SET) < 0)
+        util::throw_errno("seek failed", display);
+    std::uint64_t left = len;
     bool kernel = true;
     while (left > 0 && kernel) {
         ssize_t n = io::copy_file_range(src, dst, static_cast<size_t>(std::min<std::uint64_t>(left, 1ull << 30)));
@@ -62,23 +65,60 @@ void copy_data(int src, int dst, std::uint64_t size, const std::string& display)
             }
             util::throw_errno("copy failed", display);
         }
-        if (n == 0) break;
+        if (n == 0) return len - left;
         left -= static_cast<std::uint64_t>(n);
     }
     if (left > 0) {
         std::vector<char> buf(256 * 1024);
-        off_t off = static_cast<off_t>(size - left);
+        auto at = static_cast<off_t>(off + (len - left));
+        if (::lseek(dst, at, SEEK_SET) < 0) util::throw_errno("seek failed", display);
         while (left > 0) {
-            ssize_t n = ::pread(src, buf.data(), buf.size(), off);
+            ssize_t n = ::pread(src, buf.data(), static_cast<size_t>(std::min<std::uint64_t>(buf.size(), left)), at);
             if (n < 0) {
                 if (errno == EINTR) continue;
                 util::throw_errno("read failed", display);
             }
-            if (n == 0) throw util::Error("object for " + display + " is shorter than its manifest size: run casmig verify --objects");
+            if (n == 0) return len - left;
             util::write_all(dst, buf.data(), static_cast<size_t>(n), display);
-            off += n;
+            at += n;
             left -= static_cast<std::uint64_t>(n);
         }
+    }
+    return len;
+}
+
+/// Copies a whole object into the empty file dst. A sparse object (fewer blocks than its size) is
+/// copied extent by extent (SEEK_DATA/SEEK_HOLE), so its holes stay holes; a trailing hole gets the
+/// size by writing the last byte, as cas::TempFile::finish() does.
+void copy_data(int src, int dst, std::uint64_t size, const std::string& display) {
+    auto short_object = [&] {
+        return util::Error("object for " + display + " is shorter than its manifest size: run casmig verify --objects");
+    };
+    struct stat st {};
+    bool sparse = ::fstat(src, &st) == 0 && static_cast<std::uint64_t>(st.st_blocks) * 512 < size;
+    std::uint64_t off = 0, end = 0; // end: of the last byte written to dst
+    while (sparse && off < size) {
+        off_t d = ::lseek(src, static_cast<off_t>(off), SEEK_DATA);
+        if (d < 0 && errno == ENXIO) break; // a hole up to the end
+        if (d < 0) {
+            sparse = false; // no SEEK_DATA here: the rest is copied whole
+            break;
+        }
+        off = std::min(static_cast<std::uint64_t>(d), size);
+        if (off >= size) break;
+        off_t e = ::lseek(src, static_cast<off_t>(off), SEEK_HOLE);
+        std::uint64_t stop = e > d ? std::min(static_cast<std::uint64_t>(e), size) : size;
+        if (copy_range(src, dst, off, stop - off, display) != stop - off) throw short_object();
+        off = end = stop;
+    }
+    if (!sparse) {
+        if (copy_range(src, dst, off, size - off, display) != size - off) throw short_object();
+        return;
+    }
+    if (st.st_size < static_cast<off_t>(size)) throw short_object();
+    if (end < size) {
+        const char zero = 0;
+        if (io::pwrite(dst, &zero, 1, static_cast<off_t>(size - 1)) != 1) util::throw_errno("write failed", display);
     }
 }
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <cstdint>
 #include <fcntl.h>
 #include <sys/resource.h>
 #include <unistd.h>
@@ -136,12 +137,36 @@ IngestResult ingest_open(const walk::Item& item, util::Fd owned, cas::ObjectStor
         cas::TempFile tmp;
         bool writing = store == StoreObject::yes && objects;
         if (writing) tmp = objects->create_temp(expected);
+        // A file with holes (fewer blocks allocated than its size) is read extent by extent: its holes
+        // are hashed as the zeros they read as, without being read, and stay holes in the object.
+        bool holes = static_cast<std::uint64_t>(before.st_blocks) * 512 < expected;
+        std::uint64_t extent_end = holes ? 0 : UINT64_MAX; // end of the data extent being read
         for (;;) {
-            ssize_t n = read_some(fd, buf.data(), k_chunk, limiter);
+            if (holes && total >= extent_end) {
+                off_t d = ::lseek(fd, static_cast<off_t>(total), SEEK_DATA);
+                if (d < 0 && errno != ENXIO) { // no SEEK_DATA on this filesystem: read everything
+                    holes = false;
+                    extent_end = UINT64_MAX;
+                    if (::lseek(fd, static_cast<off_t>(total), SEEK_SET) < 0) read_error(errno);
+                    continue;
+                }
+                // ENXIO: no data from here on, a hole up to the size the walk saw. Beyond that size it
+                // is not a hole but growth, which the read below finds.
+                std::uint64_t data = d < 0 ? expected : static_cast<std::uint64_t>(d);
+                data = std::max(total, std::min(data, expected));
+                hasher.update_zeros(data - total);
+                if (writing) tmp.append_hole(data - total);
+                total = data;
+                off_t e = ::lseek(fd, static_cast<off_t>(total), SEEK_HOLE);
+                extent_end = e > d && e >= 0 ? static_cast<std::uint64_t>(e) : total + k_chunk;
+                if (::lseek(fd, static_cast<off_t>(total), SEEK_SET) < 0) read_error(errno);
+            }
+            const size_t want = static_cast<size_t>(std::min<std::uint64_t>(k_chunk, extent_end - total));
+            ssize_t n = read_some(fd, buf.data(), want, limiter);
             if (n < 0) read_error(errno);
             if (n == 0) break;
             hasher.update(buf.data(), static_cast<size_t>(n));
-            if (writing) tmp.append(buf.data(), static_cast<size_t>(n));
+            if (writing) tmp.append_sparse(buf.data(), static_cast<size_t>(n));
             total += static_cast<std::uint64_t>(n);
         }
         if (total != expected) changed(item);

@@ -60,6 +60,12 @@ struct Job {
     std::string error_path, error_message;
     std::uint64_t files = 0, bytes = 0;
     std::optional<hash::Digest> manifest_object; // its manifest in packages/ (commit_batch)
+    // Files with several links (st_nlink > 1), by inode: st_nlink and the indices of their entries.
+    struct Inode {
+        nlink_t nlink = 0;
+        std::vector<size_t> entries;
+    };
+    std::map<std::pair<dev_t, ino_t>, Inode> inodes;
 
     void fail(const std::string& path, const std::string& message) {
         std::lock_guard lk(mutex);
@@ -384,8 +390,15 @@ private:
                 m_report.bytes_done += it.entry.size;
                 if (m_mode == Mode::plan && it.entry.digest && !job.failed) m_unit_digests.push_back({*it.entry.digest, it.entry.size});
             }
-            if (m_mode == Mode::migrate) job.entries.push_back(std::move(it.entry));
+            if (m_mode != Mode::migrate) continue;
+            if (it.entry.type == catalog::EntryType::file && it.st.st_nlink > 1) {
+                auto& ino = job.inodes[{it.st.st_dev, it.st.st_ino}];
+                ino.nlink = it.st.st_nlink;
+                ino.entries.push_back(job.entries.size());
+            }
+            job.entries.push_back(std::move(it.entry));
         }
+        if (u->last) mark_cross_package_links(job);
         if (m_mode == Mode::plan && !job.failed) {
             for (auto& [d, s] : m_unit_digests) m_job_digests.push_back({d, s});
         }
@@ -432,6 +445,18 @@ private:
         if (!m_disk_full && (m_batch.size() >= k_batch_packages || m_batch_bytes >= k_batch_bytes ||
                              Clock::now() - m_last_flush >= k_batch_interval))
             flush();
+    }
+
+    /// An inode with more links than the package has paths to it has names outside the package (in
+    /// another package, or anywhere else): every entry of it records the inode's group
+    /// (catalog::Entry::xlink), so that rollback can link it again to the same file in the other package.
+    static void mark_cross_package_links(Job& job) {
+        for (auto& [id, ino] : job.inodes) {
+            if (ino.nlink <= ino.entries.size()) continue; // every name is in this package: link_to says it all
+            const auto group = catalog::xlink_group(static_cast<std::uint64_t>(id.first), static_cast<std::uint64_t>(id.second));
+            for (size_t i : ino.entries) job.entries[i].xlink = group;
+        }
+        job.inodes.clear();
     }
 
     /// Hands the finished packages to the committer thread, so that the pipeline keeps reading and

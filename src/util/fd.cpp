@@ -91,40 +91,60 @@ std::vector<std::string> list_dir(int fd, const std::string& display) {
     return names;
 }
 
-static unsigned long long remove_children(int fd, const std::string& display) {
-    unsigned long long bytes = 0;
+namespace {
+
+void count_file(const struct stat& st, FreedBytes& freed) {
+    if (!S_ISREG(st.st_mode)) return;
+    freed.apparent += static_cast<unsigned long long>(st.st_size);
+    // Seen just before the unlink: the last name, so its blocks go back to the filesystem.
+    if (st.st_nlink <= 1) freed.allocated += static_cast<unsigned long long>(st.st_blocks) * 512;
+}
+
+void remove_tree(int dirfd, const std::string& name, const std::string& display, FreedBytes& freed);
+
+void remove_children(int fd, const std::string& display, FreedBytes& freed) {
     std::vector<std::string> names = list_dir(fd, display);
     for (const auto& n : names) {
         struct stat st {};
         if (!lstat_at(fd, n, st, display + "/" + printable(n))) continue;
         if (S_ISDIR(st.st_mode)) {
-            bytes += remove_tree_at(fd, n, display + "/" + printable(n));
+            remove_tree(fd, n, display + "/" + printable(n), freed);
         } else {
-            if (S_ISREG(st.st_mode)) bytes += static_cast<unsigned long long>(st.st_size);
             if (io::unlinkat(fd, n.c_str(), 0) != 0 && errno != ENOENT)
                 throw_errno("cannot remove", display + "/" + printable(n));
+            count_file(st, freed);
         }
     }
-    return bytes;
 }
 
-unsigned long long remove_tree_at(int dirfd, const std::string& name, const std::string& display) {
+void remove_tree(int dirfd, const std::string& name, const std::string& display, FreedBytes& freed) {
     struct stat st {};
-    if (!lstat_at(dirfd, name, st, display)) return 0;
+    if (!lstat_at(dirfd, name, st, display)) return;
     if (!S_ISDIR(st.st_mode)) {
         if (io::unlinkat(dirfd, name.c_str(), 0) != 0 && errno != ENOENT) throw_errno("cannot remove", display);
-        return S_ISREG(st.st_mode) ? static_cast<unsigned long long>(st.st_size) : 0;
+        count_file(st, freed);
+        return;
     }
     // A read-only directory (mode 0555) cannot have its entries removed until it is writable.
     if ((st.st_mode & 0700) != 0700) ::fchmodat(dirfd, name.c_str(), (st.st_mode & 07777) | 0700, 0);
-    unsigned long long bytes = 0;
     {
         Fd fd = open_dir_at(dirfd, name, display);
-        bytes = remove_children(fd.get(), display);
+        remove_children(fd.get(), display, freed);
     }
     if (io::unlinkat(dirfd, name.c_str(), AT_REMOVEDIR) != 0 && errno != ENOENT)
         throw_errno("cannot remove directory", display);
-    return bytes;
+}
+
+} // namespace
+
+unsigned long long remove_tree_at(int dirfd, const std::string& name, const std::string& display, FreedBytes* freed) {
+    FreedBytes mine;
+    remove_tree(dirfd, name, display, mine);
+    if (freed) {
+        freed->apparent += mine.apparent;
+        freed->allocated += mine.allocated;
+    }
+    return mine.apparent;
 }
 
 void ensure_dir(const std::string& path, mode_t mode) {

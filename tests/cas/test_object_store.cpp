@@ -113,6 +113,49 @@ TEST_SUITE("cas::ObjectStore") {
         CHECK(test::read_file(path) == want);
         ::unlink(path.c_str());
     }
+    TEST_CASE("append_sparse leaves aligned zero blocks as holes, keeps every byte, and finish() sets the size") {
+        test::TempDir t;
+        util::ensure_dir(t / "objects");
+        util::ensure_dir(t / "temp");
+        cas::ObjectStore s(t / "objects", t / "temp");
+        const size_t k = cas::k_sparse_block;
+        util::AlignedBuffer data, zeros;
+        data.reserve(4 * k);
+        zeros.reserve(40 * k);
+        for (size_t i = 0; i < 4 * k; ++i) data.data()[i] = static_cast<char>(i * 7 + 1);
+        std::fill(zeros.data(), zeros.data() + 40 * k, '\0');
+        for (auto hint : {std::uint64_t(0), std::uint64_t(64) << 20}) { // buffered, then O_DIRECT where supported
+            CAPTURE(hint);
+            std::string want;
+            cas::TempFile f = s.create_temp(hint);
+            auto add = [&](const char* p, size_t n) {
+                f.append_sparse(p, n);
+                want.append(p, n);
+            };
+            add(zeros.data(), 20 * k);     // a hole at the start
+            add(data.data(), 2 * k);       // aligned data
+            add(zeros.data(), k / 2);      // a short zero run: written
+            add(data.data(), 100);         // unaligned from here
+            add(zeros.data(), 10 * k + 5); // only its whole aligned blocks become holes
+            add(data.data(), k);
+            f.append_hole(3 * k); // a hole of the source
+            want.append(3 * k, '\0');
+            add(zeros.data(), 12 * k); // unaligned: its last partial block is written
+            f.append_hole(5 * k);      // the file ends in a hole
+            want.append(5 * k, '\0');
+            CHECK(f.size() == want.size());
+            f.finish();
+            std::string tmpname = f.release();
+            std::string path = t / ("temp/" + s.own_temp_name() + "/" + tmpname);
+            CHECK(test::read_file(path) == want);
+            struct stat st {};
+            REQUIRE(::stat(path.c_str(), &st) == 0);
+            CHECK(static_cast<std::uint64_t>(st.st_size) == want.size());
+            // Data is about 4.5 blocks' worth; the holes (some 45 blocks) are not allocated.
+            CHECK(static_cast<std::uint64_t>(st.st_blocks) * 512 <= 10 * k);
+            ::unlink(path.c_str());
+        }
+    }
     TEST_CASE("temp/ is empty once the ObjectStore that staged there is gone, staged leftovers included") {
         test::TempDir t;
         std::string data = "never published";

@@ -29,6 +29,35 @@ TEST_SUITE("catalog::Catalog") {
         REQUIRE(m.step());
         CHECK(m.i64(0) == schema_version());
     }
+    TEST_CASE("migration 0004 adds entries.xlink to a catalog made before it, its rows keep no group") {
+        test::TempDir t;
+        std::int64_t id = 0;
+        {
+            // The catalog as a binary without 0004 leaves it: no xlink column, user_version one lower.
+            Catalog c(t / "store.db", OpenMode::read_write);
+            id = c.add_package("pkg");
+            std::vector<Entry> es(2);
+            es[0].type = EntryType::dir;
+            es[0].mode = 0755;
+            es[1].path = "f";
+            es[1].mode = 0644;
+            es[1].size = 1;
+            es[1].digest = hash::hash_bytes("x");
+            c.put_manifest(id, es, std::nullopt);
+            c.db().exec("ALTER TABLE entries DROP COLUMN xlink");
+            c.db().exec("DELETE FROM schema_migrations WHERE name = '0004-cross-package-links'");
+            c.db().exec("PRAGMA user_version=" + std::to_string(schema_version() - 1));
+        }
+        Catalog c(t / "store.db", OpenMode::read_write);
+        Stmt m(c.db(), "SELECT COUNT(*) FROM schema_migrations WHERE name = '0004-cross-package-links'");
+        REQUIRE(m.step());
+        CHECK(m.i64(0) == 1);
+        auto back = c.manifest(id);
+        REQUIRE(back.size() == 2);
+        CHECK(back[1].path == "f");
+        CHECK_FALSE(back[1].xlink);
+        CHECK(back[1].digest == hash::hash_bytes("x"));
+    }
     TEST_CASE("a catalog from a newer casmig is refused") {
         test::TempDir t;
         {
@@ -61,6 +90,7 @@ TEST_SUITE("catalog::Catalog") {
         es[3] = es[1];
         es[3].path = "twin";
         es[3].link_to = es[1].path;
+        es[1].xlink = es[3].xlink = xlink_group(2049, 123456789); // a group across packages
         c.put_manifest(id, es, std::nullopt);
         auto back = c.manifest(id);
         REQUIRE(back.size() == 4);
@@ -76,17 +106,25 @@ TEST_SUITE("catalog::Catalog") {
                 CHECK(b.mtime_ns == es[1].mtime_ns);
                 CHECK(b.uid == 1000);
                 CHECK_FALSE(b.link_to);
+                CHECK(b.xlink == es[1].xlink);
             } else if (b.path == "link") {
                 CHECK(b.type == EntryType::symlink);
                 CHECK(b.target == "../../etc/passwd");
+                CHECK_FALSE(b.xlink);
             } else if (b.path == "twin") {
                 REQUIRE(b.link_to);
                 CHECK(*b.link_to == es[1].path);
+                CHECK(b.xlink == es[1].xlink);
             } else {
                 CHECK(b.path.empty());
                 CHECK(b.type == EntryType::dir);
             }
         }
+        // The group id is a function of (st_dev, st_ino) alone, never negative.
+        CHECK(xlink_group(2049, 123456789) == xlink_group(2049, 123456789));
+        CHECK(xlink_group(2049, 123456789) != xlink_group(2049, 123456788));
+        CHECK(xlink_group(2050, 123456789) != xlink_group(2049, 123456789));
+        CHECK(xlink_group(~0ull, ~0ull) >= 0);
         c.clear_manifest(id);
         CHECK(c.manifest(id).empty());
         CHECK_FALSE(c.package(std::string("pkg\xff\n", 5))->has_manifest);

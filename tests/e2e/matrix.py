@@ -1,7 +1,8 @@
 """Shared pieces of the crash matrix (test_crash.py) and the fault matrix (test_faults.py).
 
 A small store holding every kind of entry casmig must keep exactly (shared files, an empty file, a
-symlink, an executable, a hard-link pair, a nested directory, files above the O_DIRECT threshold), its
+symlink, an executable, a hard-link pair, a nested directory, files above the O_DIRECT threshold, sparse
+files on both ingest paths, a hard link across two packages), its
 lifecycle states (legacy, migrated, cutover, cleaned, removed), and the invariants a user relies on
 after any crash or fault followed by any command:
 
@@ -11,6 +12,7 @@ after any crash or fault followed by any command:
   * a legacy tree at a package's name is exact (trees are renamed into place whole, never half-made);
   * a package the catalog says is verified materializes exactly; after a command that exited 0, a
     package whose legacy tree the catalog says is present has one;
+  * after a rollback that exited 0, the hard link across packages (XLINK) is one inode again;
   * after a locked command that finished (exit 0 or 1), temp/ holds nothing;
   * a command exits 0, 1 (finished, something failed) or 3 (refused), its stderr one line per problem,
     never a stack trace.
@@ -28,6 +30,7 @@ import harness  # noqa: E402
 
 PACKAGES = ["pkg00", "pkg01", "pkg02", "pkg03"]
 GONE_PACKAGE = "pkg03"  # what `remove` removes (and what gc then collects)
+XLINK = [("pkg01", "lib/libx.so.1"), ("pkg02", "lib/libx-shared.so")]  # one inode in two packages
 LOCKED = {"migrate", "verify", "cutover", "cleanup", "rollback", "remove", "gc", "rebuild-catalog"}
 CRASH_MARKERS = ("terminate called", "what():", "Traceback", "Assertion", "Aborted", "core dumped",
                  "AddressSanitizer", "runtime error:", "Segmentation")
@@ -64,11 +67,25 @@ def build_pristine(root):
             put(p, "data/big.bin", shared_big)
             put(p, "data/own-big.bin", _rand("own-big", 130 * 1024 + 7))
             put(p, "lib/libx.so.1", _rand("libx", 9000), 0o755)
+            # Sparse: read whole (under 8 MiB) and streamed (over), each ending in a hole.
+            _sparse(os.path.join(p, "data/sparse-small.img"), 3 << 20, [(0, 5000), (1 << 20, 70 * 1024)])
+            _sparse(os.path.join(p, "data/sparse-big.img"), 12 << 20, [(4096, 9000), (9 << 20, 200 * 1024 + 3)])
         if name == "pkg02":
             for k in range(6):
                 put(p, f"many/f{k}.txt", _rand(f"many{k}", 100 + k * 37))
+            os.makedirs(os.path.join(p, "lib"))
+            os.link(os.path.join(root, *XLINK[0]), os.path.join(root, XLINK[1][0], XLINK[1][1]))
         if name == "pkg03":
             put(p, "unique.dat", _rand("only-in-pkg03", 70 * 1024))
+
+
+def _sparse(path, size, pieces):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for off, n in pieces:
+            f.seek(off)
+            f.write(_rand(f"sparse{off}", n))
 
 
 def snap(tree):
@@ -332,6 +349,14 @@ def check_store(casmig, store, pristine, must, may, scratch, after=None, after_c
             problems.append(f"{pkg}: rollback exited 0 but the legacy tree is not exact: {tree_diff}")
         if after == "migrate" and after_code == 0 and pkg in must and not mat_ok:
             problems.append(f"{pkg}: migrate exited 0 but the package does not materialize exactly: {mat_diff}")
+    if after == "rollback" and after_code == 0 and all(pk in must for pk, _ in XLINK):
+        ids = set()
+        for pk, rel in XLINK:
+            st = os.lstat(os.path.join(store, pk, rel)) if os.path.lexists(os.path.join(store, pk, rel)) else None
+            ids.add((st.st_dev, st.st_ino) if st else None)
+        if len(ids) != 1:
+            problems.append(f"rollback exited 0 but {XLINK[0][0]}/{XLINK[0][1]} and {XLINK[1][0]}/{XLINK[1][1]} are "
+                            f"not one inode again")
     return problems
 
 

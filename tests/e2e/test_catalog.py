@@ -238,6 +238,7 @@ def catalog_from_before_identities_is_adopted(t):
     c = sqlite3.connect(db)
     c.execute("DROP TABLE store_identity")
     c.execute("ALTER TABLE packages DROP COLUMN manifest")  # schema 0003
+    c.execute("ALTER TABLE entries DROP COLUMN xlink")  # added by 0004-cross-package-links
     c.execute("DELETE FROM schema_migrations WHERE version > 1")
     c.execute("PRAGMA user_version=1")
     c.commit()
@@ -339,13 +340,13 @@ def invalid_package_name_never_leaves_the_store(t):
                    "SELECT ?, state, 'marked', has_manifest, files, bytes FROM packages WHERE id=?", (bad, src))
         new = db.execute("SELECT id FROM packages WHERE name=?", (bad,)).fetchone()[0]
         db.execute("INSERT INTO entries SELECT ?, path, type, mode, size, digest, target, mtime_ns, uid, gid, link_to, "
-                   "xattrs FROM entries WHERE package=?", (new, src))
+                   "xattrs, xlink FROM entries WHERE package=?", (new, src))
         # removed: rollback would build <store>/../victim2
         db.execute("INSERT INTO packages(name, state, tree, has_manifest, files, bytes) "
                    "SELECT ?, state, 'removed', has_manifest, files, bytes FROM packages WHERE id=?", (bad + b"2", src))
         new2 = db.execute("SELECT id FROM packages WHERE name=?", (bad + b"2",)).fetchone()[0]
         db.execute("INSERT INTO entries SELECT ?, path, type, mode, size, digest, target, mtime_ns, uid, gid, link_to, "
-                   "xattrs FROM entries WHERE package=?", (new2, src))
+                   "xattrs, xlink FROM entries WHERE package=?", (new2, src))
         db.commit()
         db.close()
         trees = {p: snapshot(os.path.join(s, p)) for p in ["pkg00", "pkg01"]}

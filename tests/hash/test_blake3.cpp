@@ -6,6 +6,8 @@
 #include <cstdio>
 #include <fcntl.h>
 #include <random>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <thread>
 #include <vector>
 
@@ -44,6 +46,40 @@ TEST_SUITE("hash::Hasher") {
             CHECK(d.hex() == b3sum(path));
             CHECK(hash::hash_bytes(data) == d);
         }
+    }
+    TEST_CASE("hash_fd hashes holes as zeros: a sparse file and its dense copy agree") {
+        test::TempDir t;
+        std::mt19937_64 rng(7);
+        // Holes at the start, in the middle and at the end, data at unaligned offsets.
+        const std::uint64_t size = 40ull << 20;
+        std::string dense(size, '\0');
+        std::string path = t / "sparse";
+        int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0644);
+        REQUIRE(fd >= 0);
+        REQUIRE(::ftruncate(fd, static_cast<off_t>(size)) == 0);
+        for (std::uint64_t off : {std::uint64_t(5 << 20) + 3, std::uint64_t(17 << 20), std::uint64_t(30 << 20) + 4095}) {
+            std::string chunk(300 * 1024 + 1, '\0');
+            for (auto& c : chunk) c = static_cast<char>(rng());
+            REQUIRE(::pwrite(fd, chunk.data(), chunk.size(), static_cast<off_t>(off)) == static_cast<ssize_t>(chunk.size()));
+            dense.replace(off, chunk.size(), chunk);
+        }
+        ::fsync(fd);
+        struct stat st {};
+        REQUIRE(::fstat(fd, &st) == 0);
+        REQUIRE(static_cast<std::uint64_t>(st.st_blocks) * 512 < size); // the filesystem kept the holes
+        std::uint64_t n = 0;
+        REQUIRE(::lseek(fd, 0, SEEK_SET) == 0);
+        CHECK(hash::hash_fd(fd, path, &n) == hash::hash_bytes(dense));
+        CHECK(n == size);
+        CHECK(::lseek(fd, 0, SEEK_CUR) == static_cast<off_t>(size));
+        // From an offset inside a hole, as hash_fd promises: the rest of the file.
+        REQUIRE(::lseek(fd, 1 << 20, SEEK_SET) == 1 << 20);
+        CHECK(hash::hash_fd(fd, path, &n) == hash::hash_bytes(std::string_view(dense).substr(1 << 20)));
+        CHECK(n == size - (1 << 20));
+        ::close(fd);
+        hash::Hasher h;
+        h.update_zeros(1000000);
+        CHECK(h.finish() == hash::hash_bytes(std::string(1000000, '\0')));
     }
     TEST_CASE("Digest hex round trip") {
         auto d = hash::hash_bytes("abc");

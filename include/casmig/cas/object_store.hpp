@@ -5,6 +5,11 @@
 //                              BLAKE3-256 of its uncompressed bytes (first byte's two hex digits are the
 //                              fan-out directory, the other 31 bytes the file name); stored verbatim
 //                              (uncompressed), mode 0444, never rewritten once it exists.
+//   Objects are sparse where the content is zero (docs/design.md, "Sparse files"): every k_sparse_block
+//   bytes long, k_sparse_block-aligned block of an object that is all zeros — a hole of the legacy
+//   file (SEEK_DATA/SEEK_HOLE) or a zero run written out — is left a hole, and an object that ends in
+//   a hole has its last byte written to give it its size. Holes read as zeros: the name, the hash and
+//   every reader are unchanged.
 //   A variant of one content keeps the 64 hex digits as its name's start: "<62 hex>.m<octal>" is a
 //   read-only twin with other read/exec bits for materialize --link hardlink (mode <octal> without
 //   write bits). All 256 fan-out directories (mode 0755, owned like objects/) are created with the
@@ -85,6 +90,11 @@ inline constexpr const char* k_quarantine_dir = "migration/corrupt";
 /// Objects at least this large are written with O_DIRECT (see TempFile::append()).
 inline constexpr std::uint64_t k_direct_min = 64 * 1024;
 
+/// Holes in objects: an all-zero block of this size at an offset that is a multiple of it is not
+/// written (see TempFile::append_sparse()). 64 KiB: large enough that a file's scattered zero pages do
+/// not fragment its object, small enough to catch every zero run a disk image or a core dump has.
+inline constexpr std::uint64_t k_sparse_block = 64 * 1024;
+
 /// A temp file being written in temp/; unlinked in the destructor unless handed to stage().
 class TempFile {
 public:
@@ -108,6 +118,17 @@ public:
     /// writes for good, so every byte is written either way. Durability is unchanged: publish()'s
     /// syncfs() flushes the device cache and the buffered tail alike. Throws util::SystemError.
     void append(const char* data, size_t len);
+    /// append(), except that each k_sparse_block-aligned block of k_sparse_block zero bytes is left a
+    /// hole (not written: the file offset moves past it). The write path of objects; call finish()
+    /// before the file is published (ObjectStore::stage() does).
+    void append_sparse(const char* data, size_t len);
+    /// Appends len zero bytes as a hole (nothing is written): a hole of the legacy file being ingested.
+    void append_hole(std::uint64_t len);
+    /// Bytes appended so far (holes included): the file's size once finish() ran.
+    std::uint64_t size() const { return m_size; }
+    /// A file that ends in a hole gets its size: its last byte (a zero) is written (through the I/O
+    /// seam, so the power-cut model sees it). Idempotent. Throws util::SystemError.
+    void finish();
     /// Closes the fd and gives up ownership of the name (it is now the store's to publish).
     std::string release();
 
@@ -116,7 +137,11 @@ private:
     std::string m_name;
     util::Fd m_fd;
     bool m_direct = false;
+    std::uint64_t m_size = 0; // logical size: bytes and holes appended
+    std::uint64_t m_end = 0;  // end of the last byte written (the file's size before finish())
     void stop_direct();
+    /// Writes at offset m_size (seeking past a hole first) and advances both offsets.
+    void write_data(const char* data, size_t len);
     /// Closes the fd and unlinks the file if this object still owns a name; leaves an empty TempFile.
     void discard() noexcept;
 };

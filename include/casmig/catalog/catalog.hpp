@@ -34,6 +34,9 @@ StoreMode store_mode_from(const std::string& s);
 using Entry = manifest::Entry;
 using manifest::EntryType;
 
+/// The hard-link group id of the inode (dev, ino): 63 bits of BLAKE3 of both, never negative.
+std::int64_t xlink_group(std::uint64_t dev, std::uint64_t ino);
+
 struct Package {
     std::int64_t id = 0;
     std::string name;                // the legacy directory name (bytes)

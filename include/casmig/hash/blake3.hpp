@@ -39,6 +39,9 @@ public:
     Hasher(Hasher&&) noexcept;
     Hasher& operator=(Hasher&&) noexcept;
     void update(const void* data, size_t len);
+    /// update() with n zero bytes, from a shared zero buffer (a hole of a sparse file is hashed
+    /// without being read: reading a hole costs the kernel a page-cache page per 4 KiB).
+    void update_zeros(std::uint64_t n);
     Digest finish() const;
 
 private:
@@ -56,7 +59,9 @@ void init() noexcept;
 /// Digest of an in-memory buffer.
 Digest hash_bytes(std::string_view data);
 /// Streams an open file from its current offset to EOF through a fixed buffer. Throws SystemError.
-/// `bytes_read` receives the count.
+/// `bytes_read` receives the count (holes included). A regular file with holes (fewer blocks
+/// allocated than its size) has its holes hashed as the zeros they read as, without reading them
+/// (SEEK_DATA/SEEK_HOLE, where the filesystem supports them; see docs/design.md, "Sparse files").
 Digest hash_fd(int fd, const std::string& display, std::uint64_t* bytes_read = nullptr);
 
 } // namespace casmig::hash

@@ -46,7 +46,11 @@ struct CutoverResult {
 CutoverResult cutover(store::Store& store, unsigned threads, const ProgressSink& progress, const ProblemSink& problems);
 
 struct CleanupResult {
-    std::uint64_t trees = 0, bytes = 0, skipped = 0;
+    std::uint64_t trees = 0, skipped = 0;
+    std::uint64_t bytes = 0;     // apparent: st_size of every legacy file deleted (JSON freed_bytes)
+    std::uint64_t allocated = 0; // on disk: st_blocks × 512 of each file whose last name was deleted
+                                 // (a sparse file counts its data, a file hard-linked from elsewhere
+                                 // nothing); JSON freed_allocated_bytes
 };
 /// Deletes each marked legacy tree (and each tree verified after cutover) only after proving, in this
 /// run, that it equals its manifest (path set, types, modes, owners, mtimes, symlink targets, hard
@@ -60,11 +64,13 @@ CleanupResult cleanup(store::Store& store, DryRun dry, unsigned threads, const P
 
 struct RollbackResult {
     std::uint64_t packages = 0, rebuilt = 0, files = 0, bytes = 0, failed = 0;
+    std::uint64_t linked_across = 0; // rebuilt files made hard links of another package's file again
 };
 /// Back to mode legacy: every package with a manifest whose legacy tree is not exactly present (absent,
 /// not a directory, or — after cleanup or cutover — different from its manifest) is rebuilt from the CAS
 /// (staged in temp/, synced, renamed into place); whatever was at its name is moved to
-/// migration/aside/, never deleted. Package by package: one that cannot be rebuilt is reported and
+/// migration/aside/, never deleted. Hard links across packages come back once the files are proven
+/// equal (detail::link_across()). Package by package: one that cannot be rebuilt is reported and
 /// counted in `failed`, the others carry on, and the mode stays until every package is back.
 /// Refuses (store unchanged) when free space is short (unless SpaceCheck::no) and, as non-root, when
 /// a tree to rebuild has foreign owners or capabilities. Idempotent.

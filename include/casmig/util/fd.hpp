@@ -53,9 +53,18 @@ std::string read_link_at(int dirfd, const std::string& name, const std::string& 
 /// Names in the directory open as fd (without "." and ".."), unsorted. The fd's offset is not
 /// disturbed (a dup shares it, so the listing rewinds first). Throws SystemError naming `display`.
 std::vector<std::string> list_dir(int fd, const std::string& display);
+/// What removing a tree gave back.
+struct FreedBytes {
+    unsigned long long apparent = 0;  // st_size of every regular file removed (each name counted)
+    unsigned long long allocated = 0; // st_blocks × 512 of each regular file whose last name was removed:
+                                      // the space the filesystem really got back (holes and hard links
+                                      // with a name elsewhere count nothing)
+};
 /// Removes a tree relative to dirfd (no symlink is followed; read-only directories are made writable
-/// first). A missing tree is fine. Returns the bytes of regular files removed.
-unsigned long long remove_tree_at(int dirfd, const std::string& name, const std::string& display);
+/// first). A missing tree is fine. Returns the bytes of regular files removed (apparent sizes); both
+/// counts are added to `freed` if given.
+unsigned long long remove_tree_at(int dirfd, const std::string& name, const std::string& display,
+                                  FreedBytes* freed = nullptr);
 /// Creates a directory if missing.
 void ensure_dir(const std::string& path, mode_t mode = 0755);
 /// Raises the soft RLIMIT_NOFILE to the hard limit (read-ahead and directory fds take shares of it).
