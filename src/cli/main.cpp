@@ -13,6 +13,7 @@
 #include "casmig/hash/blake3.hpp"
 #include "casmig/lifecycle/lifecycle.hpp"
 #include "casmig/migrate/pipeline.hpp"
+#include "casmig/store/packages.hpp"
 #include "casmig/store/store.hpp"
 #include "casmig/util/error.hpp"
 #include "casmig/util/parse.hpp"
@@ -54,7 +55,10 @@ struct Ctx {
     std::unique_ptr<store::StoreLock> lock(const std::string& command, store::Purpose purpose = store::Purpose::write) {
         auto l = store->lock(command, purpose); // checks that the catalog belongs to the store first
         lifecycle::recover(*store, problem_sink());
-        lifecycle::sync_packages(*store);
+        // packages/ only mirrors the catalog: a failure to bring it up to date is a warning, never a
+        // reason to stop the command (rollback included); the next command tries again.
+        if (auto w = store::mirror_step([&] { lifecycle::sync_packages(*store); }))
+            bar->println("casmig: warning: " + *w);
         return l;
     }
     ProgressSink progress() {
@@ -323,7 +327,7 @@ int cmd_rebuild_catalog(Ctx& c, bool force) {
     auto lock = c.store->lock("rebuild-catalog", store::Purpose::rebuild);
     auto r = lifecycle::rebuild_catalog(*c.store, force, c.g.jobs, c.progress(), c.problem_sink());
     lifecycle::recover(*c.store, c.problem_sink()); // half-built rollback trees, with the new catalog
-    lifecycle::sync_packages(*c.store);
+    if (auto w = store::mirror_step([&] { lifecycle::sync_packages(*c.store); })) c.bar->println("casmig: warning: " + *w);
     c.out({{"mode", r.mode}, {"packages", r.packages}, {"recovered", r.recovered}, {"pending", r.pending},
            {"failed", r.failed}, {"lost", r.lost}, {"objects", r.objects}, {"objects_quarantined", r.objects_quarantined},
            {"trees_moved_back", r.trees_moved_back}, {"old_catalog", r.old_catalog}, {"reason", r.reason},

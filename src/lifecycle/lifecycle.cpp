@@ -902,21 +902,54 @@ SyncResult sync_packages(store::Store& s) {
     }
     // Refs of packages the catalog does not hold, or holds without a manifest (a stop between a commit
     // and the ref's removal): the catalog decides. Listing refs/ costs one directory read.
+    // A ref the catalog names but refs/ lacks (deleted by hand, lost to a crash) is written again: a
+    // lost catalog must not find a package without its ref.
     {
-        std::unordered_set<std::string> with_manifest;
+        std::unordered_map<std::string, hash::Digest> with_manifest;
         for (const auto& p : cat.packages())
-            if (p.has_manifest) with_manifest.insert(p.name);
-        for (const auto& n : index.ref_names())
+            if (p.has_manifest && p.manifest_object) with_manifest.emplace(p.name, *p.manifest_object);
+        std::unordered_set<std::string> present;
+        for (const auto& n : index.ref_names()) {
+            present.insert(n);
             if (!with_manifest.count(n)) {
                 index.drop_ref(n);
                 ++r.refs_dropped;
             }
+        }
+        bool staged = false;
+        for (const auto& [n, d] : with_manifest) {
+            if (present.count(n)) continue;
+            try {
+                index.read_manifest(d);
+                index.stage_ref(n, d);
+            } catch (const util::SystemError&) {
+                throw;
+            } catch (const util::Error&) {
+                auto p = cat.package(n);
+                auto entries = cat.manifest(p->id);
+                manifest::normalize(entries);
+                std::string enc = manifest::encode(entries);
+                if (manifest::digest_of(enc) != d) continue; // verify --objects reports it
+                index.stage(n, enc, d);
+            }
+            staged = true;
+            ++r.refs_restored;
+        }
+        if (staged) index.publish();
     }
     // The store mode, mirrored for rebuild-catalog (a stop between a mode change and its mirror).
     std::string mode = catalog::to_string(cat.mode());
-    auto settings = index.settings();
+    std::map<std::string, std::string> settings;
+    bool damaged = false;
+    try {
+        settings = index.settings();
+    } catch (const util::SystemError&) {
+        throw;
+    } catch (const util::Error&) {
+        damaged = true; // record_mode() moves it aside and writes it anew
+    }
     auto it = settings.find("mode");
-    if (it == settings.end() ? mode != catalog::to_string(StoreMode::legacy) : it->second != mode) {
+    if (damaged || (it == settings.end() ? mode != catalog::to_string(StoreMode::legacy) : it->second != mode)) {
         store::record_mode(index, mode);
         r.mode_written = true;
     }

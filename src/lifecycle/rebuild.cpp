@@ -86,6 +86,9 @@ void move_aside(int fromfd, const std::string& name, const std::string& to_dir, 
 RebuildResult rebuild_catalog(store::Store& s, bool force, unsigned threads, const ProgressSink& progress,
                               const ProblemSink& problems) {
     RebuildResult r;
+    auto warn = [&](const std::string& pkg, const std::string& path, const std::string& msg) {
+        if (problems) problems({pkg, path, msg, true});
+    };
     // 1. Replace only a catalog that does not fit its store (unless asked to).
     auto misfit = s.catalog_misfit();
     if (!misfit && !force)
@@ -97,17 +100,29 @@ RebuildResult rebuild_catalog(store::Store& s, bool force, unsigned threads, con
     try {
         marker = s.read_marker();
     } catch (const util::RefusedError& e) {
-        if (problems) problems({"-", "migration/identity", std::string(e.what()) + ": a new identity is written", true});
+        warn("-", "migration/identity", std::string(e.what()) + ": a new identity is written");
     }
     auto& index = s.packages();
     auto& objects = s.objects();
-    auto settings = index.settings();
+    const std::string aside = s.migration_dir() + "/aside";
+    std::map<std::string, std::string> settings;
+    try {
+        settings = index.settings();
+    } catch (const util::SystemError&) {
+        throw;
+    } catch (const util::Error& e) {
+        warn("-", "packages/store", std::string(e.what()) + ": the mode is inferred from the trees");
+    }
 
-    // 2. Who is there: every ref, every legacy directory.
+    // 2. Who is there: every ref (a regular file named like a package), every legacy directory.
     std::map<std::string, Candidate> cands;
+    const std::string refs_dir = s.root() + "/packages/refs";
+    util::Fd refs_fd = util::open_dir(refs_dir);
     for (const auto& n : index.ref_names()) {
-        if (!store::is_package_name(n)) {
-            if (problems) problems({util::printable(n), "packages/refs", "not a package name: ignored", true});
+        struct stat st {};
+        if (!store::is_package_name(n) || ::fstatat(refs_fd.get(), n.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 ||
+            !S_ISREG(st.st_mode)) {
+            warn(util::printable(n), "packages/refs", "not a package reference (not a regular file named like a package): ignored");
             continue;
         }
         Candidate c;
@@ -121,55 +136,71 @@ RebuildResult rebuild_catalog(store::Store& s, bool force, unsigned threads, con
         }
         cands.emplace(n, std::move(c));
     }
-    // 3. Trees an interrupted cleanup or remove left in temp/: back under their name (its journal,
-    // which said which, is in the catalog being replaced), or to migration/aside/ — never deleted.
-    for (const auto& n : util::list_dir(objects.temp_dirfd(), s.temp_dir())) {
-        if (n.rfind("trash-", 0) != 0) continue;
-        auto dash = n.find('-', 6);
-        std::string tag = dash == std::string::npos ? std::string() : n.substr(dash + 1);
-        const std::string display = s.temp_dir() + "/" + util::printable(n);
-        const Candidate* owner = nullptr;
-        for (const auto& [name, c] : cands)
-            if (name_tag(name) == tag) owner = &c;
-        struct stat st {};
-        if (owner && ::fstatat(s.root_fd(), owner->name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 && errno == ENOENT &&
-            io::renameat2(objects.temp_dirfd(), n.c_str(), s.root_fd(), owner->name.c_str(), RENAME_NOREPLACE) == 0) {
-            cas::sync_filesystem(s.root_fd(), s.root());
-            io::crash_point("rebuild.moved-back");
-            if (problems)
-                problems({util::printable(owner->name), "", "legacy tree moved back from " + display + " (an interrupted cleanup or remove)", true});
-            ++r.trees_moved_back;
-            continue;
-        }
-        move_aside(objects.temp_dirfd(), n, s.migration_dir() + "/aside", display);
-        if (problems)
-            problems({"-", display, "a legacy tree an interrupted cleanup or remove moved aside, whose package is unknown "
-                                    "or whose name is taken: kept in " + s.migration_dir() + "/aside/", true});
-    }
     for (const auto& d : s.legacy_dirs()) {
         auto [it, fresh] = cands.try_emplace(d);
         it->second.name = d;
         it->second.tree = true;
     }
 
-    // 4. Each manifest: read (hashes to its name), decode.
+    // 3. Each manifest: read (it must hash to its name) and decode. One of a newer format stops the
+    // rebuild before anything is written: a newer casmig can rebuild this store, this one cannot.
+    std::set<hash::Digest> named;
     for (auto& [n, c] : cands) {
-        if (!c.lost.empty() || !c.manifest_object) continue;
+        if (!c.manifest_object) continue;
+        named.insert(*c.manifest_object);
+        if (!c.lost.empty()) continue;
         try {
             c.manifest = manifest::decode(index.read_manifest(*c.manifest_object));
+        } catch (const manifest::VersionError& e) {
+            throw util::RefusedError("package " + util::printable(n) + ": " + e.what() +
+                                     " (rebuild-catalog with a casmig that reads it); nothing was written");
         } catch (const util::SystemError&) {
             throw;
         } catch (const util::Error& e) {
             c.lost = e.what();
         }
     }
-    // 5. Every object a manifest needs is re-hashed once (in parallel); a wrong one is quarantined.
-    std::map<hash::Digest, std::uint64_t> needed;
+    // A damaged manifest of a package whose tree is gone is the last trace of it: kept aside (its ref
+    // goes with the package's missing manifest, and gc would then delete the file).
+    for (auto& [n, c] : cands) {
+        if (c.lost.empty() || c.tree || !c.manifest_object) continue;
+        util::ensure_dir(aside, 0700);
+        util::Fd a = util::open_dir(aside);
+        util::Fd mdir = util::open_dir(s.root() + "/packages/manifests");
+        std::string to = "manifest-" + c.manifest_object->hex() + "." + utc_stamp();
+        if (io::renameat2(mdir.get(), cas::object_relpath(*c.manifest_object).c_str(), a.get(), to.c_str(), RENAME_NOREPLACE) == 0) {
+            util::fsync_fd(a.get(), aside);
+            c.lost += "; the damaged manifest is kept at " + aside + "/" + to;
+        }
+    }
+    // Manifests no ref names: a removed package's (gc would have deleted them) or one whose ref was
+    // lost. Without a name no package can be made of them; they go to migration/aside/, never deleted.
+    for (const auto& d : index.manifest_objects()) {
+        if (named.count(d)) continue;
+        util::ensure_dir(aside, 0700);
+        util::Fd a = util::open_dir(aside);
+        std::string rel = cas::object_relpath(d);
+        util::Fd mdir = util::open_dir(s.root() + "/packages/manifests");
+        std::string to = "manifest-" + d.hex() + "." + utc_stamp();
+        if (io::renameat2(mdir.get(), rel.c_str(), a.get(), to.c_str(), RENAME_NOREPLACE) == 0) {
+            util::fsync_fd(a.get(), aside);
+            ++r.orphan_manifests;
+        }
+    }
+    if (r.orphan_manifests)
+        warn("-", "packages/manifests", std::to_string(r.orphan_manifests) +
+                                            " manifest object(s) that no package reference names (removed packages', or a lost "
+                                            "reference's) are kept in " + aside + "/manifest-*: inspect them before deleting");
+
+    // 4. Every (object, size) a manifest claims is proven once, in parallel: the object must be there
+    // and hash to its name at that size. A size no object has makes only the manifest claiming it
+    // unusable; only content proven wrong is quarantined (never an object on an I/O error).
+    std::set<std::pair<hash::Digest, std::uint64_t>> claims;
     for (const auto& [n, c] : cands)
         for (const auto& e : c.manifest)
-            if (e.type == catalog::EntryType::file && e.digest) needed.emplace(*e.digest, e.size);
-    std::vector<std::pair<hash::Digest, std::uint64_t>> todo(needed.begin(), needed.end());
-    std::map<hash::Digest, std::string> bad; // digest -> why
+            if (e.type == catalog::EntryType::file && e.digest) claims.emplace(*e.digest, e.size);
+    std::vector<std::pair<hash::Digest, std::uint64_t>> todo(claims.begin(), claims.end());
+    std::map<std::pair<hash::Digest, std::uint64_t>, std::string> bad; // claim -> why
     std::mutex mu;
     Progress prog;
     prog.phase = "rebuild-catalog: objects";
@@ -181,35 +212,71 @@ RebuildResult rebuild_catalog(store::Store& s, bool force, unsigned threads, con
         tbb::parallel_for_each(todo.begin(), todo.end(), [&](const std::pair<hash::Digest, std::uint64_t>& o) {
             std::string why = verify::prove_object(objects, o.first, o.second);
             std::lock_guard lk(mu);
-            if (!why.empty()) bad.emplace(o.first, why);
+            if (!why.empty()) bad.emplace(o, why);
             ++prog.files_done;
             prog.bytes_done += o.second;
             if (progress && prog.files_done % 256 == 0) progress(prog);
         });
     });
-    for (const auto& [d, why] : bad) {
-        if (why == "is missing") continue;
-        std::string rel = cas::object_relpath(d);
+    std::set<hash::Digest> quarantined;
+    for (const auto& [claim, why] : bad) {
+        if (why.rfind("content does not match", 0) != 0 || quarantined.count(claim.first)) continue;
+        std::string rel = cas::object_relpath(claim.first);
         std::string moved;
         try {
             moved = objects.quarantine(rel);
         } catch (const util::Error&) {
             moved = "(could not be moved: left in place)";
         }
+        quarantined.insert(claim.first);
         ++r.objects_quarantined;
-        if (problems) problems({"-", "objects/" + rel, why + ": moved to " + moved, true});
+        warn("-", "objects/" + rel, why + ": moved to " + moved);
     }
     for (auto& [n, c] : cands)
         for (const auto& e : c.manifest)
             if (e.type == catalog::EntryType::file && e.digest) {
-                auto b = bad.find(*e.digest);
+                auto b = bad.find({*e.digest, e.size});
                 if (b != bad.end()) {
                     c.missing = util::printable(e.path) + ": object " + e.digest->hex() + " " + b->second;
                     break;
                 }
             }
+    auto usable = [](const Candidate& c) { return c.lost.empty() && !c.manifest.empty() && c.missing.empty(); };
 
-    // 6. The store mode: as recorded in packages/store, else what the trees say.
+    // 5. Trees an interrupted cleanup or remove left in temp/ (the journal that said which is in the
+    // lost catalog): a tree exactly equal to its package's sound manifest goes back under its name;
+    // anything else goes to migration/aside/. Never deleted: a tree that differs may hold the only copy
+    // of a change made after cutover.
+    for (const auto& n : util::list_dir(objects.temp_dirfd(), s.temp_dir())) {
+        if (n.rfind("trash-", 0) != 0) continue;
+        auto dash = n.find('-', 6);
+        std::string tag = dash == std::string::npos ? std::string() : n.substr(dash + 1);
+        const std::string display = s.temp_dir() + "/" + util::printable(n);
+        Candidate* owner = nullptr;
+        for (auto& [name, c] : cands)
+            if (name_tag(name) == tag) owner = &c;
+        if (owner && !owner->tree && usable(*owner)) {
+            catalog::Package p;
+            p.name = owner->name;
+            auto diffs = verify::compare_tree(objects.temp_dirfd(), n, p, owner->manifest, true);
+            if (diffs.empty() &&
+                io::renameat2(objects.temp_dirfd(), n.c_str(), s.root_fd(), owner->name.c_str(), RENAME_NOREPLACE) == 0) {
+                cas::sync_filesystem(s.root_fd(), s.root());
+                io::crash_point("rebuild.moved-back");
+                owner->tree = true;
+                warn(util::printable(owner->name), "", "legacy tree moved back from " + display + " (an interrupted cleanup or remove)");
+                ++r.trees_moved_back;
+                continue;
+            }
+        }
+        move_aside(objects.temp_dirfd(), n, aside, display);
+        warn(owner ? util::printable(owner->name) : "-", display,
+             "a legacy tree an interrupted cleanup or remove moved aside, which is not exactly its package's manifest "
+             "(or whose package is unknown): kept in " + aside + "/");
+    }
+
+    // 6. The store mode: as packages/store records it, else what the trees say. Never flipped from
+    // legacy (after a rollback the package manager may remove packages: their trees are just gone).
     StoreMode mode = StoreMode::legacy;
     auto ms = settings.find("mode");
     if (ms != settings.end()) {
@@ -217,27 +284,20 @@ RebuildResult rebuild_catalog(store::Store& s, bool force, unsigned threads, con
     } else {
         bool any_manifest = false, any_gone = false;
         for (const auto& [n, c] : cands) {
-            if (c.manifest.empty()) continue;
+            if (!usable(c)) continue;
             any_manifest = true;
             if (!c.tree) any_gone = true;
         }
         mode = any_gone ? StoreMode::file_level : any_manifest ? StoreMode::dual : StoreMode::legacy;
         r.mode_inferred = true;
     }
-    for (const auto& [n, c] : cands)
-        if (!c.manifest.empty() && !c.tree && mode == StoreMode::legacy) {
-            // A tree is gone while the store says legacy (a rollback that did not finish): rollback must
-            // be able to run again, which it does from file-level.
-            mode = StoreMode::file_level;
-            r.mode_inferred = true;
-        }
 
     // 7. Trees that are present are compared with their manifests (in parallel).
     std::vector<Candidate*> compare;
     for (auto& [n, c] : cands)
-        if (c.tree && !c.manifest.empty() && mode != StoreMode::legacy) compare.push_back(&c);
+        if (c.tree && usable(c) && mode != StoreMode::legacy) compare.push_back(&c);
     prog.phase = "rebuild-catalog: trees";
-    prog.files_done = 0;
+    prog.files_done = prog.packages_done = 0;
     prog.bytes_done = prog.bytes_total = 0;
     prog.packages_total = compare.size();
     arena.execute([&] {
@@ -246,7 +306,9 @@ RebuildResult rebuild_catalog(store::Store& s, bool force, unsigned threads, con
             p.name = c->name;
             auto diffs = verify::compare_tree(s.root_fd(), c->name, p, c->manifest, false);
             std::lock_guard lk(mu);
-            if (!diffs.empty()) c->drift = util::printable(diffs[0].first) + ": " + diffs[0].second;
+            if (!diffs.empty())
+                c->drift = (diffs[0].first.empty() ? std::string("its root") : util::printable(diffs[0].first)) + ": " +
+                           diffs[0].second + (diffs.size() > 1 ? " (and " + std::to_string(diffs.size() - 1) + " more)" : "");
             ++prog.packages_done;
             if (progress) progress(prog);
         });
@@ -255,7 +317,9 @@ RebuildResult rebuild_catalog(store::Store& s, bool force, unsigned threads, con
     // 8. The old catalog (and its -wal, -shm) is moved aside, never deleted; then the new one is
     // written in one transaction with the store's identity.
     const std::string db = s.db_path();
-    const std::string stamp = utc_stamp();
+    std::string stamp = utc_stamp();
+    for (int n = 1; ::access((db + ".replaced-" + stamp).c_str(), F_OK) == 0; ++n)
+        stamp = utc_stamp() + "-" + std::to_string(n);
     for (const char* suffix : {"", "-wal", "-shm", "-journal"}) {
         std::string from = db + suffix;
         struct stat st {};
@@ -266,8 +330,9 @@ RebuildResult rebuild_catalog(store::Store& s, bool force, unsigned threads, con
         if (*suffix == '\0') r.old_catalog = to;
     }
     {
-        std::string dir = db.substr(0, db.find_last_of('/') == std::string::npos ? 0 : db.find_last_of('/'));
-        util::Fd d = util::open_dir(dir.empty() ? "." : dir);
+        auto slash = db.find_last_of('/');
+        std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : db.substr(0, slash);
+        util::Fd d = util::open_dir(dir);
         util::fsync_fd(d.get(), dir);
     }
     io::crash_point("rebuild.old-moved");
@@ -277,31 +342,34 @@ RebuildResult rebuild_catalog(store::Store& s, bool force, unsigned threads, con
         catalog::Transaction tx(cat.db());
         cat.claim(id);
         std::set<hash::Digest> added;
-        auto add_object = [&](const hash::Digest& d, std::uint64_t size) {
-            if (bad.count(d) || !added.insert(d).second) return;
-            cat.add_object({d, static_cast<std::int64_t>(size), static_cast<std::int64_t>(size)});
+        auto add_manifest_objects = [&](const Candidate& c) {
+            for (const auto& e : c.manifest)
+                if (e.type == catalog::EntryType::file && e.digest && !quarantined.count(*e.digest) &&
+                    !bad.count({*e.digest, e.size}) && added.insert(*e.digest).second)
+                    cat.add_object({*e.digest, static_cast<std::int64_t>(e.size), static_cast<std::int64_t>(e.size)});
         };
         for (auto& [n, c] : cands) {
             const std::string pid = util::printable(n);
             std::int64_t pk = cat.add_package(n);
             ++r.packages;
-            bool usable = c.lost.empty() && !c.manifest.empty() && c.missing.empty();
-            if (!usable && c.tree) {
+            if (!usable(c) && c.tree) {
                 // The tree is the truth: migrate takes it from the start.
-                if (c.manifest_object && problems)
-                    problems({pid, "", (c.lost.empty() ? c.missing : c.lost) + ": its legacy tree is present, so it is pending and casmig migrate takes it again", true});
+                if (c.manifest_object)
+                    warn(pid, "", (c.lost.empty() ? c.missing : c.lost) +
+                                      ": its legacy tree is present, so it is pending and casmig migrate takes it again");
                 ++r.pending;
                 continue;
             }
-            if (!usable) {
-                // Neither a tree nor a sound manifest with all its objects: what is lost is said.
+            if (!usable(c)) {
+                // Neither a tree nor a sound manifest with all its objects. A manifest that decodes is
+                // kept (with what is left of its objects, which gc then keeps too); one that does not
+                // stays where it is, named by its ref, and is reported.
+                std::string why = c.lost.empty() ? c.missing : c.lost;
                 if (!c.manifest.empty()) {
                     cat.put_manifest(pk, c.manifest, c.manifest_object);
-                    for (const auto& e : c.manifest)
-                        if (e.type == catalog::EntryType::file && e.digest) add_object(*e.digest, e.size);
+                    add_manifest_objects(c);
                 }
                 cat.set_tree(pk, TreeState::removed);
-                std::string why = c.lost.empty() ? c.missing : c.lost;
                 cat.set_state(pk, PackageState::failed, "rebuild-catalog: " + why);
                 cat.journal("rebuild-catalog", pid, "", "failed", why);
                 if (problems)
@@ -311,20 +379,33 @@ RebuildResult rebuild_catalog(store::Store& s, bool force, unsigned threads, con
                 continue;
             }
             cat.put_manifest(pk, c.manifest, c.manifest_object);
-            for (const auto& e : c.manifest)
-                if (e.type == catalog::EntryType::file && e.digest) add_object(*e.digest, e.size);
-            PackageState state = PackageState::verified;
-            TreeState tree = c.tree ? (mode == StoreMode::file_level ? TreeState::marked : TreeState::present) : TreeState::removed;
-            if (mode == StoreMode::legacy) state = PackageState::rolled_back;
-            if (!c.drift.empty()) {
+            add_manifest_objects(c);
+            TreeState tree = !c.tree ? TreeState::removed : mode == StoreMode::file_level ? TreeState::marked : TreeState::present;
+            PackageState state = mode == StoreMode::legacy ? PackageState::rolled_back : PackageState::verified;
+            if (mode == StoreMode::legacy && !c.tree)
+                warn(pid, "", "its legacy tree is gone in a legacy store (removed after a rollback?): recorded rolled_back "
+                              "with the tree removed; casmig remove drops it");
+            if (!c.drift.empty() && mode == StoreMode::dual) {
+                // Before cutover the legacy tree is the truth (as verify decides): migrate takes it again.
                 state = PackageState::failed;
                 cat.set_state(pk, state, "legacy tree differs from its manifest: " + c.drift);
                 if (problems)
-                    problems({pid, "", "legacy tree differs from its manifest (" + c.drift + "): recorded failed; casmig migrate --retry-failed takes it again"});
+                    problems({pid, "", "legacy tree differs from its manifest (" + c.drift +
+                                           "): recorded failed; casmig migrate --retry-failed takes it again"});
                 ++r.failed;
             } else {
                 cat.set_state(pk, state);
-                ++r.recovered;
+                if (!c.drift.empty()) {
+                    // After cutover the manifest is the truth (G8): it is kept, the tree too (cleanup keeps
+                    // a tree that differs), and the difference is reported.
+                    if (problems)
+                        problems({pid, "", "legacy tree differs from its manifest (" + c.drift +
+                                               "): the manifest is kept and cleanup keeps the tree; restore the tree, or "
+                                               "casmig remove the package and install it again"});
+                    ++r.failed;
+                } else {
+                    ++r.recovered;
+                }
             }
             cat.set_tree(pk, tree);
         }
@@ -332,10 +413,14 @@ RebuildResult rebuild_catalog(store::Store& s, bool force, unsigned threads, con
         for (const auto& rel : objects.list_files()) {
             if (rel.size() < 65) continue;
             auto d = hash::Digest::from_hex(rel.substr(0, 2) + rel.substr(3, 62));
-            if (!d || needed.count(*d)) continue;
+            if (!d || added.count(*d) || quarantined.count(*d)) continue;
+            bool claimed = false;
+            for (auto it = claims.lower_bound({*d, 0}); it != claims.end() && it->first == *d; ++it) claimed = true;
+            if (claimed) continue; // claimed but not proven: not listed as good
             struct stat st {};
             if (::fstatat(objects.dirfd(), rel.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISREG(st.st_mode)) continue;
-            add_object(*d, static_cast<std::uint64_t>(st.st_size));
+            added.insert(*d);
+            cat.add_object({*d, static_cast<std::int64_t>(st.st_size), static_cast<std::int64_t>(st.st_size)});
         }
         r.objects = added.size();
         cat.set_mode(mode);
@@ -348,7 +433,7 @@ RebuildResult rebuild_catalog(store::Store& s, bool force, unsigned threads, con
     io::crash_point("rebuild.committed");
     s.write_identity(id);
     if (auto w = store::mirror_step([&] { store::record_mode(index, catalog::to_string(mode)); }))
-        if (problems) problems({"-", "packages/store", *w, true});
+        warn("-", "packages/store", *w);
     r.mode = catalog::to_string(mode);
     return r;
 }

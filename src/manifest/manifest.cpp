@@ -143,7 +143,7 @@ void normalize(std::vector<Entry>& entries) {
     std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) { return path_less(a.path, b.path); });
     for (size_t i = 1; i < entries.size(); ++i)
         if (entries[i].path == entries[i - 1].path)
-            throw FormatError("manifest lists path '" + entries[i].path + "' twice");
+            throw FormatError("manifest lists path '" + util::printable(entries[i].path) + "' twice");
     // Group by the path each entry names as its inode's (a walk names the first path it saw).
     std::unordered_map<std::string, std::string> leader; // any member's original anchor -> first path in byte order
     std::unordered_map<std::string, size_t> index;
@@ -152,7 +152,7 @@ void normalize(std::vector<Entry>& entries) {
     for (auto& e : entries) {
         if (!e.link_to) continue;
         if (!index.count(*e.link_to))
-            throw FormatError("manifest entry '" + e.path + "' is a hard link of '" + *e.link_to + "', which is not a file of it");
+            throw FormatError("manifest entry '" + util::printable(e.path) + "' is a hard link of '" + util::printable(*e.link_to) + "', which is not a file of it");
     }
     // The anchor of a group is the path its members name (the anchor names none). The entries are sorted,
     // so the first member met in this loop is the group's first path in byte order.
@@ -202,7 +202,7 @@ std::string encode(const std::vector<Entry>& entries) {
     for (size_t i = 0; i < entries.size(); ++i) {
         const Entry& e = entries[i];
         if (i > 0 && !path_less(prev, e.path))
-            throw FormatError("manifest is not in canonical order at '" + e.path + "' (normalize it first)");
+            throw FormatError("manifest is not in canonical order at '" + util::printable(e.path) + "' (normalize it first)");
         size_t common = i == 0 ? 0 : common_prefix(prev, e.path);
         put_varint(out, common);
         put_bytes(out, std::string_view(e.path).substr(common));
@@ -212,7 +212,7 @@ std::string encode(const std::vector<Entry>& entries) {
         if (e.type == EntryType::file && e.link_to) flags |= k_flag_link;
         if (!e.xattrs.empty()) flags |= k_flag_xattrs;
         if (e.type == EntryType::file && e.xlink) {
-            if (*e.xlink < 0) throw FormatError("manifest file entry '" + e.path + "' has a negative link group");
+            if (*e.xlink < 0) throw FormatError("manifest file entry '" + util::printable(e.path) + "' has a negative link group");
             flags |= k_flag_xlink;
         }
         out.push_back(static_cast<char>(flags));
@@ -222,7 +222,7 @@ std::string encode(const std::vector<Entry>& entries) {
         put_varint(out, zigzag(e.mtime_ns));
         switch (e.type) {
         case EntryType::file:
-            if (!e.digest) throw FormatError("manifest file entry '" + e.path + "' has no digest");
+            if (!e.digest) throw FormatError("manifest file entry '" + util::printable(e.path) + "' has no digest");
             put_varint(out, e.size);
             out.append(e.digest->raw());
             if (e.link_to) put_bytes(out, *e.link_to);
@@ -237,13 +237,25 @@ std::string encode(const std::vector<Entry>& entries) {
 }
 
 std::vector<Entry> decode(std::string_view bytes) {
+    try {
+        return decode_checked(bytes);
+    } catch (const std::bad_alloc&) {
+        throw FormatError("damaged manifest: too large to decode (" + std::to_string(bytes.size()) + " bytes)");
+    }
+}
+
+std::vector<Entry> decode_checked(std::string_view bytes) {
     Reader r(bytes);
+    // Prefix compression lets a few bytes stand for a long path: the decoded paths together may not
+    // exceed this (a deep tree's manifest stays far below; a crafted one cannot cost gigabytes).
+    const std::uint64_t path_budget = k_max_decoded_paths_min + k_max_decoded_paths_factor * bytes.size();
+    std::uint64_t path_bytes = 0;
     if (bytes.substr(0, k_magic.size()) != k_magic) throw FormatError("not a casmig manifest (no header)");
     r.take(k_magic.size(), "header");
     std::uint64_t version = r.varint("version");
     if (version != k_format_version)
-        throw FormatError("manifest format version " + std::to_string(version) + " is not one this casmig reads (" +
-                          std::to_string(k_format_version) + "): upgrade casmig");
+        throw VersionError("manifest format version " + std::to_string(version) + " is not one this casmig reads (" +
+                           std::to_string(k_format_version) + "): upgrade casmig");
     std::uint64_t count = r.varint("entry count");
     // Each entry takes at least 8 bytes: a count above that is damage, not a reason to allocate.
     if (count == 0) r.fail("a manifest without its root entry");
@@ -258,15 +270,17 @@ std::vector<Entry> decode(std::string_view bytes) {
         if (i == 0 ? common != 0 : common > out.back().path.size()) r.fail("path prefix longer than the previous path");
         std::string_view suffix = r.bytes(k_max_path, "path");
         if (common + suffix.size() > k_max_path) r.fail("path is too long");
+        path_bytes += common + suffix.size();
+        if (path_bytes > path_budget) r.fail("decoded paths exceed " + std::to_string(path_budget) + " bytes");
         e.path.reserve(common + suffix.size());
         if (i > 0) e.path.assign(out.back().path, 0, common);
         e.path.append(suffix);
         if (i == 0 && !e.path.empty()) r.fail("first entry is not the package root");
-        if (i > 0 && !path_less(out.back().path, e.path)) r.fail("paths out of order at '" + e.path + "'");
+        if (i > 0 && !path_less(out.back().path, e.path)) r.fail("paths out of order at '" + util::printable(e.path) + "'");
         // Canonical: the prefix is the longest one shared (else two encodings of one manifest exist).
         if (i > 0 && common_prefix(out.back().path, e.path) != common) r.fail("path prefix is not the longest shared one");
-        if (!valid_path(e.path)) r.fail("invalid path '" + e.path + "'");
-        if (i > 0 && !dirs.count(std::string(parent_of(e.path)))) r.fail("'" + e.path + "' has no directory entry for its parent");
+        if (!valid_path(e.path)) r.fail("invalid path '" + util::printable(e.path) + "'");
+        if (i > 0 && !dirs.count(std::string(parent_of(e.path)))) r.fail("'" + util::printable(e.path) + "' has no directory entry for its parent");
         std::uint8_t type = r.byte("type");
         if (type < 1 || type > 3) r.fail("unknown entry type " + std::to_string(type));
         e.type = static_cast<EntryType>(type);
@@ -289,8 +303,8 @@ std::vector<Entry> decode(std::string_view bytes) {
             if (flags & k_flag_link) {
                 std::string_view to = r.bytes(k_max_path, "hard link");
                 auto it = files.find(std::string(to));
-                if (it == files.end()) r.fail("'" + e.path + "' is a hard link of '" + std::string(to) + "', not an earlier file");
-                if (it->second) r.fail("'" + e.path + "' is a hard link of a link group member, not its first path");
+                if (it == files.end()) r.fail("'" + util::printable(e.path) + "' is a hard link of '" + util::printable(to) + "', not an earlier file");
+                if (it->second) r.fail("'" + util::printable(e.path) + "' is a hard link of a link group member, not its first path");
                 e.link_to = std::string(to);
             }
             if (flags & k_flag_xlink) {
@@ -302,7 +316,7 @@ std::vector<Entry> decode(std::string_view bytes) {
         }
         case EntryType::symlink: {
             std::string_view t = r.bytes(k_max_path, "symlink target");
-            if (t.empty() || t.find('\0') != std::string_view::npos) r.fail("invalid symlink target at '" + e.path + "'");
+            if (t.empty() || t.find('\0') != std::string_view::npos) r.fail("invalid symlink target at '" + util::printable(e.path) + "'");
             e.target = std::string(t);
             e.size = t.size();
             break;
@@ -312,7 +326,7 @@ std::vector<Entry> decode(std::string_view bytes) {
         if (flags & k_flag_xattrs) {
             if (e.type == EntryType::symlink) r.fail("extended attributes on a symlink");
             std::string_view x = r.bytes(k_max_xattrs, "extended attributes");
-            if (x.empty() || !well_formed_xattrs(x)) r.fail("malformed extended attributes at '" + e.path + "'");
+            if (x.empty() || !well_formed_xattrs(x)) r.fail("malformed extended attributes at '" + util::printable(e.path) + "'");
             e.xattrs = std::string(x);
         }
         out.push_back(std::move(e));

@@ -6,6 +6,7 @@
 #include "casmig/util/io.hpp"
 
 #include <algorithm>
+#include <ctime>
 #include <cerrno>
 #include <fcntl.h>
 #include <sstream>
@@ -167,7 +168,11 @@ size_t PackageIndex::publish(std::vector<std::string>* quarantined) {
 void PackageIndex::drop_ref(const std::string& package) {
     if (io::unlinkat(m_refs.get(), package.c_str(), 0) != 0) {
         if (errno == ENOENT) return;
-        util::throw_errno("cannot remove package reference", m_store.root() + "/packages/refs/" + util::printable(package));
+        if (errno != EISDIR && errno != EPERM)
+            util::throw_errno("cannot remove package reference", m_store.root() + "/packages/refs/" + util::printable(package));
+        // Not a file casmig wrote (a directory, say): moved aside, never deleted.
+        move_aside(m_refs.get(), package, "ref-");
+        return;
     }
     util::fsync_fd(m_refs.get(), m_store.root() + "/packages/refs");
     io::crash_point("packages.ref-dropped");
@@ -239,6 +244,21 @@ std::string PackageIndex::quarantine_manifest(const hash::Digest& d) {
     }
 }
 
+std::string PackageIndex::move_aside(int dirfd, const std::string& name, const std::string& prefix) {
+    const std::string aside = m_store.migration_dir() + "/aside";
+    util::ensure_dir(aside, 0700);
+    util::Fd a = util::open_dir(aside);
+    for (int n = 0;; ++n) {
+        std::string to = prefix + name + "." + std::to_string(::time(nullptr)) + (n ? "-" + std::to_string(n) : "");
+        if (io::renameat2(dirfd, name.c_str(), a.get(), to.c_str(), RENAME_NOREPLACE) == 0) {
+            util::fsync_fd(a.get(), aside);
+            util::fsync_fd(dirfd, m_store.root() + "/packages");
+            return aside + "/" + to;
+        }
+        if (errno != EEXIST || n > 1000) util::throw_errno("cannot move aside", m_store.root() + "/packages/.../" + util::printable(name));
+    }
+}
+
 std::map<std::string, std::string> PackageIndex::settings() const {
     const std::string display = m_store.root() + "/packages/" + k_settings_file;
     auto text = read_file_at(m_dir.get(), k_settings_file, 1 << 20, display);
@@ -257,7 +277,15 @@ std::map<std::string, std::string> PackageIndex::settings() const {
 }
 
 void PackageIndex::set_setting(const std::string& key, const std::string& value) {
-    auto all = settings();
+    std::map<std::string, std::string> all;
+    try {
+        all = settings();
+    } catch (const util::SystemError&) {
+        throw;
+    } catch (const util::Error&) {
+        // Damaged (or not a file): kept aside, and written anew from what the catalog says.
+        move_aside(m_dir.get(), k_settings_file, "");
+    }
     auto it = all.find(key);
     if (it != all.end() && it->second == value) return;
     all[key] = value;

@@ -68,6 +68,82 @@ def rebuilt_is_exact(t, s, pristine, what):
     return j
 
 
+# ------------------------------------------------------------------ a small codec of docs/format.md v1
+
+def _varint(data, i):
+    v = shift = 0
+    while True:
+        b = data[i]
+        i += 1
+        v |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return v, i
+
+
+def _put_varint(v):
+    out = bytearray()
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+def file_sizes(data):
+    """[(offset of the size varint, size, path)] of every file entry of a v1 manifest."""
+    assert data[:16] == b"casmig manifest\n"
+    i = 16
+    _, i = _varint(data, i)
+    count, i = _varint(data, i)
+    prev, out = b"", []
+    for _ in range(count):
+        common, i = _varint(data, i)
+        n, i = _varint(data, i)
+        path = prev[:common] + data[i:i + n]
+        i += n
+        typ, flags = data[i], data[i + 1]
+        i += 2
+        for _f in range(4):  # mode, uid, gid, mtime
+            _, i = _varint(data, i)
+        if typ == 1:
+            at = i
+            size, i = _varint(data, i)
+            out.append((at, size, path))
+            i += 32
+            if flags & 1:
+                n, i = _varint(data, i)
+                i += n
+            if flags & 4:
+                _, i = _varint(data, i)
+        elif typ == 3:
+            n, i = _varint(data, i)
+            i += n
+        if flags & 2:
+            n, i = _varint(data, i)
+            i += n
+        prev = path
+    return out
+
+
+def b3(data):
+    return subprocess.run(["b3sum", "--no-names"], input=data, capture_output=True, check=True).stdout.decode().strip()
+
+
+def put_manifest(s, data):
+    h = b3(data)
+    d = os.path.join(s, "packages", "manifests", h[:2])
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, h[2:]), "wb") as f:
+        f.write(data)
+    return h
+
+
+def manifest_of(s, pkg):
+    h = open(os.path.join(s, "packages", "refs", pkg)).read().strip()
+    return open(os.path.join(s, "packages", "manifests", h[:2], h[2:]), "rb").read()
+
+
 @test
 def migrate_writes_manifests_refs_and_mode_into_packages(t):
     s, _ = cleaned_store(t, "layout", 3)
@@ -258,6 +334,27 @@ def interrupted_cleanup_then_lost_catalog_puts_the_tree_back(t):
     rollback_exact()
 
 
+@test
+def a_half_deleted_tree_in_temp_goes_aside_never_back_under_its_name(t):
+    if not harness_seams(t):
+        print("SKIP a_half_deleted_tree_in_temp_goes_aside_never_back_under_its_name: build without test seams")
+        return
+    s, pristine = cleaned_store(t, "half", 2)
+    t.run(s, "cutover", code=0)
+    code, _, err = t.run(s, "cleanup", env={"CASMIG_FAULT": "unlink@4=EIO"})
+    expect(code != 0 and any(n.startswith("trash-") for n in os.listdir(os.path.join(s, "temp"))),
+           f"no half-deleted tree in temp/: {code} {err!r}")
+    drop_catalog(s)
+    code, out, err = t.run(s, "rebuild-catalog")
+    expect(not any(n.startswith("trash-") for n in os.listdir(os.path.join(s, "temp"))), "tree left in temp/")
+    expect(glob.glob(os.path.join(s, "migration", "aside", "trash-*")), f"the half-deleted tree was not kept aside: {err!r}")
+    for p in trees(s):
+        expect(snapshot(os.path.join(s, p), owners=True) == pristine[p], f"{p}: a tree not equal to its manifest came back")
+    t.run(s, "rollback", code=0)
+    for p, snap in pristine.items():
+        expect(snapshot(os.path.join(s, p), owners=True) == snap, f"{p} not rebuilt exactly")
+
+
 def harness_seams(t):
     trace = os.path.join(t.work, "seam-probe.trace")
     if not os.path.exists(trace):
@@ -347,6 +444,117 @@ def finish_lifecycle_any(t, s):
     t.run(s, "cutover", code=0)
     t.run(s, "cleanup", code=0)
     expect(not any(n.startswith(b"pkg") for n in os.listdir(os.fsencode(s))), "cleanup left trees")
+
+
+@test
+def rebuild_after_cutover_keeps_the_manifest_of_a_drifted_tree(t):
+    # After cutover the manifest is the truth: a tree that changed must not become the package's content
+    # through rebuild-catalog and its advice (re-migrating it would let gc drop the proven content).
+    s, pristine = cleaned_store(t, "drift-fl", 3)
+    t.run(s, "cutover", code=0)
+    os.remove(os.path.join(s, "pkg01", "LICENSE"))
+    drop_catalog(s)
+    code, _, err = t.run(s, "rebuild-catalog")
+    expect(code == 1 and "pkg01" in err and "more" in err and "cleanup keeps the tree" in err, f"rebuild: {code} {err!r}")
+    st = t.json(s, "status")["packages"]
+    expect(st["verified"] == 3 and st["failed"] == 0, f"states after rebuild: {st}")
+    t.run(s, "migrate", "--retry-failed")
+    t.run(s, "gc", code=0)
+    t.run(s, "cleanup", code=1)  # keeps the drifted tree, reports it
+    expect(os.path.isdir(os.path.join(s, "pkg01")), "cleanup deleted a tree that differs")
+    t.run(s, "rollback", code=0)
+    for p, snap in pristine.items():
+        expect(snapshot(os.path.join(s, p), owners=True) == snap, f"{p} not rebuilt exactly")
+
+
+@test
+def a_lost_ref_is_written_again_before_the_catalog_can_be_lost(t):
+    s, pristine = cleaned_store(t, "lost-ref", 3)
+    finish_lifecycle(t, s)
+    os.remove(os.path.join(s, "packages", "refs", "pkg00"))
+    t.run(s, "verify", code=0)
+    expect(os.path.exists(os.path.join(s, "packages", "refs", "pkg00")), "the next command did not restore the ref")
+    drop_catalog(s)
+    rebuilt_is_exact(t, s, pristine, "after a lost ref")
+
+
+@test
+def a_manifest_of_a_newer_format_stops_the_rebuild_before_anything_is_written(t):
+    s, pristine = cleaned_store(t, "newer", 2)
+    finish_lifecycle(t, s)
+    data = bytearray(manifest_of(s, "pkg00"))
+    data[16] = 2  # format version 2
+    h = put_manifest(s, bytes(data))
+    with open(os.path.join(s, "packages", "refs", "pkg00"), "w") as f:
+        f.write(h + "\n")
+    drop_catalog(s)
+    code, _, err = t.run(s, "rebuild-catalog")
+    expect(code == 3 and "version 2" in err and "pkg00" in err, f"rebuild over a newer manifest: {code} {err!r}")
+    expect(not os.path.exists(os.path.join(s, "store.db")) and os.path.exists(os.path.join(s, "packages", "refs", "pkg00")),
+           "a refused rebuild wrote a catalog or dropped the ref")
+
+
+@test
+def a_manifest_claiming_a_wrong_size_spoils_only_itself(t):
+    s, pristine = cleaned_store(t, "wrong-size", 3)
+    finish_lifecycle(t, s)
+    data = bytearray(manifest_of(s, "pkg00"))
+    at, size, path = next(x for x in file_sizes(bytes(data)) if x[2] == b"LICENSE")  # shared by every package
+    enc = _put_varint(size + 1)
+    expect(len(enc) == len(_put_varint(size)), "test setup: the size varint changes length")
+    data[at:at + len(enc)] = enc
+    h = put_manifest(s, bytes(data))
+    with open(os.path.join(s, "packages", "refs", "aaa"), "w") as f:
+        f.write(h + "\n")
+    drop_catalog(s)
+    code, _, err = t.run(s, "rebuild-catalog")
+    expect(code == 1 and "aaa" in err, f"rebuild with a manifest claiming a wrong size: {code} {err!r}")
+    expect(not glob.glob(os.path.join(s, "migration", "corrupt", "*")), "a good object was quarantined")
+    st = t.json(s, "status")["packages"]
+    expect(st["verified"] == 3 and st["failed"] == 1, f"states: {st}")
+    t.run(s, "remove", "aaa", code=0)
+    t.run(s, "rollback", code=0)
+    for p, snap in pristine.items():
+        expect(snapshot(os.path.join(s, p), owners=True) == snap, f"{p} not rebuilt exactly")
+
+
+@test
+def a_rolled_back_store_stays_legacy_when_a_package_is_gone(t):
+    s, pristine = cleaned_store(t, "rolled", 3)
+    finish_lifecycle(t, s)
+    t.run(s, "rollback", code=0)
+    subprocess.run(["rm", "-rf", os.path.join(s, "pkg02")], check=True)  # the package manager removed it
+    drop_catalog(s)
+    j = t.json(s, "rebuild-catalog")
+    st = t.json(s, "status")
+    expect(j["mode"] == "legacy" and st["legacy_trees"]["marked"] == 0, f"rebuild of a rolled-back store: {j} {st}")
+    t.run(s, "cleanup", code=3)  # before cutover: refused, nothing deleted
+    for p in ("pkg00", "pkg01"):
+        expect(snapshot(os.path.join(s, p), owners=True) == pristine[p], f"{p} changed")
+
+
+@test
+def stray_things_in_packages_never_block_a_command(t):
+    s, pristine = cleaned_store(t, "stray", 2)
+    finish_lifecycle(t, s)
+    os.makedirs(os.path.join(s, "packages", "refs", "zzz"))
+    with open(os.path.join(s, "packages", "store"), "w") as f:
+        f.write("garbage\n")
+    code, _, err = t.run(s, "verify")
+    expect(code == 0, f"verify with a stray directory in refs/ and a damaged packages/store: {code} {err!r}")
+    expect(open(os.path.join(s, "packages", "store")).read() == "casmig-store 1\nmode file-level\n", "packages/store not rewritten")
+    expect(not os.path.exists(os.path.join(s, "packages", "refs", "zzz")) and
+           glob.glob(os.path.join(s, "migration", "aside", "ref-zzz*")), "the stray directory was not moved aside")
+    os.makedirs(os.path.join(s, "packages", "refs", "yyy"))
+    drop_catalog(s)
+    j = t.json(s, "rebuild-catalog")
+    expect(j["packages"] == 2, f"rebuild made a package of a stray directory: {j}")
+    j2 = t.json(s, "rebuild-catalog", "--force")
+    j3 = t.json(s, "rebuild-catalog", "--force")  # twice in the same second
+    expect(j2["old_catalog"] != j3["old_catalog"], "two forced rebuilds share the old catalog's name")
+    t.run(s, "rollback", code=0)
+    for p, snap in pristine.items():
+        expect(snapshot(os.path.join(s, p), owners=True) == snap, f"{p} not rebuilt exactly")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ struct RecoverResult {
 RecoverResult recover(store::Store& store, const ProblemSink& problems);
 
 struct SyncResult {
-    std::uint64_t manifests_written = 0, refs_dropped = 0;
+    std::uint64_t manifests_written = 0, refs_dropped = 0, refs_restored = 0;
     bool mode_written = false;
 };
 /// Brings packages/ up to the catalog (call with the lock held, after recover()): writes the manifest
@@ -90,7 +90,7 @@ std::optional<std::string> remove_package(store::Store& store, const std::string
 
 struct RebuildResult {
     std::uint64_t packages = 0, recovered = 0, pending = 0, failed = 0, lost = 0, objects = 0;
-    std::uint64_t objects_quarantined = 0, trees_moved_back = 0;
+    std::uint64_t objects_quarantined = 0, trees_moved_back = 0, orphan_manifests = 0;
     std::string mode, reason, old_catalog; // reason: why the old catalog did not fit; old_catalog: where it went
     bool mode_inferred = false;            // packages/store did not say
 };

@@ -43,11 +43,20 @@ public:
     using util::Error::Error;
 };
 
+/// A manifest of a format version this casmig does not read (a newer casmig wrote it): not damage.
+class VersionError : public FormatError {
+public:
+    using FormatError::FormatError;
+};
+
 /// Current version of the encoding (docs/format.md); decode() reads this version only.
 inline constexpr std::uint32_t k_format_version = 1;
 /// Upper bounds decode() enforces before allocating (a damaged length never costs memory).
 inline constexpr std::uint64_t k_max_path = 1u << 20;    // bytes of one path
 inline constexpr std::uint64_t k_max_xattrs = 1u << 24;  // bytes of one entry's xattr record
+/// Decoded paths together stay below k_max_decoded_paths_min + factor × the encoding's size.
+inline constexpr std::uint64_t k_max_decoded_paths_min = std::uint64_t(256) << 20;
+inline constexpr std::uint64_t k_max_decoded_paths_factor = 64;
 
 /// True if a < b in the canonical order: plain byte order of the paths (memcmp, shorter first on a tie).
 bool path_less(std::string_view a, std::string_view b);
@@ -73,6 +82,8 @@ std::string encode(const std::vector<Entry>& entries);
 /// "." nor "..", types and fields consistent, link_to naming an earlier file, xattr records well formed,
 /// no trailing bytes. Throws FormatError naming what is wrong (never crashes, never over-allocates).
 std::vector<Entry> decode(std::string_view bytes);
+/// decode() without turning std::bad_alloc into FormatError (decode() does).
+std::vector<Entry> decode_checked(std::string_view bytes);
 /// BLAKE3 of the encoding: the manifest object's name.
 inline hash::Digest digest_of(std::string_view encoded) { return hash::hash_bytes(encoded); }
 

@@ -98,6 +98,8 @@ private:
     std::vector<StagedRef> m_refs_staged;
     std::uint64_t m_temp_counter = 0;
     std::string write_temp(const std::string& bytes, mode_t mode);
+    /// Moves dirfd/name to migration/aside/<prefix><name>.<time>; returns where.
+    std::string move_aside(int dirfd, const std::string& name, const std::string& prefix);
     void discard_staged() noexcept;
 };
 

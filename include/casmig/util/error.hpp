@@ -3,6 +3,7 @@
 #pragma once
 #include <stdexcept>
 #include <string>
+#include <string_view>
 
 namespace casmig::util {
 
@@ -42,5 +43,9 @@ public:
 
 /// Throws SystemError(what, path, errno) — the one place a failed syscall becomes an exception.
 [[noreturn]] void throw_errno(const std::string& what, const std::string& path);
+
+/// Printable form of a byte path: non-printable and non-UTF-8 bytes as \xNN, so one error stays one line.
+std::string printable(std::string_view bytes);
+
 
 } // namespace casmig::util

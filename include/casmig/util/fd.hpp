@@ -1,6 +1,8 @@
 // casmig::util — an owned file descriptor, and small helpers around *at() system calls.
 #pragma once
 #include <string>
+
+#include "casmig/util/error.hpp"
 #include <string_view>
 #include <sys/stat.h>
 #include <utility>
@@ -69,7 +71,5 @@ unsigned long long remove_tree_at(int dirfd, const std::string& name, const std:
 void ensure_dir(const std::string& path, mode_t mode = 0755);
 /// Raises the soft RLIMIT_NOFILE to the hard limit (read-ahead and directory fds take shares of it).
 void raise_fd_limit();
-/// Printable form of a byte path: non-printable and non-UTF-8 bytes as \xNN, so one error stays one line.
-std::string printable(std::string_view bytes);
 
 } // namespace casmig::util
