@@ -60,6 +60,7 @@ struct Job {
     std::string error_path, error_message;
     std::uint64_t files = 0, bytes = 0;
     std::optional<hash::Digest> manifest_object; // its manifest in packages/ (commit_batch)
+    bool keep_manifest = false;                   // failed after cutover: the old manifest stays
     // Files with several links (st_nlink > 1), by inode: st_nlink and the indices of their entries.
     struct Inode {
         nlink_t nlink = 0;
@@ -655,6 +656,7 @@ private:
             for (auto id : started) cat.set_state(id, PackageState::in_progress);
         }
         bool any_migrated = false;
+        const bool file_level = cat.mode() == catalog::StoreMode::file_level;
         std::unordered_set<hash::Digest, hash::DigestHash> added; // to m_cataloged once committed
         // Counted once the transaction is committed: a commit that fails (disk full) counts nothing.
         Result counted;
@@ -664,7 +666,11 @@ private:
             std::string pid = util::printable(job.pkg.name);
             const char* from = catalog::to_string(job.pkg.state);
             if (job.failed) {
-                cat.clear_manifest(job.pkg.id); // no stale or half manifest survives a failed run
+                // No stale or half manifest survives a failed run, except after cutover: there the
+                // manifest is the truth (its objects may be all that is left of the package) and a tree
+                // that cannot be read again never replaces it.
+                if (file_level && job.pkg.has_manifest) job.keep_manifest = true;
+                else cat.clear_manifest(job.pkg.id);
                 std::string msg = job.problem().line();
                 cat.set_state(job.pkg.id, PackageState::failed, msg);
                 cat.journal("migrate", pid, from, "failed", msg);
@@ -695,7 +701,7 @@ private:
         // packages/ follows the catalog: a failed package's old manifest is no longer its current one,
         // and the store mode is mirrored for rebuild-catalog.
         for (auto& jp : batch)
-            if (jp->failed)
+            if (jp->failed && !jp->keep_manifest)
                 if (auto w = store::mirror_step([&] { index.drop_ref(jp->pkg.name); }))
                     problem({util::printable(jp->pkg.name), "", *w, true});
         if (now_dual) {

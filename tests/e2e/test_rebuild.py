@@ -355,6 +355,23 @@ def a_half_deleted_tree_in_temp_goes_aside_never_back_under_its_name(t):
         expect(snapshot(os.path.join(s, p), owners=True) == snap, f"{p} not rebuilt exactly")
 
 
+@test
+def a_failed_retry_after_cutover_never_drops_the_manifest(t):
+    s, pristine = cleaned_store(t, "retry-fl", 2)
+    t.run(s, "cutover", code=0)
+    c = sqlite3.connect(os.path.join(s, "store.db"))
+    c.execute("UPDATE packages SET state='failed', error='test' WHERE name=CAST('pkg01' AS BLOB)")
+    c.commit()
+    c.close()
+    os.mkfifo(os.path.join(s, "pkg01", "a-fifo"))
+    code, _, err = t.run(s, "migrate", "--retry-failed")
+    expect(code == 1 and "a-fifo" in err, f"retry over a fifo: {code} {err!r}")
+    expect(os.path.exists(os.path.join(s, "packages", "refs", "pkg01")), "the failed retry dropped the ref")
+    dest = os.path.join(t.work, "retry-fl-mat")
+    t.run(s, "materialize", "pkg01", dest, code=0)
+    expect(snapshot(dest, owners=True) == pristine["pkg01"], "the manifest kept after the failed retry is not the package")
+
+
 def harness_seams(t):
     trace = os.path.join(t.work, "seam-probe.trace")
     if not os.path.exists(trace):
