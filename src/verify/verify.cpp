@@ -67,6 +67,8 @@ void check_objects(Task& t, const cas::ObjectStore& objects) {
             t.add(e.path, "object " + e.digest->hex() + " is missing from objects/");
             t.missing_objects.push_back(*e.digest);
         }
+        else if (size == UINT64_MAX)
+            t.add(e.path, "object " + e.digest->hex() + " is a .zst file without a valid zstd frame header");
         else if (size != e.size)
             t.add(e.path, "object " + e.digest->hex() + " has " + std::to_string(size) + " bytes, the manifest says " +
                               std::to_string(e.size));
@@ -210,23 +212,23 @@ std::vector<std::pair<std::string, std::string>> compare_tree(int dirfd, const s
 }
 
 std::string prove_object(const cas::ObjectStore& objects, const hash::Digest& d, std::uint64_t size) {
-    std::string rel = cas::object_relpath(d);
-    int fd = ::openat(objects.dirfd(), rel.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0) {
-        if (errno == ENOENT) return "is missing";
-        return std::string("cannot be opened: ") + std::strerror(errno);
-    }
-    util::Fd owned(fd);
-    struct stat st {};
-    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) return "is not a regular file";
-    if (static_cast<std::uint64_t>(st.st_size) != size)
-        return "has " + std::to_string(st.st_size) + " bytes, the manifest says " + std::to_string(size);
-    std::uint64_t n = 0;
     try {
-        auto got = hash::hash_fd(fd, objects.dir() + "/" + rel, &n);
+        cas::ObjectReader r = objects.open_content(d);
+        struct stat st {};
+        if (::fstat(r.fd(), &st) != 0 || !S_ISREG(st.st_mode)) return "is not a regular file";
+        std::string form = r.form() == cas::Form::zstd ? " (.zst)" : "";
+        std::uint64_t have = r.content_size();
+        if (have != size)
+            return "has " + std::to_string(have) + " bytes" + form + ", the manifest says " + std::to_string(size);
+        std::uint64_t n = 0;
+        auto got = cas::hash_content(r, &n);
         if (n != size) return "changed while being read";
-        if (got != d) return "content does not match its name (BLAKE3 " + got.hex() + ")";
+        if (got != d) return "content does not match its name" + form + " (BLAKE3 " + got.hex() + ")";
+    } catch (const cas::CorruptObject& e) {
+        return std::string("is corrupt: ") + e.what();
     } catch (const util::SystemError& e) {
+        if (e.code() == ENOENT) return "is missing";
+        if (e.code() == ELOOP) return "is not a regular file";
         return e.what();
     }
     return {};
@@ -336,7 +338,8 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
     // materialize --link hardlink) that mode without write bits; any other variant keeps its read and
     // exec bits.
     auto object_mode = [](const std::string& rel, mode_t have) -> mode_t {
-        if (rel.size() == 65) return 0444;
+        if (rel.size() == 65 || (rel.size() == 65 + cas::k_zst_suffix.size() && rel.substr(65) == cas::k_zst_suffix))
+            return 0444;
         if (rel.size() > 67 && rel.compare(65, 2, ".m") == 0) {
             std::string oct = rel.substr(67);
             if (oct.size() <= 4 && oct.find_first_not_of("01234567") == std::string::npos)
@@ -432,10 +435,16 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
                         why = "is not a regular file";
                     } else {
                         std::uint64_t n = 0;
+                        const bool zst = rel.size() == 65 + cas::k_zst_suffix.size() && rel.substr(65) == cas::k_zst_suffix;
                         try {
-                            auto d = hash::hash_fd(fd, objects.dir() + "/" + rel, &n);
+                            // The one read path: a .zst variant is hashed over its uncompressed bytes.
+                            cas::ObjectReader rd(util::Fd(::dup(fd)), zst ? cas::Form::zstd : cas::Form::raw,
+                                                 objects.dir() + "/" + rel, &objects.dictionaries());
+                            auto d = cas::hash_content(rd, &n);
                             ok = d == *named;
                             if (!ok) why = "content does not match its name (BLAKE3 " + d.hex() + ")";
+                        } catch (const cas::CorruptObject& e) {
+                            why = std::string("is corrupt: ") + e.what();
                         } catch (const util::SystemError& e) {
                             why = e.what();
                         }
@@ -470,8 +479,10 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
                 moved = "nowhere (it vanished meanwhile)";
             }
             io::crash_point("verify.quarantined");
-            // The catalog must not claim it any more: a later migrate then rewrites the content.
-            if (rel.size() == 65) cat.delete_object(d);
+            // The catalog must not claim it any more (unless its other form is still there): a later
+            // migrate then rewrites the content.
+            const bool content_form = rel.size() == 65 || rel.substr(65) == cas::k_zst_suffix;
+            if (content_form && !objects.on_disk(d)) cat.delete_object(d);
             who.bind_blob(1, d.raw());
             std::string names;
             bool recoverable = false;
@@ -495,8 +506,7 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
     }
     // Catalogued objects that are missing on disk.
     for (const auto& o : cat.objects()) {
-        std::uint64_t size = 0;
-        if (!objects.on_disk(o.digest, &size)) {
+        if (!objects.on_disk(o.digest)) {
             bool quarantined = false;
             for (auto& b : bad)
                 if (b.second == o.digest) quarantined = true;

@@ -63,6 +63,7 @@ RollbackResult rollback(store::Store& store, unsigned threads, SpaceCheck space,
 struct MaterializeResult {
     std::uint64_t files = 0, dirs = 0, symlinks = 0, bytes = 0;
     std::uint64_t linked = 0, reflinked = 0, copied = 0;
+    std::uint64_t decompressed = 0; // copies made from a .zst object (hardlink and reflink cannot use one)
 };
 /// Rebuilds package `name` at `dest` (absent or an empty directory) from its manifest.
 MaterializeResult materialize(store::Store& store, const std::string& name, const std::string& dest, LinkMode link);
