@@ -287,8 +287,9 @@ size_t ObjectReader::read(char* buf, size_t len) {
         if (id != 0) {
             ZSTD_DDict* dict = m_dicts ? m_dicts->find(id) : nullptr;
             if (!dict)
-                throw CorruptObject(m_display + " needs zstd dictionary " + std::to_string(id) + ", which is not in " +
-                                    (m_dicts ? m_dicts->dir() : std::string(k_dict_dir)) + " (or is damaged there)");
+                throw MissingDictionary(m_display + " needs zstd dictionary " + std::to_string(id) + ", which is not in " +
+                                    (m_dicts ? m_dicts->dir() : std::string(k_dict_dir)) +
+                                        " (or is damaged there): restore that dictionary from a backup");
             ZSTD_DCtx_refDDict(m_dctx, dict);
         }
         (void)want;

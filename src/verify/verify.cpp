@@ -390,11 +390,27 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
         std::string fix = put_right(d.get(), st, 0755);
         if (!fix.empty() && problems) problems({"-", "objects/" + n + "/", fix});
     }
+    // The zstd mode's dictionaries: a .zst object made with one cannot be read without it, so a damaged
+    // one is reported (never moved: nothing could replace it but a backup).
+    if (int dfd = ::open(objects.dictionaries().dir().c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC); dfd >= 0) {
+        util::Fd dir(dfd);
+        for (const auto& n : util::list_dir(dfd, objects.dictionaries().dir())) {
+            auto named = hash::Digest::from_hex(n);
+            if (!named || n.size() != 64) continue;
+            try {
+                objects.dictionaries().load(*named);
+            } catch (const util::Error& e) {
+                ++r.objects_bad;
+                if (problems) problems({"-", std::string(cas::k_dict_dir) + "/" + n, e.what()});
+            }
+        }
+    }
     auto files = objects.list_files();
     Progress report;
     report.phase = "verify objects";
     report.packages_total = files.size();
     std::atomic<std::uint64_t> done{0}, bytes{0};
+    std::uint64_t unreadable = 0; // .zst objects whose dictionary is missing: reported, left in place
     unsigned threads = util::thread_count(opts.threads);
     tbb::task_arena arena(static_cast<int>(threads));
     arena.execute([&] {
@@ -419,7 +435,7 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
                 const std::string& rel = files[i];
                 std::string hex = rel.substr(0, 2) + rel.substr(3, 62);
                 auto named = hash::Digest::from_hex(hex);
-                bool ok = false;
+                bool ok = false, keep = false;
                 std::string why, fix;
                 if (!named || rel.size() < 65) {
                     why = "is not named by a BLAKE3 digest";
@@ -443,6 +459,10 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
                             auto d = cas::hash_content(rd, &n);
                             ok = d == *named;
                             if (!ok) why = "content does not match its name (BLAKE3 " + d.hex() + ")";
+                        } catch (const cas::MissingDictionary& e) {
+                            // Not the object's fault: it stays where it is (the dictionary is reported above).
+                            why = e.what();
+                            keep = true;
                         } catch (const cas::CorruptObject& e) {
                             why = std::string("is corrupt: ") + e.what();
                         } catch (const util::SystemError& e) {
@@ -454,7 +474,8 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
                 }
                 std::uint64_t k = ++done;
                 std::lock_guard lk(mutex);
-                if (!ok) bad.emplace_back(rel, named.value_or(hash::Digest{}));
+                if (!ok && keep) ++unreadable;
+                if (!ok && !keep) bad.emplace_back(rel, named.value_or(hash::Digest{}));
                 if (!ok && problems) problems({"-", "objects/" + rel, why});
                 if (!fix.empty() && problems) problems({"-", "objects/" + rel, fix});
                 report.packages_done = k;
@@ -464,7 +485,7 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
         });
     });
     r.objects_checked = files.size();
-    r.objects_bad = bad.size();
+    r.objects_bad += bad.size() + unreadable;
     // Quarantine corrupt objects so a later migrate rewrites them, and name who needs them.
     if (!bad.empty()) {
         catalog::Stmt who(cat.db(), "SELECT DISTINCT p.id, p.name, p.tree, p.state FROM entries e JOIN packages p ON p.id = e.package WHERE e.digest = ?");

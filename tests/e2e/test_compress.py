@@ -291,6 +291,29 @@ def no_dictionary_option_and_levels(t):
     expect(code == 2 and "--compress" in err, f"a level out of range is a usage error: {code} {err}")
 
 
+@test
+def a_damaged_dictionary_is_reported(t):
+    s = compressible_store(t, "dict-damage", packages=6)
+    t.run(s, "migrate", "--compress", code=0)
+    name = os.listdir(os.path.join(s, "packages", "dict"))[0]
+    path = os.path.join(s, "packages", "dict", name)
+    good = open(path, "rb").read()
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(100)
+        f.write(bytes([good[100] ^ 1]))
+    code, _, err = t.run(s, "verify", "--objects")
+    expect(code == 1 and f"packages/dict/{name}" in err and "restore it from a backup" in err,
+           f"verify --objects names the dictionary and the way back: {code} {err[-500:]}")
+    expect("needs zstd dictionary" in err, f"the objects that need it are named: {err[-500:]}")
+    expect(os.path.exists(path), "the dictionary is never moved or deleted")
+    expect(not os.path.exists(os.path.join(s, "migration", "corrupt")),
+           "objects that only lack their dictionary are not quarantined")
+    with open(path, "wb") as f:  # restored from a backup
+        f.write(good)
+    t.run(s, "verify", "--objects", code=0)
+
+
 def crash_points(t, store_src):
     d = os.path.join(t.work, "discover")
     shutil.copytree(store_src, d, symlinks=True)

@@ -80,6 +80,13 @@ public:
     using util::Error::Error;
 };
 
+/// A .zst object whose frame names a dictionary packages/dict/ does not hold (intact): the object may
+/// well be good; the dictionary is what to restore.
+class MissingDictionary : public CorruptObject {
+public:
+    using CorruptObject::CorruptObject;
+};
+
 /// Compresses objects at one level with an optional dictionary. Thread-safe: each thread reuses its own
 /// ZSTD_CCtx (created on first use, kept for the thread's life: memory stays one context per worker).
 class Compressor {
