@@ -234,7 +234,7 @@ ObjectReader::ObjectReader(util::Fd fd, Form form, std::string display, const Di
 ObjectReader::ObjectReader(ObjectReader&& o) noexcept
     : m_fd(std::move(o.m_fd)), m_form(o.m_form), m_display(std::move(o.m_display)), m_dicts(o.m_dicts),
       m_stored(o.m_stored), m_offset(o.m_offset), m_produced(o.m_produced), m_content_size(o.m_content_size),
-      m_dctx(std::exchange(o.m_dctx, nullptr)), m_in(std::move(o.m_in)), m_in_pos(o.m_in_pos), m_in_len(o.m_in_len),
+      m_dctx(std::exchange(o.m_dctx, nullptr)), m_in(std::move(o.m_in)), m_in_cap(o.m_in_cap), m_in_pos(o.m_in_pos), m_in_len(o.m_in_len),
       m_started(o.m_started), m_done(o.m_done) {}
 
 ObjectReader::~ObjectReader() { give_dctx(m_dctx); }
@@ -242,25 +242,46 @@ ObjectReader::~ObjectReader() { give_dctx(m_dctx); }
 void ObjectReader::fill() {
     // Keeps what is unconsumed, appends from the file.
     if (m_in_pos > 0) {
-        std::memmove(m_in.data(), m_in.data() + m_in_pos, m_in_len - m_in_pos);
+        std::memmove(m_in.get(), m_in.get() + m_in_pos, m_in_len - m_in_pos);
         m_in_len -= m_in_pos;
         m_in_pos = 0;
     }
-    for (;;) {
-        ssize_t n = ::pread(m_fd.get(), m_in.data() + m_in_len, m_in.size() - m_in_len, static_cast<off_t>(m_offset));
+    // Until the buffer is full or the file ends: a small object is then read whole at once.
+    while (m_in_len < m_in_cap && m_offset < m_stored) {
+        ssize_t n = ::pread(m_fd.get(), m_in.get() + m_in_len, m_in_cap - m_in_len, static_cast<off_t>(m_offset));
         if (n < 0 && errno == EINTR) continue;
         if (n < 0) util::throw_errno("read failed", m_display);
+        if (n == 0) break; // shorter than at open: the frame checks below report it
         m_in_len += static_cast<size_t>(n);
         m_offset += static_cast<std::uint64_t>(n);
-        return;
     }
+}
+
+namespace {
+/// .zst files up to this size are read whole and, when the caller's buffer holds the content, decompressed
+/// in one call (no streaming window to copy through: verify --objects reads most objects this way).
+constexpr std::uint64_t k_whole_max = 1 << 20;
+} // namespace
+
+ZSTD_DDict_s* ObjectReader::dictionary() {
+    unsigned id = ZSTD_getDictID_fromFrame(m_in.get() + m_in_pos, m_in_len - m_in_pos);
+    if (id == 0) return nullptr;
+    ZSTD_DDict* dict = m_dicts ? m_dicts->find(id) : nullptr;
+    if (!dict)
+        throw MissingDictionary(m_display + " needs zstd dictionary " + std::to_string(id) + ", which is not in " +
+                                (m_dicts ? m_dicts->dir() : std::string(k_dict_dir)) +
+                                " (or is damaged there): restore that dictionary from a backup");
+    return dict;
 }
 
 std::uint64_t ObjectReader::content_size() {
     if (m_content_size) return *m_content_size;
-    if (m_in.empty()) m_in.resize(static_cast<size_t>(std::clamp<std::uint64_t>(m_stored, 64, ZSTD_DStreamInSize())));
+    if (!m_in) {
+        m_in_cap = static_cast<size_t>(m_stored <= k_whole_max ? std::max<std::uint64_t>(m_stored, 1) : ZSTD_DStreamInSize());
+        m_in.reset(new char[m_in_cap]);
+    }
     if (m_in_len - m_in_pos < 18 /* largest frame header */ && m_offset < m_stored) fill();
-    unsigned long long cs = ZSTD_getFrameContentSize(m_in.data() + m_in_pos, m_in_len - m_in_pos);
+    unsigned long long cs = ZSTD_getFrameContentSize(m_in.get() + m_in_pos, m_in_len - m_in_pos);
     if (cs == ZSTD_CONTENTSIZE_ERROR || cs == ZSTD_CONTENTSIZE_UNKNOWN)
         throw CorruptObject(m_display + " is not a zstd frame with its content size");
     m_content_size = cs;
@@ -280,24 +301,31 @@ size_t ObjectReader::read(char* buf, size_t len) {
     }
     if (m_done || len == 0) return 0;
     if (!m_started) {
-        std::uint64_t want = content_size(); // reads the header, checks it is a frame
+        const std::uint64_t want = content_size(); // reads the header (a small file whole), checks it is a frame
+        ZSTD_DDict* dict = dictionary();
         m_dctx = take_dctx();
-        ZSTD_DCtx_reset(m_dctx, ZSTD_reset_session_and_parameters);
-        unsigned id = ZSTD_getDictID_fromFrame(m_in.data() + m_in_pos, m_in_len - m_in_pos);
-        if (id != 0) {
-            ZSTD_DDict* dict = m_dicts ? m_dicts->find(id) : nullptr;
-            if (!dict)
-                throw MissingDictionary(m_display + " needs zstd dictionary " + std::to_string(id) + ", which is not in " +
-                                    (m_dicts ? m_dicts->dir() : std::string(k_dict_dir)) +
-                                        " (or is damaged there): restore that dictionary from a backup");
-            ZSTD_DCtx_refDDict(m_dctx, dict);
-        }
-        (void)want;
         m_started = true;
+        if (m_stored <= k_whole_max && want <= len) {
+            // The whole file is in m_in: exactly one frame, decompressed straight into the caller's buffer.
+            m_done = true;
+            if (m_in_len != m_stored) throw CorruptObject(m_display + " changed while being read");
+            size_t frame = ZSTD_findFrameCompressedSize(m_in.get(), m_in_len);
+            if (ZSTD_isError(frame)) throw CorruptObject(m_display + " does not decompress: " + ZSTD_getErrorName(frame));
+            if (frame != m_in_len) throw CorruptObject(m_display + " has bytes after its zstd frame");
+            size_t r = ZSTD_decompress_usingDDict(m_dctx, buf, static_cast<size_t>(want), m_in.get(), m_in_len, dict);
+            if (ZSTD_isError(r)) throw CorruptObject(m_display + " does not decompress: " + ZSTD_getErrorName(r));
+            if (r != want)
+                throw CorruptObject(m_display + " decompresses to " + std::to_string(r) + " bytes, its header says " +
+                                    std::to_string(want));
+            m_produced = r;
+            return r;
+        }
+        ZSTD_DCtx_reset(m_dctx, ZSTD_reset_session_and_parameters);
+        if (dict) ZSTD_DCtx_refDDict(m_dctx, dict);
     }
     for (;;) {
         if (m_in_pos == m_in_len && m_offset < m_stored) fill();
-        ZSTD_inBuffer in{m_in.data(), m_in_len, m_in_pos};
+        ZSTD_inBuffer in{m_in.get(), m_in_len, m_in_pos};
         ZSTD_outBuffer out{buf, len, 0};
         size_t r = ZSTD_decompressStream(m_dctx, &out, &in);
         if (ZSTD_isError(r)) throw CorruptObject(m_display + " does not decompress: " + ZSTD_getErrorName(r));
@@ -323,7 +351,8 @@ size_t ObjectReader::read(char* buf, size_t len) {
 }
 
 hash::Digest hash_content(ObjectReader& r, std::uint64_t* n) {
-    thread_local std::vector<char> buf(256 * 1024);
+    // 1 MiB: most objects are decompressed into it in one call (ObjectReader::read()).
+    thread_local std::vector<char> buf(1 << 20);
     hash::Hasher h;
     std::uint64_t total = 0;
     for (;;) {

@@ -213,9 +213,10 @@ int cmd_status(Ctx& c, int journal_lines) {
     h += fmt("objects    %lld, %s stored, %s saved (%.1f%%)\n", (long long)t.objects, hb(t.stored_bytes).c_str(),
              util::human_bytes(static_cast<double>(saved)).c_str(),
              t.logical_bytes ? 100.0 * static_cast<double>(saved) / static_cast<double>(t.logical_bytes) : 0.0);
-    h += fmt("compress   %s: %s of contents stored in %s (ratio %.2f, %s saved by compression)\n", compression.c_str(),
-             hb(t.object_bytes).c_str(), hb(t.stored_bytes).c_str(), ratio,
-             util::human_bytes(static_cast<double>(t.object_bytes - t.stored_bytes)).c_str());
+    if (compression != "none")
+        h += fmt("compress   %s: %s of contents stored in %s (ratio %.2f, %s saved by compression)\n", compression.c_str(),
+                 hb(t.object_bytes).c_str(), hb(t.stored_bytes).c_str(), ratio,
+                 util::human_bytes(static_cast<double>(t.object_bytes - t.stored_bytes)).c_str());
     if (!failures.empty()) {
         h += "failed:\n";
         size_t n = 0;

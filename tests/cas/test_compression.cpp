@@ -126,13 +126,22 @@ TEST_SUITE("cas::ObjectReader") {
         cas::Compressor c(3, {});
         std::string frame;
         c.compress(data.data(), data.size(), frame);
+        // read_all() reads in small pieces (the streaming path), hash_content() into 1 MiB (one call).
         SUBCASE("bytes after the frame") {
             auto r = reader_of(t, "trailing", frame + "x", cas::Form::zstd);
             CHECK_THROWS_AS(read_all(r), cas::CorruptObject);
+            auto r2 = reader_of(t, "trailing2", frame + "x", cas::Form::zstd);
+            CHECK_THROWS_AS(cas::hash_content(r2), cas::CorruptObject);
         }
         SUBCASE("truncated") {
             auto r = reader_of(t, "short", frame.substr(0, frame.size() - 3), cas::Form::zstd);
             CHECK_THROWS_AS(read_all(r), cas::CorruptObject);
+            auto r2 = reader_of(t, "short2", frame.substr(0, frame.size() - 3), cas::Form::zstd);
+            CHECK_THROWS_AS(cas::hash_content(r2), cas::CorruptObject);
+        }
+        SUBCASE("both paths give the original bytes") {
+            auto r = reader_of(t, "good", frame, cas::Form::zstd);
+            CHECK(cas::hash_content(r) == hash::hash_bytes(data));
         }
         SUBCASE("not a frame at all") {
             auto r = reader_of(t, "plain", data, cas::Form::zstd);

@@ -177,6 +177,8 @@ public:
 
 private:
     void fill();
+    /// The frame's dictionary (nullptr for none); throws MissingDictionary.
+    ZSTD_DDict_s* dictionary();
     util::Fd m_fd;
     Form m_form;
     std::string m_display;
@@ -186,8 +188,8 @@ private:
     std::uint64_t m_produced = 0; // uncompressed bytes returned
     std::optional<std::uint64_t> m_content_size;
     ZSTD_DCtx_s* m_dctx = nullptr;
-    std::vector<char> m_in;
-    size_t m_in_pos = 0, m_in_len = 0;
+    std::unique_ptr<char[]> m_in; // uninitialised: a whole small .zst file, or the streaming window's input
+    size_t m_in_cap = 0, m_in_pos = 0, m_in_len = 0;
     bool m_started = false, m_done = false;
 };
 
