@@ -398,9 +398,9 @@ int main(int argc, char** argv) {
     mig->add_flag("--no-verify", no_verify, "Skip the verify pass after writing");
     std::string compress;
     bool no_dictionary = false;
-    mig->add_flag("--compress{3}", compress,
+    mig->add_flag("--compress{6}", compress,
                   "zstd store mode, chosen on the store's first migrate: --compress or --compress=LEVEL (1 to 22, "
-                  "default 3); later migrates keep the mode");
+                  "default 6); later migrates keep the mode");
     mig->add_flag("--no-dictionary", no_dictionary, "With the first --compress: train no zstd dictionary");
     mig->add_flag("--no-space-check", no_space_check,
                   "Start even if the packages may not fit in the free space; migrate what fits, leave the rest pending");

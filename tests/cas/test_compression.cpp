@@ -68,7 +68,7 @@ void make_layout(const test::TempDir& t) {
 TEST_SUITE("cas::Compression") {
     TEST_CASE("the setting round-trips and a damaged one is refused") {
         cas::Compression c;
-        CHECK(c.setting() == "zstd:3");
+        CHECK(c.setting() == "zstd:6");
         c.level = 19;
         c.dict = hash::hash_bytes("d");
         auto back = cas::Compression::parse(c.setting());

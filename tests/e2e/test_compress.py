@@ -109,7 +109,7 @@ def lifecycle_in_zstd_mode_is_exact(t):
     pristine = {p: snapshot(os.path.join(s, p), owners=True) for p in os.listdir(s)}
     _, out, err = t.run(s, "migrate", "--compress", code=0)
     value = setting(s)
-    expect(value and value.startswith("zstd:3:dict="), f"the catalog records the mode with its dictionary: {value!r}")
+    expect(value and value.startswith("zstd:6:dict="), f"the catalog records the mode with its dictionary: {value!r}")
     dict_name = value.split("dict=")[1]
     expect(os.listdir(os.path.join(s, "packages", "dict")) == [dict_name],
            f"packages/dict/ holds the dictionary the setting names: {os.listdir(os.path.join(s, 'packages', 'dict'))}")
