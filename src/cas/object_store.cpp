@@ -335,12 +335,6 @@ std::optional<std::string> ObjectStore::check_on_disk(const hash::Digest& d, std
     return std::string();
 }
 
-std::optional<std::string> ObjectStore::check_either(const hash::Digest& d, std::optional<std::uint64_t> size) const {
-    auto why = check_on_disk(d, size, Form::raw);
-    if (why) return why;
-    return check_on_disk(d, size, Form::zstd);
-}
-
 bool ObjectStore::exists(const hash::Digest& d, std::optional<std::uint64_t> size) const {
     {
         std::lock_guard lk(m_mutex);

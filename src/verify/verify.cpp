@@ -502,7 +502,8 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
             io::crash_point("verify.quarantined");
             // The catalog must not claim it any more (unless its other form is still there): a later
             // migrate then rewrites the content.
-            const bool content_form = rel.size() == 65 || rel.substr(65) == cas::k_zst_suffix;
+            const bool content_form =
+                rel.size() == 65 || (rel.size() == 65 + cas::k_zst_suffix.size() && rel.compare(65, std::string::npos, cas::k_zst_suffix) == 0);
             if (content_form && !objects.on_disk(d)) cat.delete_object(d);
             who.bind_blob(1, d.raw());
             std::string names;

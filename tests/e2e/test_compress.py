@@ -314,6 +314,22 @@ def a_damaged_dictionary_is_reported(t):
     t.run(s, "verify", "--objects", code=0)
 
 
+@test
+def stray_files_beside_zst_objects(t):
+    """verify --objects meets files that are no object (short names, a .zst suffix on a short name)."""
+    s = compressible_store(t, "stray", packages=4)
+    t.run(s, "migrate", "--compress", code=0)
+    for name in ("junk", "junk.zst", "0" * 62 + ".zs"):
+        with open(os.path.join(s, "objects", "ab", name), "wb") as f:
+            f.write(b"not an object")
+    code, _, err = t.run(s, "verify", "--objects")
+    expect(code == 1, f"exit 1, got {code}: {err[-400:]}")
+    for name in ("junk", "junk.zst"):
+        expect(f"objects/ab/{name}" in err and "not named by a BLAKE3 digest" in err, f"{name} is named: {err[-600:]}")
+    expect("casmig: error" not in err, f"no internal error: {err[-400:]}")
+    t.run(s, "verify", "--objects", code=0)  # they were moved to migration/corrupt/
+
+
 def crash_points(t, store_src):
     d = os.path.join(t.work, "discover")
     shutil.copytree(store_src, d, symlinks=True)

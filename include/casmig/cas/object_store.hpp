@@ -263,8 +263,6 @@ private:
     /// Throws util::SystemError if it cannot be read.
     /// Looks at the file of the given form only.
     std::optional<std::string> check_on_disk(const hash::Digest& d, std::optional<std::uint64_t> size, Form form) const;
-    /// check_on_disk() of the raw form, then (if absent) of the .zst form.
-    std::optional<std::string> check_either(const hash::Digest& d, std::optional<std::uint64_t> size) const;
     /// Places one staged file at d's name (step 3). Returns true if this call placed it.
     bool place(const hash::Digest& d, const std::string& tmpname, std::uint64_t size, Form form, PublishStats& stats);
     void remove_own_temp() noexcept;
