@@ -28,6 +28,12 @@ std::string object_relpath(const hash::Digest& d) {
     return h.substr(0, 2) + "/" + h.substr(2);
 }
 
+std::string object_relpath(const hash::Digest& d, Form form) {
+    std::string rel = object_relpath(d);
+    if (form == Form::zstd) rel += k_zst_suffix;
+    return rel;
+}
+
 TempFile::TempFile(TempFile&& o) noexcept
     : m_dirfd(o.m_dirfd), m_name(std::exchange(o.m_name, {})), m_fd(std::move(o.m_fd)), m_direct(o.m_direct),
       m_size(std::exchange(o.m_size, 0)), m_end(std::exchange(o.m_end, 0)) {}
@@ -207,7 +213,9 @@ std::string parent_of(const std::string& path) {
 
 ObjectStore::ObjectStore(const std::string& objects_dir, const std::string& temp_dir)
     : m_objects_path(objects_dir), m_temp_path(temp_dir),
-      m_quarantine_path(parent_of(objects_dir) + "/" + k_quarantine_dir), m_objects(util::open_dir(objects_dir)) {
+      m_quarantine_path(parent_of(objects_dir) + "/" + k_quarantine_dir),
+      m_packages_path(parent_of(objects_dir) + "/packages"), m_objects(util::open_dir(objects_dir)),
+      m_dicts(parent_of(objects_dir) + "/" + k_dict_dir) {
     // temp/ is emptied of what casmig left there: never follow a symlink to somebody else's directory.
     int fd = ::open(temp_dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0 && (errno == ELOOP || errno == ENOTDIR))
@@ -282,19 +290,68 @@ std::string ObjectStore::own_temp_name() const {
     return m_own_name;
 }
 
-bool ObjectStore::on_disk(const hash::Digest& d, std::uint64_t* size) const {
-    struct stat st {};
-    std::string rel = object_relpath(d);
-    if (::fstatat(m_objects.get(), rel.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
-        if (errno == ENOENT) return false;
-        util::throw_errno("cannot stat object", m_objects_path + "/" + rel);
+std::optional<Form> ObjectStore::form_on_disk(const hash::Digest& d) const {
+    for (Form f : {Form::raw, Form::zstd}) {
+        struct stat st {};
+        std::string rel = object_relpath(d, f);
+        if (::fstatat(m_objects.get(), rel.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
+            if (errno == ENOENT) continue;
+            util::throw_errno("cannot stat object", m_objects_path + "/" + rel);
+        }
+        if (S_ISREG(st.st_mode)) return f;
     }
-    if (size) *size = static_cast<std::uint64_t>(st.st_size);
-    return S_ISREG(st.st_mode);
+    return std::nullopt;
 }
 
-std::optional<std::string> ObjectStore::check_on_disk(const hash::Digest& d, std::optional<std::uint64_t> size) const {
-    std::string rel = object_relpath(d);
+bool ObjectStore::on_disk(const hash::Digest& d, std::uint64_t* size) const {
+    auto form = form_on_disk(d);
+    if (!form) return false;
+    if (!size) return true;
+    try {
+        ObjectReader r = open_file(object_relpath(d, *form));
+        *size = r.content_size();
+    } catch (const CorruptObject&) {
+        *size = UINT64_MAX;
+    } catch (const util::SystemError& e) {
+        if (e.code() == ENOENT) return false; // gone meanwhile
+        throw;
+    }
+    return true;
+}
+
+ObjectReader ObjectStore::open_file(const std::string& rel) const {
+    const bool zst = rel.size() > k_zst_suffix.size() && rel.compare(rel.size() - k_zst_suffix.size(), k_zst_suffix.size(),
+                                                                         k_zst_suffix) == 0;
+    std::string display = m_objects_path + "/" + rel;
+    int fd = ::openat(m_objects.get(), rel.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) util::throw_errno("cannot open object", display);
+    return ObjectReader(util::Fd(fd), zst ? Form::zstd : Form::raw, std::move(display), &m_dicts);
+}
+
+ObjectReader ObjectStore::open_content(const hash::Digest& d) const {
+    try {
+        return open_file(object_relpath(d, Form::raw));
+    } catch (const util::SystemError& e) {
+        if (e.code() != ENOENT) throw;
+    }
+    try {
+        return open_file(object_relpath(d, Form::zstd));
+    } catch (const util::SystemError& e) {
+        if (e.code() != ENOENT) throw;
+    }
+    throw util::SystemError("cannot open object", m_objects_path + "/" + object_relpath(d), ENOENT);
+}
+
+std::optional<std::uint64_t> ObjectStore::stored_size(const hash::Digest& d) const {
+    std::lock_guard lk(m_mutex);
+    auto it = m_stored.find(d);
+    if (it == m_stored.end()) return std::nullopt;
+    return it->second;
+}
+
+std::optional<std::string> ObjectStore::check_on_disk(const hash::Digest& d, std::optional<std::uint64_t> size,
+                                                      Form form) const {
+    std::string rel = object_relpath(d, form);
     std::string display = m_objects_path + "/" + rel;
     int fd = ::openat(m_objects.get(), rel.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) {
@@ -306,13 +363,27 @@ std::optional<std::string> ObjectStore::check_on_disk(const hash::Digest& d, std
     struct stat st {};
     if (::fstat(fd, &st) != 0) util::throw_errno("cannot stat object", display);
     if (!S_ISREG(st.st_mode)) return std::string("is not a regular file");
-    if (size && static_cast<std::uint64_t>(st.st_size) != *size)
-        return "has " + std::to_string(st.st_size) + " bytes, the object has " + std::to_string(*size);
-    hash::Digest got = hash::hash_fd(fd, display);
+    hash::Digest got;
+    if (form == Form::raw) {
+        if (size && static_cast<std::uint64_t>(st.st_size) != *size)
+            return "has " + std::to_string(st.st_size) + " bytes, the object has " + std::to_string(*size);
+        got = hash::hash_fd(fd, display);
+    } else {
+        ObjectReader r(util::Fd(::dup(fd)), Form::zstd, display, &m_dicts);
+        try {
+            std::uint64_t n = r.content_size();
+            if (size && n != *size) return "decompresses to " + std::to_string(n) + " bytes, the object has " + std::to_string(*size);
+            got = hash_content(r);
+        } catch (const CorruptObject& e) {
+            return std::string(e.what());
+        }
+    }
     if (got != d) return "content hashes to " + got.hex();
     // The right content: it stays. Objects are never writable (best effort: a file we do not own
     // keeps its mode, and verify --objects reports it).
     if ((st.st_mode & 07777) != 0444) ::fchmod(fd, 0444);
+    std::lock_guard lk(m_mutex);
+    m_stored[d] = static_cast<std::uint64_t>(st.st_size);
     return std::string();
 }
 
@@ -324,7 +395,9 @@ bool ObjectStore::exists(const hash::Digest& d, std::optional<std::uint64_t> siz
     }
     // Not trusted by name: a file at the name is the object only if its content says so. A bad one
     // answers "absent"; publish() then moves it aside and puts the object in its place.
-    auto why = check_on_disk(d, size);
+    auto why = check_on_disk(d, size, Form::raw);
+    // A bad raw file does not hide a good .zst one (publish() moves the raw one aside if it writes raw).
+    if (!why || !why->empty()) why = check_on_disk(d, size, Form::zstd);
     if (!why || !why->empty()) return false;
     std::lock_guard lk(m_mutex);
     m_good.insert(d);
@@ -389,27 +462,37 @@ TempFile ObjectStore::create_temp(std::uint64_t size_hint) {
     return TempFile(own, std::move(name), util::Fd(fd), direct);
 }
 
-StageResult ObjectStore::stage(const hash::Digest& d, TempFile&& tmp, std::uint64_t size) {
-    return stage_checked(d, std::move(tmp), size, DiskChecked::no);
+StageResult ObjectStore::stage(const hash::Digest& d, TempFile&& tmp, std::uint64_t size, Form form, std::uint64_t stored) {
+    return stage_checked(d, std::move(tmp), size, DiskChecked::no, form, form == Form::raw ? size : stored);
 }
 
-StageResult ObjectStore::stage_checked(const hash::Digest& d, TempFile&& tmp, std::uint64_t size, DiskChecked checked) {
+StageResult ObjectStore::stage_checked(const hash::Digest& d, TempFile&& tmp, std::uint64_t size, DiskChecked checked,
+                                       Form form, std::uint64_t stored) {
     // Objects are never writable: create_temp() made the file 0444 before it got any name.
     if (checked == DiskChecked::no && exists(d, size)) return StageResult::already_present; // tmp's destructor unlinks it
     tmp.finish(); // a trailing hole gets its size before anything can read the file
     std::lock_guard lk(m_mutex);
     // Re-check under the lock: another thread may have staged the same content meanwhile.
     if (m_staged.count(d)) return StageResult::already_present;
-    m_staged.emplace(d, Staged{tmp.release(), size});
-    m_staged_bytes += size;
+    m_staged.emplace(d, Staged{tmp.release(), size, form, stored});
+    m_staged_bytes += stored;
     return StageResult::staged;
 }
 
 StageResult ObjectStore::stage_bytes(const hash::Digest& d, std::string_view data) {
     if (exists(d, data.size())) return StageResult::already_present;
+    if (m_compressor && data.size() >= k_compress_min) {
+        thread_local std::string frame;
+        m_compressor->compress(data.data(), data.size(), frame);
+        if (worth_compressing(data.size(), frame.size())) {
+            TempFile t = create_temp(frame.size());
+            t.append(frame.data(), frame.size());
+            return stage_checked(d, std::move(t), data.size(), DiskChecked::yes, Form::zstd, frame.size());
+        }
+    }
     TempFile t = create_temp(data.size());
     t.append_sparse(data.data(), data.size());
-    return stage_checked(d, std::move(t), data.size(), DiskChecked::yes); // exists() just looked
+    return stage_checked(d, std::move(t), data.size(), DiskChecked::yes, Form::raw, data.size()); // exists() just looked
 }
 
 size_t ObjectStore::staged_count() const {
@@ -433,9 +516,10 @@ std::string ObjectStore::quarantine(const std::string& rel) {
     }
 }
 
-bool ObjectStore::place(const hash::Digest& d, const std::string& tmpname, std::uint64_t size, PublishStats& stats) {
+bool ObjectStore::place(const hash::Digest& d, const std::string& tmpname, std::uint64_t size, Form form,
+                        PublishStats& stats) {
     const int own = own_temp_dirfd();
-    const std::string rel = object_relpath(d);
+    const std::string rel = object_relpath(d, form);
     for (int attempt = 0;; ++attempt) {
         int rc = io::renameat2(own, tmpname.c_str(), m_objects.get(), rel.c_str(), RENAME_NOREPLACE);
         if (rc != 0 && errno == EINVAL) {
@@ -460,7 +544,7 @@ bool ObjectStore::place(const hash::Digest& d, const std::string& tmpname, std::
             known = m_good.count(d) || (m_trusting && std::binary_search(m_known.begin(), m_known.end(), d));
         }
         // Trusted only when the catalog (or this process) vouches for it; otherwise its content decides.
-        std::optional<std::string> why = known ? std::string() : check_on_disk(d, size);
+        std::optional<std::string> why = known ? std::string() : check_on_disk(d, size, form);
         if (!why) continue; // gone meanwhile: place ours
         if (why->empty()) {
             io::unlinkat(own, tmpname.c_str(), 0);
@@ -479,6 +563,8 @@ PublishStats ObjectStore::publish() {
         hash::Digest digest;
         std::string tmpname;
         std::uint64_t size;
+        Form form;
+        std::uint64_t stored;
         bool placed = false; // under objects/: by us, or found there and checked
     };
     std::vector<Item> batch;
@@ -487,7 +573,8 @@ PublishStats ObjectStore::publish() {
         std::lock_guard lk(m_mutex);
         batch.reserve(m_staged.size());
         for (auto& [d, st] : m_staged)
-            if (!st.name.empty()) batch.push_back({d, std::exchange(st.name, std::string()), st.size}); // "" = being published
+            if (!st.name.empty()) // "" = being published
+                batch.push_back({d, std::exchange(st.name, std::string()), st.size, st.form, st.stored});
         bytes = std::exchange(m_staged_bytes, 0);
     }
     // Whatever happens, the batch leaves m_staged; only what is really under objects/ becomes known,
@@ -501,7 +588,10 @@ PublishStats ObjectStore::publish() {
             std::lock_guard lk(s.m_mutex);
             for (auto& it : b) {
                 s.m_staged.erase(it.digest);
-                if (it.placed && durable) s.m_good.insert(it.digest);
+                if (it.placed && durable) {
+                    s.m_good.insert(it.digest);
+                    s.m_stored.emplace(it.digest, it.stored); // a copy found there and kept keeps its own entry
+                }
                 if (!it.placed) io::unlinkat(own, it.tmpname.c_str(), 0); // best effort; ENOENT if renamed
             }
         }
@@ -513,7 +603,7 @@ PublishStats ObjectStore::publish() {
     io::crash_point("publish.staged-durable");
     for (auto& it : batch) {
         io::crash_point("publish.rename");
-        place(it.digest, it.tmpname, it.size, stats);
+        place(it.digest, it.tmpname, it.size, it.form, stats);
         it.placed = true;
     }
     stats.bytes = bytes;
@@ -622,7 +712,7 @@ size_t ObjectStore::discard_staged(const std::function<bool(const hash::Digest&)
                 continue;
             }
             if (own >= 0 && io::unlinkat(own, it->second.name.c_str(), 0) == 0) ++removed;
-            m_staged_bytes -= std::min(m_staged_bytes, it->second.size);
+            m_staged_bytes -= std::min(m_staged_bytes, it->second.stored);
             it = m_staged.erase(it);
         }
     }
@@ -630,11 +720,46 @@ size_t ObjectStore::discard_staged(const std::function<bool(const hash::Digest&)
     return removed;
 }
 
-util::Fd ObjectStore::open(const hash::Digest& d) const {
-    std::string rel = object_relpath(d);
-    int fd = ::openat(m_objects.get(), rel.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
-    if (fd < 0) util::throw_errno("cannot open object", m_objects_path + "/" + rel);
-    return util::Fd(fd);
+hash::Digest ObjectStore::store_dictionary(std::string_view bytes) {
+    hash::Hasher h;
+    h.update(bytes.data(), bytes.size());
+    const hash::Digest d = h.finish();
+    const std::string name = d.hex();
+    const std::string dict_path = m_dicts.dir();
+    TempFile tmp = create_temp(0);
+    tmp.append(bytes.data(), bytes.size());
+    if (io::fsync(tmp.fd()) != 0) util::throw_errno("fsync failed", m_temp_path + "/" + tmp.name());
+    io::crash_point("migrate.dict-staged");
+    // packages/ exists in a store (Store::ensure_layout); dict/ is made on first use.
+    util::Fd packages = util::open_dir(m_packages_path);
+    if (io::mkdirat(packages.get(), "dict", 0755) == 0) {
+        if (io::fsync(packages.get()) != 0) util::throw_errno("fsync failed", m_packages_path);
+    } else if (errno != EEXIST) {
+        util::throw_errno("cannot create directory", dict_path);
+    }
+    util::Fd dir = util::open_dir_at(packages.get(), "dict", dict_path);
+    for (int attempt = 0;; ++attempt) {
+        if (io::renameat2(tmp.dirfd(), tmp.name().c_str(), dir.get(), name.c_str(), RENAME_NOREPLACE) == 0) {
+            tmp.release(); // the name is gone from temp/: nothing left to unlink
+            break;
+        }
+        if (errno != EEXIST || attempt > 2) util::throw_errno("cannot place dictionary", dict_path + "/" + name);
+        // Something is there already: the same dictionary (a rerun) stays; anything else is moved aside.
+        try {
+            if (m_dicts.load(d) == bytes) break; // tmp's destructor removes our copy
+        } catch (const util::Error&) {
+        }
+        if (io::mkdirat(AT_FDCWD, m_quarantine_path.c_str(), 0700) != 0 && errno != EEXIST)
+            util::throw_errno("cannot create quarantine directory", m_quarantine_path);
+        util::Fd q = util::open_dir(m_quarantine_path);
+        std::string aside = "dict-" + name + "." + std::to_string(::time(nullptr)) + "." + std::to_string(attempt);
+        if (io::renameat2(dir.get(), name.c_str(), q.get(), aside.c_str(), RENAME_NOREPLACE) != 0 && errno != ENOENT)
+            util::throw_errno("cannot move aside", dict_path + "/" + name);
+    }
+    io::crash_point("migrate.dict-renamed");
+    if (io::fsync(dir.get()) != 0) util::throw_errno("fsync failed", dict_path);
+    io::crash_point("migrate.dict-written");
+    return d;
 }
 
 std::vector<std::string> ObjectStore::list_files() const {

@@ -203,7 +203,8 @@ struct Catalog::Stmts {
           unreferenced(db, "SELECT o.digest, o.size, o.stored_size FROM objects o WHERE o.digest NOT IN (SELECT digest FROM entries WHERE digest IS NOT NULL)"),
           totals(db, "SELECT (SELECT COALESCE(SUM(files),0) FROM packages WHERE has_manifest=1), "
                      "(SELECT COALESCE(SUM(bytes),0) FROM packages WHERE has_manifest=1), "
-                     "(SELECT COUNT(*) FROM objects), (SELECT COALESCE(SUM(stored_size),0) FROM objects)"),
+                     "(SELECT COUNT(*) FROM objects), (SELECT COALESCE(SUM(stored_size),0) FROM objects), "
+                     "(SELECT COALESCE(SUM(size),0) FROM objects)"),
           get_identity(db, "SELECT store_id, generation FROM store_identity WHERE one=1"),
           claim(db, "INSERT INTO store_identity(one, store_id, generation) VALUES (1, ?, ?)"),
           advance(db, "UPDATE store_identity SET generation=generation+1 WHERE one=1 RETURNING generation"),
@@ -418,6 +419,18 @@ std::vector<Entry> Catalog::manifest(std::int64_t id) {
     return out;
 }
 
+std::optional<std::string> Catalog::setting(std::string_view key) {
+    Stmt q(m_db, "SELECT value FROM settings WHERE key=?");
+    q.bind(1, key);
+    if (!q.step()) return std::nullopt;
+    return q.str(0);
+}
+
+void Catalog::set_setting(std::string_view key, std::string_view value) {
+    Stmt q(m_db, "INSERT INTO settings(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value");
+    q.bind(1, key).bind(2, value).run();
+}
+
 void Catalog::add_object(const ObjectRow& o) {
     m_s->add_object.bind_blob(1, o.digest.raw()).bind(2, o.size).bind(3, o.stored_size).run();
 }
@@ -450,6 +463,7 @@ Totals Catalog::totals() {
         t.logical_bytes = s.i64(1);
         t.objects = s.i64(2);
         t.stored_bytes = s.i64(3);
+        t.object_bytes = s.i64(4);
     }
     s.reset();
     return t;

@@ -2,6 +2,7 @@
 // 0 success; 1 finished but something failed; 2 usage error or unusable input; 3 refused (store
 // unchanged); 4 store busy.
 #include <CLI/CLI.hpp>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -157,6 +158,7 @@ int cmd_status(Ctx& c, int journal_lines) {
                                                    {"verified", 0}, {"failed", 0}, {"rolled_back", 0}};
     std::map<std::string, std::uint64_t> trees = {{"present", 0}, {"marked", 0}, {"removed", 0}};
     std::string mode = "legacy";
+    std::string compression = "none";
     catalog::Totals t;
     auto legacy = s.legacy_dirs();
     std::set<std::string> on_disk(legacy.begin(), legacy.end());
@@ -179,6 +181,7 @@ int cmd_status(Ctx& c, int journal_lines) {
             if (p.state == catalog::PackageState::failed) failures.emplace_back(util::printable(p.name), p.error);
         }
         t = cat.totals();
+        if (auto z = store::read_compression(cat)) compression = z->setting();
         journal = cat.journal_tail(journal_lines);
     }
     // Legacy directories the catalog does not know yet: pending, present.
@@ -186,6 +189,9 @@ int cmd_status(Ctx& c, int journal_lines) {
     states["pending"] += on_disk.size();
     trees["present"] += on_disk.size();
     std::int64_t saved = t.logical_bytes - t.stored_bytes;
+    // object_bytes / stored_bytes, rounded to 3 decimals; 1 for an empty store
+    double ratio = t.stored_bytes ? std::round(1000.0 * static_cast<double>(t.object_bytes) / static_cast<double>(t.stored_bytes)) / 1000.0
+                                  : 1.0;
     json j = {{"mode", mode},
               {"packages", {{"total", total}}},
               {"legacy_trees", trees},
@@ -193,7 +199,12 @@ int cmd_status(Ctx& c, int journal_lines) {
               {"objects", t.objects},
               {"logical_bytes", t.logical_bytes},
               {"stored_bytes", t.stored_bytes},
-              {"saved_bytes", saved}};
+              {"saved_bytes", saved},
+              // zstd store mode: what compression alone saved, on the distinct contents
+              {"compression", compression},
+              {"object_bytes", t.object_bytes},
+              {"compressed_saved_bytes", t.object_bytes - t.stored_bytes},
+              {"compression_ratio", ratio}};
     for (auto& [k, v] : states) j["packages"][k] = v;
     std::string h = fmt("store      %s\nmode       %s\n", s.root().c_str(), mode.c_str());
     h += fmt("packages   %llu total: %llu pending, %llu in progress, %llu migrated, %llu verified, %llu failed, "
@@ -207,6 +218,10 @@ int cmd_status(Ctx& c, int journal_lines) {
     h += fmt("objects    %lld, %s stored, %s saved (%.1f%%)\n", (long long)t.objects, hb(t.stored_bytes).c_str(),
              util::human_bytes(static_cast<double>(saved)).c_str(),
              t.logical_bytes ? 100.0 * static_cast<double>(saved) / static_cast<double>(t.logical_bytes) : 0.0);
+    if (compression != "none")
+        h += fmt("compress   %s: %s of contents stored in %s (ratio %.2f, %s saved by compression)\n", compression.c_str(),
+                 hb(t.object_bytes).c_str(), hb(t.stored_bytes).c_str(), ratio,
+                 util::human_bytes(static_cast<double>(t.object_bytes - t.stored_bytes)).c_str());
     if (!failures.empty()) {
         h += "failed:\n";
         size_t n = 0;
@@ -331,7 +346,7 @@ int cmd_rebuild_catalog(Ctx& c, bool force) {
     c.out({{"mode", r.mode}, {"packages", r.packages}, {"recovered", r.recovered}, {"pending", r.pending},
            {"failed", r.failed}, {"lost", r.lost}, {"objects", r.objects}, {"objects_quarantined", r.objects_quarantined},
            {"trees_moved_back", r.trees_moved_back}, {"old_catalog", r.old_catalog}, {"reason", r.reason},
-           {"mode_inferred", r.mode_inferred}},
+           {"mode_inferred", r.mode_inferred}, {"compression", r.compression}},
           fmt("rebuild-catalog: %s rebuilt, store is %s%s; %llu packages: %llu recovered with their manifests, %llu "
               "pending (migrate takes them again), %llu failed, %llu lost; %llu objects; the journal before the "
               "rebuild is not recoverable%s\n",
@@ -349,12 +364,17 @@ int cmd_materialize(Ctx& c, const std::string& pkg, const std::string& dest, con
     c.store->check_catalog(store::Purpose::read, "materialize");
     auto r = lifecycle::materialize(*c.store, pkg, dest, m);
     c.out({{"files", r.files}, {"dirs", r.dirs}, {"symlinks", r.symlinks}, {"bytes", r.bytes}, {"linked", r.linked},
-           {"reflinked", r.reflinked}, {"copied", r.copied}},
-          c.g.verbose ? fmt("materialize: %llu files (%llu linked, %llu reflinked, %llu copied), %llu dirs, %llu symlinks, %s\n",
-                            (unsigned long long)r.files, (unsigned long long)r.linked, (unsigned long long)r.reflinked,
-                            (unsigned long long)r.copied, (unsigned long long)r.dirs, (unsigned long long)r.symlinks,
-                            hb(r.bytes).c_str())
-                      : "");
+           {"reflinked", r.reflinked}, {"copied", r.copied}, {"decompressed", r.decompressed}},
+          (c.g.verbose ? fmt("materialize: %llu files (%llu linked, %llu reflinked, %llu copied), %llu dirs, %llu symlinks, %s\n",
+                             (unsigned long long)r.files, (unsigned long long)r.linked, (unsigned long long)r.reflinked,
+                             (unsigned long long)r.copied, (unsigned long long)r.dirs, (unsigned long long)r.symlinks,
+                             hb(r.bytes).c_str())
+                       : std::string()) +
+              (r.decompressed && m != lifecycle::LinkMode::copy
+                   ? fmt("materialize: %llu files copied (decompressed) instead of %s: their objects are stored compressed "
+                         "(zstd store mode)\n",
+                         (unsigned long long)r.decompressed, m == lifecycle::LinkMode::hardlink ? "hard-linked" : "reflinked")
+                   : std::string()));
     return k_ok;
 }
 
@@ -413,6 +433,12 @@ int main(int argc, char** argv) {
     auto* mig = app.add_subcommand("migrate", "Migrate pending (or the named) packages into the CAS, then verify them");
     add_selection(mig);
     mig->add_flag("--no-verify", no_verify, "Skip the verify pass after writing");
+    std::string compress;
+    bool no_dictionary = false;
+    mig->add_flag("--compress{6}", compress,
+                  "zstd store mode, chosen on the store's first migrate: --compress or --compress=LEVEL (1 to 22, "
+                  "default 6); later migrates keep the mode");
+    mig->add_flag("--no-dictionary", no_dictionary, "With the first --compress: train no zstd dictionary");
     mig->add_flag("--no-space-check", no_space_check,
                   "Start even if the packages may not fit in the free space; migrate what fits, leave the rest pending");
     auto* status = app.add_subcommand("status", "Store mode, package states, object and byte counts, recent journal");
@@ -479,6 +505,8 @@ int main(int argc, char** argv) {
         if (!sample.empty()) sample_n = util::parse_count(sample, 1, k_max_packages, "--sample");
         const int journal_n = static_cast<int>(util::parse_count(journal_lines, 0, 1'000'000, "--journal"));
         mo.retry_failed = retry ? migrate::RetryFailed::yes : migrate::RetryFailed::no;
+        if (!compress.empty()) mo.compress = static_cast<int>(util::parse_count(compress, 1, 22, "--compress"));
+        mo.dictionary = no_dictionary ? migrate::Dictionary::no : migrate::Dictionary::yes;
         mo.verify = no_verify ? migrate::Verify::no : migrate::Verify::yes;
         mo.space_check = no_space_check ? migrate::SpaceCheck::no : migrate::SpaceCheck::yes;
         mo.threads = g.jobs;

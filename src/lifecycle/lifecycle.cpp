@@ -187,8 +187,14 @@ private:
             util::ensure_dir(qdir);
             util::Fd q = util::open_dir(qdir);
             std::string qname = e.digest->hex() + "." + std::to_string(::time(nullptr));
+            // Both forms go aside (the reader took the raw one first, so a bad raw file may hide a good
+            // .zst one, or the .zst one was the bad one): the repaired object is raw, alone at its digest.
             if (io::renameat2(objects.dirfd(), rel.c_str(), q.get(), qname.c_str(), RENAME_NOREPLACE) != 0 && errno != ENOENT)
                 util::throw_errno("cannot quarantine object", objects.dir() + "/" + rel);
+            const std::string zrel = cas::object_relpath(*e.digest, cas::Form::zstd);
+            if (io::renameat2(objects.dirfd(), zrel.c_str(), q.get(), (qname + ".zst").c_str(), RENAME_NOREPLACE) != 0 &&
+                errno != ENOENT)
+                util::throw_errno("cannot quarantine object", objects.dir() + "/" + zrel);
             util::fsync_fd(q.get(), qdir);
             std::string tname = tmp.name();
             if (io::linkat(tmp.dirfd(), tname.c_str(), objects.dirfd(), rel.c_str(), 0) != 0)
@@ -952,6 +958,11 @@ SyncResult sync_packages(store::Store& s) {
     if (damaged || (it == settings.end() ? mode != catalog::to_string(StoreMode::legacy) : it->second != mode)) {
         store::record_mode(index, mode);
         r.mode_written = true;
+    }
+    // The zstd mode (and the dictionary it names), mirrored the same way.
+    if (auto c = store::read_compression(cat)) {
+        auto ct = settings.find("compression");
+        if (damaged || ct == settings.end() || ct->second != c->setting()) index.set_setting("compression", c->setting());
     }
     return r;
 }

@@ -122,6 +122,24 @@ void copy_data(int src, int dst, std::uint64_t size, const std::string& display)
     }
 }
 
+/// Writes the object's uncompressed bytes into dst: a raw object by the kernel (copy_data), a .zst one
+/// decompressed through the reader. Throws util::Error if the object is shorter or longer than `size`.
+void copy_object(cas::ObjectReader& src, int dst, std::uint64_t size, const std::string& display) {
+    if (src.form() == cas::Form::raw) return copy_data(src.fd(), dst, size, display);
+    thread_local std::vector<char> buf(256 * 1024);
+    std::uint64_t total = 0;
+    for (;;) {
+        size_t n = src.read(buf.data(), buf.size());
+        if (n == 0) break;
+        total += n;
+        if (total > size) break;
+        util::write_all(dst, buf.data(), n, display);
+    }
+    if (total != size)
+        throw util::Error("object for " + display + " has " + std::to_string(total) + " bytes, its manifest says " +
+                          std::to_string(size) + ": run casmig verify --objects");
+}
+
 class Builder {
 public:
     Builder(int dest_fd, std::string display, cas::ObjectStore& objects, LinkMode link, MaterializeResult& r)
@@ -216,17 +234,19 @@ private:
     }
 
     void copy_file(const Entry& e, int pfd, const std::string& name, const std::string& disp, bool try_reflink) {
-        util::Fd src = m_objects.open(*e.digest);
+        cas::ObjectReader src = m_objects.open_content(*e.digest);
         int fd = io::openat_create(pfd, name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
         if (fd < 0) util::throw_errno("cannot create file", disp);
         util::Fd dst(fd);
         bool cloned = false;
-        if (try_reflink && e.size > 0) cloned = ::ioctl(fd, FICLONE, src.get()) == 0;
+        // A compressed object cannot be cloned: its bytes are not the file's.
+        if (try_reflink && e.size > 0 && src.form() == cas::Form::raw) cloned = ::ioctl(fd, FICLONE, src.fd()) == 0;
         if (cloned) io::note_written(fd);
-        if (!cloned) copy_data(src.get(), fd, e.size, disp);
+        if (!cloned) copy_object(src, fd, e.size, disp);
         finish_copy(fd, e, disp);
         if (cloned) ++m_r.reflinked;
         else ++m_r.copied;
+        if (src.form() == cas::Form::zstd) ++m_r.decompressed;
     }
 
     /// The object, or a variant of it whose mode is `mode` (created once, never writable), to link to.
@@ -240,8 +260,8 @@ private:
         if (::fstatat(m_objects.dirfd(), variant.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0) return variant;
         // Build the variant like an object: temp file, data, mode, fsync, then link without replacing.
         cas::TempFile tmp = m_objects.create_temp();
-        util::Fd src = m_objects.open(*e.digest);
-        copy_data(src.get(), tmp.fd(), e.size, "objects/" + variant);
+        cas::ObjectReader src = m_objects.open_content(*e.digest);
+        copy_object(src, tmp.fd(), e.size, "objects/" + variant);
         if (::fchmod(tmp.fd(), mode) != 0) util::throw_errno("cannot chmod", "temp/" + tmp.name());
         util::fsync_fd(tmp.fd(), "temp/" + tmp.name());
         std::string tname = tmp.name();
@@ -275,8 +295,11 @@ private:
             // of the object. Other files link to the object or to a read-only variant that keeps the
             // file's read and exec bits (write bits may differ, as documented).
             std::uint32_t mode = e.mode & 07777;
-            // Files with extended attributes (capabilities, ACLs) get their own copy too.
-            if (!(mode & 06000) && e.xattrs.empty()) {
+            // Files with extended attributes (capabilities, ACLs) get their own copy too, and so do files
+            // whose object is stored compressed (zstd mode): a link needs the raw bytes, and making a raw
+            // variant would give back the space compression saved; they are decompressed instead and
+            // counted (MaterializeResult::decompressed), so the command can say so.
+            if (!(mode & 06000) && e.xattrs.empty() && m_objects.form_on_disk(*e.digest) == cas::Form::raw) {
                 try {
                     std::string src = link_source(e, mode & 0555);
                     if (io::linkat(m_objects.dirfd(), src.c_str(), pfd, name.c_str(), 0) == 0) {

@@ -339,6 +339,16 @@ RebuildResult rebuild_catalog(store::Store& s, bool force, unsigned threads, con
     catalog::Identity id{marker ? marker->store_id : random_store_id(), (marker ? marker->generation : 0) + 1};
     {
         catalog::Catalog cat(db, catalog::OpenMode::read_write);
+        // Bytes an object takes under objects/ (its .zst form's, when compressed; a sparse one's apparent).
+        auto stored_size = [&](const hash::Digest& d, std::uint64_t logical) -> std::int64_t {
+            try {
+                cas::ObjectReader rd = objects.open_content(d);
+                struct stat st {};
+                if (::fstat(rd.fd(), &st) == 0) return static_cast<std::int64_t>(st.st_size);
+            } catch (const util::Error&) {
+            }
+            return static_cast<std::int64_t>(logical);
+        };
         catalog::Transaction tx(cat.db());
         cat.claim(id);
         std::set<hash::Digest> added;
@@ -346,7 +356,7 @@ RebuildResult rebuild_catalog(store::Store& s, bool force, unsigned threads, con
             for (const auto& e : c.manifest)
                 if (e.type == catalog::EntryType::file && e.digest && !quarantined.count(*e.digest) &&
                     !bad.count({*e.digest, e.size}) && added.insert(*e.digest).second)
-                    cat.add_object({*e.digest, static_cast<std::int64_t>(e.size), static_cast<std::int64_t>(e.size)});
+                    cat.add_object({*e.digest, static_cast<std::int64_t>(e.size), stored_size(*e.digest, e.size)});
         };
         for (auto& [n, c] : cands) {
             const std::string pid = util::printable(n);
@@ -424,6 +434,17 @@ RebuildResult rebuild_catalog(store::Store& s, bool force, unsigned threads, con
         }
         r.objects = added.size();
         cat.set_mode(mode);
+        // The zstd mode, as packages/store mirrors it; without it, a store holding .zst objects is told.
+        auto cs = settings.find("compression");
+        if (cs != settings.end()) {
+            try {
+                store::write_compression(cat, cas::Compression::parse(cs->second));
+                r.compression = cs->second;
+            } catch (const util::Error& e) {
+                warn("-", "packages/store", std::string("compression setting unreadable (") + e.what() +
+                                                "): the store is recorded uncompressed; .zst objects stay readable");
+            }
+        }
         cat.journal("rebuild-catalog", "", "", catalog::to_string(mode),
                     "catalog rebuilt from the store (" + r.reason + "): " + std::to_string(r.packages) + " packages, " +
                         std::to_string(r.objects) + " objects; the journal before this rebuild is not recoverable" +

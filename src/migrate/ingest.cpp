@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "casmig/util/aligned_buffer.hpp"
+#include "casmig/util/error.hpp"
 #include "casmig/util/xattr.hpp"
 
 namespace casmig::migrate {
@@ -87,6 +88,72 @@ void prefetch(int fd, std::uint64_t size) {
     if (size > 0) ::posix_fadvise(fd, 0, static_cast<off_t>(std::min(size, k_max)), POSIX_FADV_WILLNEED);
 }
 
+// A large file in the zstd store mode: each buffer is hashed and fed to the thread's compression
+// stream, whose output goes to a temp file — memory stays one buffer and one zstd context per worker.
+// Whether the frame is worth keeping is known only at the end; if it is not, the raw object is made by
+// decompressing that temp file into a second one (the bytes that were hashed, re-hashed to be sure)
+// rather than by reading the legacy file again, which may have changed meanwhile.
+static IngestResult ingest_compressed(const walk::Item& item, int fd, cas::ObjectStore& objects,
+                                      util::RateLimiter* limiter) {
+    const std::string& path = item.entry.path;
+    const struct stat& before = item.st;
+    const auto expected = static_cast<std::uint64_t>(before.st_size);
+    ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
+    thread_local util::AlignedBuffer buf;
+    buf.reserve(k_chunk);
+    hash::Hasher hasher;
+    // Buffered (size hint 0): the frame is read back if it is not worth keeping.
+    cas::TempFile zst = objects.create_temp(0);
+    cas::Compressor::Stream z(*objects.compressor(), expected);
+    std::uint64_t total = 0, stored = 0;
+    auto sink = [&](const char* p, size_t n) {
+        zst.append(p, n);
+        stored += n;
+    };
+    for (;;) {
+        ssize_t n = read_some(fd, buf.data(), k_chunk, limiter);
+        if (n < 0) {
+            int e = errno;
+            struct stat now {};
+            if (::fstat(fd, &now) != 0 || !S_ISREG(now.st_mode) || !same_file(before, now)) changed(item);
+            throw walk::PackageError(path, std::string("read failed: ") + std::strerror(e));
+        }
+        if (n == 0) break;
+        total += static_cast<std::uint64_t>(n);
+        if (total > expected) changed(item); // the frame's pledged size would be exceeded
+        hasher.update(buf.data(), static_cast<size_t>(n));
+        z.feed(buf.data(), static_cast<size_t>(n), sink);
+    }
+    if (total != expected) changed(item);
+    struct stat after {};
+    if (::fstat(fd, &after) != 0 || !same_file(before, after)) changed(item);
+    z.finish(sink);
+    IngestResult r;
+    r.digest = hasher.finish();
+    r.size = total;
+    if (objects.exists(r.digest, total)) return r; // zst's destructor removes the temp file
+    if (cas::worth_compressing(total, stored)) {
+        r.new_object = objects.stage(r.digest, std::move(zst), total, cas::Form::zstd, stored) == cas::StageResult::staged;
+        return r;
+    }
+    const std::string display = "temp/" + zst.name();
+    util::Fd back(::openat(zst.dirfd(), zst.name().c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
+    if (!back) util::throw_errno("cannot reopen temp file", display);
+    cas::ObjectReader rd(std::move(back), cas::Form::zstd, display, &objects.dictionaries());
+    cas::TempFile raw = objects.create_temp(total);
+    hash::Hasher again;
+    for (;;) {
+        size_t n = rd.read(buf.data(), k_chunk);
+        if (n == 0) break;
+        again.update(buf.data(), n);
+        raw.append(buf.data(), n);
+    }
+    if (again.finish() != r.digest)
+        throw util::Error("zstd round trip of " + util::printable(path) + " changed its bytes (a zstd or memory fault)");
+    r.new_object = objects.stage(r.digest, std::move(raw), total) == cas::StageResult::staged;
+    return r;
+}
+
 IngestResult ingest_file(const walk::Item& item, cas::ObjectStore* objects, StoreObject store,
                          util::RateLimiter* limiter) {
     return ingest_open(item, open_item(item), objects, store, limiter);
@@ -131,6 +198,9 @@ IngestResult ingest_open(const walk::Item& item, util::Fd owned, cas::ObjectStor
         if (::fstat(fd, &after) != 0 || !same_file(before, after)) changed(item);
         if (store == StoreObject::yes && objects)
             r.new_object = objects->stage_bytes(r.digest, std::string_view(buf.data(), total)) == cas::StageResult::staged;
+    } else if (store == StoreObject::yes && objects && objects->compressor()) {
+        r = ingest_compressed(item, fd, *objects, limiter);
+        total = r.size;
     } else {
         ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);
         buf.reserve(k_chunk);

@@ -3,6 +3,7 @@
 #include "casmig/catalog/sqlite.hpp"
 #include "casmig/manifest/manifest.hpp"
 #include "casmig/migrate/ingest.hpp"
+#include "casmig/migrate/store_mode.hpp"
 #include "casmig/store/packages.hpp"
 #include "casmig/util/error.hpp"
 #include "casmig/util/io.hpp"
@@ -428,7 +429,9 @@ private:
                     struct stat st {};
                     if (!m_plan_digests.insert(d).second) continue;
                     if (m_objects_dir &&
-                        ::fstatat(m_objects_dir.get(), cas::object_relpath(d).c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0)
+                        (::fstatat(m_objects_dir.get(), cas::object_relpath(d).c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 ||
+                         ::fstatat(m_objects_dir.get(), cas::object_relpath(d, cas::Form::zstd).c_str(), &st,
+                                   AT_SYMLINK_NOFOLLOW) == 0))
                         continue;
                     m_unique_bytes += s;
                     ++m_unique_objects;
@@ -681,7 +684,8 @@ private:
             for (const auto& e : job.entries)
                 if (e.type == catalog::EntryType::file && e.digest && !m_cataloged.count(*e.digest) &&
                     added.insert(*e.digest).second)
-                    cat.add_object({*e.digest, static_cast<std::int64_t>(e.size), static_cast<std::int64_t>(e.size)});
+                    cat.add_object({*e.digest, static_cast<std::int64_t>(e.size),
+                                    static_cast<std::int64_t>(m_store.objects().stored_size(*e.digest).value_or(e.size))});
             cat.set_state(job.pkg.id, PackageState::migrated);
             cat.journal("migrate", pid, from, "migrated",
                         std::to_string(job.files) + " files, " + std::to_string(job.bytes) + " bytes");
@@ -922,6 +926,7 @@ SpaceNeed space_needed(store::Store& store, const Options& opts, const ProgressS
 Result migrate(store::Store& store, const Options& opts, const ProgressSink& progress, const ProblemSink& problems) {
     const auto started = Clock::now();
     util::raise_fd_limit();
+    check_compress_option(store, opts); // a refusal leaves the store as it was
     if (opts.space_check == SpaceCheck::yes) {
         // Before discover(): a refusal leaves the catalog as it was.
         SpaceNeed n = space_needed(store, opts, progress);
@@ -983,6 +988,7 @@ Result migrate(store::Store& store, const Options& opts, const ProgressSink& pro
             }
         }
     }
+    enable_store_mode(store, opts, selected);
     std::vector<hash::Digest> known;
     for (const auto& o : cat.objects()) known.push_back(o.digest);
     Pipeline p(store, Mode::migrate, opts, std::move(selected), progress, problems);

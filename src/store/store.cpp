@@ -394,4 +394,12 @@ int Store::discover() {
     return added;
 }
 
+std::optional<cas::Compression> read_compression(catalog::Catalog& cat) {
+    auto v = cat.setting("compression");
+    if (!v) return std::nullopt;
+    return cas::Compression::parse(*v);
+}
+
+void write_compression(catalog::Catalog& cat, const cas::Compression& c) { cat.set_setting("compression", c.setting()); }
+
 } // namespace casmig::store

@@ -70,6 +70,8 @@ void check_objects(Task& t, const cas::ObjectStore& objects) {
             t.add(e.path, "object " + e.digest->hex() + " is missing from objects/");
             t.missing_objects.push_back(*e.digest);
         }
+        else if (size == UINT64_MAX)
+            t.add(e.path, "object " + e.digest->hex() + " is a .zst file without a valid zstd frame header");
         else if (size != e.size)
             t.add(e.path, "object " + e.digest->hex() + " has " + std::to_string(size) + " bytes, the manifest says " +
                               std::to_string(e.size));
@@ -229,23 +231,23 @@ std::vector<std::pair<std::string, std::string>> compare_tree(int dirfd, const s
 }
 
 std::string prove_object(const cas::ObjectStore& objects, const hash::Digest& d, std::uint64_t size) {
-    std::string rel = cas::object_relpath(d);
-    int fd = ::openat(objects.dirfd(), rel.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0) {
-        if (errno == ENOENT) return "is missing";
-        return std::string("cannot be opened: ") + std::strerror(errno);
-    }
-    util::Fd owned(fd);
-    struct stat st {};
-    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) return "is not a regular file";
-    if (static_cast<std::uint64_t>(st.st_size) != size)
-        return "has " + std::to_string(st.st_size) + " bytes, the manifest says " + std::to_string(size);
-    std::uint64_t n = 0;
     try {
-        auto got = hash::hash_fd(fd, objects.dir() + "/" + rel, &n);
+        cas::ObjectReader r = objects.open_content(d);
+        struct stat st {};
+        if (::fstat(r.fd(), &st) != 0 || !S_ISREG(st.st_mode)) return "is not a regular file";
+        std::string form = r.form() == cas::Form::zstd ? " (.zst)" : "";
+        std::uint64_t have = r.content_size();
+        if (have != size)
+            return "has " + std::to_string(have) + " bytes" + form + ", the manifest says " + std::to_string(size);
+        std::uint64_t n = 0;
+        auto got = cas::hash_content(r, &n);
         if (n != size) return "changed while being read";
-        if (got != d) return "content does not match its name (BLAKE3 " + got.hex() + ")";
+        if (got != d) return "content does not match its name" + form + " (BLAKE3 " + got.hex() + ")";
+    } catch (const cas::CorruptObject& e) {
+        return std::string("is corrupt: ") + e.what();
     } catch (const util::SystemError& e) {
+        if (e.code() == ENOENT) return "is missing";
+        if (e.code() == ELOOP) return "is not a regular file";
         return e.what();
     }
     return {};
@@ -419,7 +421,8 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
     // materialize --link hardlink) that mode without write bits; any other variant keeps its read and
     // exec bits.
     auto object_mode = [](const std::string& rel, mode_t have) -> mode_t {
-        if (rel.size() == 65) return 0444;
+        if (rel.size() == 65 || (rel.size() == 65 + cas::k_zst_suffix.size() && rel.substr(65) == cas::k_zst_suffix))
+            return 0444;
         if (rel.size() > 67 && rel.compare(65, 2, ".m") == 0) {
             std::string oct = rel.substr(67);
             if (oct.size() <= 4 && oct.find_first_not_of("01234567") == std::string::npos)
@@ -470,11 +473,27 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
         std::string fix = put_right(d.get(), st, 0755);
         if (!fix.empty() && problems) problems({"-", "objects/" + n + "/", fix});
     }
+    // The zstd mode's dictionaries: a .zst object made with one cannot be read without it, so a damaged
+    // one is reported (never moved: nothing could replace it but a backup).
+    if (int dfd = ::open(objects.dictionaries().dir().c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC); dfd >= 0) {
+        util::Fd dir(dfd);
+        for (const auto& n : util::list_dir(dfd, objects.dictionaries().dir())) {
+            auto named = hash::Digest::from_hex(n);
+            if (!named || n.size() != 64) continue;
+            try {
+                objects.dictionaries().load(*named);
+            } catch (const util::Error& e) {
+                ++r.objects_bad;
+                if (problems) problems({"-", std::string(cas::k_dict_dir) + "/" + n, e.what()});
+            }
+        }
+    }
     auto files = objects.list_files();
     Progress report;
     report.phase = "verify objects";
     report.packages_total = files.size();
     std::atomic<std::uint64_t> done{0}, bytes{0};
+    std::uint64_t unreadable = 0; // .zst objects whose dictionary is missing: reported, left in place
     unsigned threads = util::thread_count(opts.threads);
     tbb::task_arena arena(static_cast<int>(threads));
     arena.execute([&] {
@@ -499,7 +518,7 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
                 const std::string& rel = files[i];
                 std::string hex = rel.substr(0, 2) + rel.substr(3, 62);
                 auto named = hash::Digest::from_hex(hex);
-                bool ok = false;
+                bool ok = false, keep = false;
                 std::string why, fix;
                 if (!named || rel.size() < 65) {
                     why = "is not named by a BLAKE3 digest";
@@ -515,10 +534,20 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
                         why = "is not a regular file";
                     } else {
                         std::uint64_t n = 0;
+                        const bool zst = rel.size() == 65 + cas::k_zst_suffix.size() && rel.substr(65) == cas::k_zst_suffix;
                         try {
-                            auto d = hash::hash_fd(fd, objects.dir() + "/" + rel, &n);
+                            // The one read path: a .zst variant is hashed over its uncompressed bytes.
+                            cas::ObjectReader rd(util::Fd(::dup(fd)), zst ? cas::Form::zstd : cas::Form::raw,
+                                                 objects.dir() + "/" + rel, &objects.dictionaries());
+                            auto d = cas::hash_content(rd, &n);
                             ok = d == *named;
                             if (!ok) why = "content does not match its name (BLAKE3 " + d.hex() + ")";
+                        } catch (const cas::MissingDictionary& e) {
+                            // Not the object's fault: it stays where it is (the dictionary is reported above).
+                            why = e.what();
+                            keep = true;
+                        } catch (const cas::CorruptObject& e) {
+                            why = std::string("is corrupt: ") + e.what();
                         } catch (const util::SystemError& e) {
                             why = e.what();
                         }
@@ -528,7 +557,8 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
                 }
                 std::uint64_t k = ++done;
                 std::lock_guard lk(mutex);
-                if (!ok) bad.emplace_back(rel, named.value_or(hash::Digest{}));
+                if (!ok && keep) ++unreadable;
+                if (!ok && !keep) bad.emplace_back(rel, named.value_or(hash::Digest{}));
                 if (!ok && problems) problems({"-", "objects/" + rel, why});
                 if (!fix.empty() && problems) problems({"-", "objects/" + rel, fix});
                 report.packages_done = k;
@@ -538,7 +568,7 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
         });
     });
     r.objects_checked = files.size();
-    r.objects_bad = bad.size();
+    r.objects_bad += bad.size() + unreadable;
     // Quarantine corrupt objects so a later migrate rewrites them, and name who needs them.
     if (!bad.empty()) {
         catalog::Transaction tx(cat.db());
@@ -552,8 +582,11 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
                 moved = "nowhere (it vanished meanwhile)";
             }
             io::crash_point("verify.quarantined");
-            // The catalog must not claim it any more: a later migrate then rewrites the content.
-            if (rel.size() == 65) cat.delete_object(d);
+            // The catalog must not claim it any more (unless its other form is still there): a later
+            // migrate then rewrites the content.
+            const bool content_form =
+                rel.size() == 65 || (rel.size() == 65 + cas::k_zst_suffix.size() && rel.compare(65, std::string::npos, cas::k_zst_suffix) == 0);
+            if (content_form && !objects.on_disk(d)) cat.delete_object(d);
             std::string names;
             bool recoverable = false;
             std::vector<std::int64_t> ids;
@@ -575,8 +608,7 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
     }
     // Catalogued objects that are missing on disk.
     for (const auto& o : cat.objects()) {
-        std::uint64_t size = 0;
-        if (!objects.on_disk(o.digest, &size)) {
+        if (!objects.on_disk(o.digest)) {
             bool quarantined = false;
             for (auto& b : bad)
                 if (b.second == o.digest) quarantined = true;

@@ -372,6 +372,25 @@ def a_failed_retry_after_cutover_never_drops_the_manifest(t):
     expect(snapshot(dest, owners=True) == pristine["pkg01"], "the manifest kept after the failed retry is not the package")
 
 
+@test
+def a_compressed_store_is_rebuilt_compressed_and_exact(t):
+    s = t.store("zstd", 4)
+    pristine = pristine_of(s)
+    t.run(s, "migrate", "--compress", code=0)
+    finish_lifecycle(t, s)
+    before = t.json(s, "status")
+    expect("compression" in open(os.path.join(s, "packages", "store")).read(), "packages/store lacks the compression mode")
+    drop_catalog(s)
+    j = t.json(s, "rebuild-catalog")
+    expect(j["compression"].startswith("zstd:") and j["recovered"] == 4, f"rebuild of a compressed store: {j}")
+    after = t.json(s, "status")
+    expect(after["stored_bytes"] == before["stored_bytes"], f"stored bytes {before['stored_bytes']} -> {after['stored_bytes']}")
+    t.run(s, "verify", "--objects", code=0)
+    t.run(s, "rollback", code=0)
+    for p, snap in pristine.items():
+        expect(snapshot(os.path.join(s, p), owners=True) == snap, f"{p} not rebuilt exactly")
+
+
 def harness_seams(t):
     trace = os.path.join(t.work, "seam-probe.trace")
     if not os.path.exists(trace):

@@ -10,6 +10,10 @@
 //   file (SEEK_DATA/SEEK_HOLE) or a zero run written out — is left a hole, and an object that ends in
 //   a hole has its last byte written to give it its size. Holes read as zeros: the name, the hash and
 //   every reader are unchanged.
+//   objects/<2 hex>/<62 hex>.zst   the same content as one zstd frame (the zstd store mode: the format,
+//                              the threshold and the dictionary are in cas/compression.hpp). One form per
+//                              digest is the normal state; every reader goes through open_content(),
+//                              which accepts either (raw first).
 //   A variant of one content keeps the 64 hex digits as its name's start: "<62 hex>.m<octal>" is a
 //   read-only twin with other read/exec bits for materialize --link hardlink (mode <octal> without
 //   write bits). All 256 fan-out directories (mode 0755, owned like objects/) are created with the
@@ -70,6 +74,7 @@
 #include <unordered_set>
 #include <vector>
 
+#include "casmig/cas/compression.hpp"
 #include "casmig/hash/blake3.hpp"
 #include "casmig/util/fd.hpp"
 
@@ -77,6 +82,8 @@ namespace casmig::cas {
 
 /// "ab/cdef…" (62 hex) — the object's path relative to objects/.
 std::string object_relpath(const hash::Digest& d);
+/// The path of the object's file in `form` ("ab/cdef…" or "ab/cdef….zst").
+std::string object_relpath(const hash::Digest& d, Form form);
 /// Marker every temp file name starts with, so leftovers from a crash are recognisable.
 inline constexpr const char* k_temp_marker = "tmp-casmig-";
 /// Marker of a process's own staging directory in temp/: "casmig-<pid>-<16 hex>".
@@ -196,16 +203,46 @@ public:
     /// catalog's back is then not rewritten: verify finds it missing and drops its catalog row, so the
     /// next migrate of a package that holds the content writes it again.
     void trust_catalog(std::vector<hash::Digest> known);
-    /// True only if the object is under objects/; size gets its on-disk size.
+    /// True only if the object is under objects/ in either form (a regular file); size gets its
+    /// uncompressed size (a raw file's size, a .zst frame header's content size; UINT64_MAX if that
+    /// header is unreadable, so that any size check fails). Does not read the content.
     bool on_disk(const hash::Digest& d, std::uint64_t* size = nullptr) const;
+    /// The form the object is on disk in (raw when both are), nullopt if neither file is there.
+    std::optional<Form> form_on_disk(const hash::Digest& d) const;
+
+    /// THE read path: opens the object in whichever form it is stored (raw first) and returns a reader
+    /// of its uncompressed bytes. Throws util::SystemError (ENOENT when neither form exists).
+    ObjectReader open_content(const hash::Digest& d) const;
+    /// A reader of the file objects/<rel> (raw or ".zst" by its name; other variants are raw), opened
+    /// without following a symlink. Throws util::SystemError.
+    ObjectReader open_file(const std::string& rel) const;
+    /// The store's dictionaries (packages/dict/ beside objects/).
+    const Dictionaries& dictionaries() const { return m_dicts; }
+
+    /// Writes a zstd dictionary durably to packages/dict/<64 hex BLAKE3 of bytes> and returns that digest:
+    /// a temp file in this process's staging directory, fsync, packages/dict/ created (and packages/
+    /// fsynced) if missing, renamed into place without replacing, then packages/dict/ fsynced (crash
+    /// points migrate.dict-staged, migrate.dict-renamed, migrate.dict-written). A file already at the
+    /// name that hashes to it is kept; one that does not is moved to migration/corrupt/ first. Throws
+    /// util::SystemError.
+    hash::Digest store_dictionary(std::string_view bytes);
+    /// Compress new objects (zstd store mode) with c; nullptr: store them raw. Call before staging.
+    void set_compressor(std::shared_ptr<const Compressor> c) { m_compressor = std::move(c); }
+    const Compressor* compressor() const { return m_compressor.get(); }
+    /// Bytes the object takes under objects/, if this process placed it or checked it there.
+    std::optional<std::uint64_t> stored_size(const hash::Digest& d) const;
 
     /// A new, empty, writable temp file in temp/. size_hint ≥ k_direct_min opens it with O_DIRECT where
     /// the filesystem supports it.
     TempFile create_temp(std::uint64_t size_hint = 0);
     /// Hands a completely written temp file over for publication under digest d. If d is already
-    /// present or staged, the temp file is removed and already_present is returned (dedup).
-    StageResult stage(const hash::Digest& d, TempFile&& tmp, std::uint64_t size);
-    /// Convenience: writes data to a temp file and stages it (no-op if present).
+    /// present or staged, the temp file is removed and already_present is returned (dedup). size: the
+    /// uncompressed size; a Form::zstd file is one frame of `stored` bytes, published as "<name>.zst".
+    StageResult stage(const hash::Digest& d, TempFile&& tmp, std::uint64_t size, Form form = Form::raw,
+                      std::uint64_t stored = 0);
+    /// Writes data to a temp file and stages it (no-op if present); with a compressor set, the data is
+    /// compressed here (by the calling thread: the pipeline's parallel stage) and staged as .zst when
+    /// worth_compressing() says so.
     StageResult stage_bytes(const hash::Digest& d, std::string_view data);
 
     /// Makes every staged object durable and visible (see the durability policy above). A file found
@@ -216,8 +253,6 @@ public:
     /// Number of objects staged and not yet published.
     size_t staged_count() const;
 
-    /// Opens an object read-only; throws util::SystemError if it is missing.
-    util::Fd open(const hash::Digest& d) const;
     /// Removes the staging directories of dead casmig processes from temp/ (their lock is free), never
     /// a live one's, never trash-* or rollback-* (the lifecycle's), never a foreign entry (returned).
     /// Safe to call while other casmig processes write temp files. Throws util::SystemError.
@@ -243,16 +278,20 @@ private:
     struct Staged {
         std::string name; // relative to the own staging directory; "" while being published
         std::uint64_t size = 0;
+        Form form = Form::raw;
+        std::uint64_t stored = 0;
     };
-    StageResult stage_checked(const hash::Digest& d, TempFile&& tmp, std::uint64_t size, DiskChecked checked);
+    StageResult stage_checked(const hash::Digest& d, TempFile&& tmp, std::uint64_t size, DiskChecked checked,
+                              Form form, std::uint64_t stored);
     /// Why the file at d's name is not the object: nullopt if nothing is there, "" if it is the object
     /// (a regular file of the right size, if known, whose content hashes to d; its mode is set to 0444).
     /// Throws util::SystemError if it cannot be read.
-    std::optional<std::string> check_on_disk(const hash::Digest& d, std::optional<std::uint64_t> size) const;
+    /// Looks at the file of the given form only.
+    std::optional<std::string> check_on_disk(const hash::Digest& d, std::optional<std::uint64_t> size, Form form) const;
     /// Places one staged file at d's name (step 3). Returns true if this call placed it.
-    bool place(const hash::Digest& d, const std::string& tmpname, std::uint64_t size, PublishStats& stats);
+    bool place(const hash::Digest& d, const std::string& tmpname, std::uint64_t size, Form form, PublishStats& stats);
     void remove_own_temp() noexcept;
-    std::string m_objects_path, m_temp_path, m_quarantine_path;
+    std::string m_objects_path, m_temp_path, m_quarantine_path, m_packages_path;
     util::Fd m_objects, m_temp;
     mutable std::mutex m_own_mutex;
     util::Fd m_own, m_own_lock; // own staging directory and its flock()ed lock file
@@ -268,6 +307,9 @@ private:
     mutable std::unordered_set<hash::Digest, hash::DigestHash> m_good;
     std::uint64_t m_staged_bytes = 0;
     std::optional<std::pair<uid_t, gid_t>> m_owner; // objects/'s owner, when root creates objects for another
+    Dictionaries m_dicts;
+    std::shared_ptr<const Compressor> m_compressor;
+    mutable std::unordered_map<hash::Digest, std::uint64_t, hash::DigestHash> m_stored; // m_mutex
 };
 
 /// syncfs() the filesystem holding fd; throws SystemError naming `display`.

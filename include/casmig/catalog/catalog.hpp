@@ -59,6 +59,7 @@ struct ObjectRow {
 
 struct Totals {
     std::int64_t files = 0, logical_bytes = 0, objects = 0, stored_bytes = 0;
+    std::int64_t object_bytes = 0; // uncompressed bytes of the distinct contents (stored_bytes is on disk)
 };
 
 /// Latest schema version (PRAGMA user_version after all migrations).
@@ -115,6 +116,10 @@ public:
 
     StoreMode mode();
     void set_mode(StoreMode m);
+    /// A row of the settings table (key → value); nullopt if the key has none.
+    std::optional<std::string> setting(std::string_view key);
+    /// Inserts or replaces a settings row (call inside a Transaction to make it atomic with others).
+    void set_setting(std::string_view key, std::string_view value);
 
     /// This catalog's store identity; nullopt until claimed.
     std::optional<Identity> identity();

@@ -80,6 +80,7 @@ RollbackResult rollback(store::Store& store, unsigned threads, SpaceCheck space,
 struct MaterializeResult {
     std::uint64_t files = 0, dirs = 0, symlinks = 0, bytes = 0;
     std::uint64_t linked = 0, reflinked = 0, copied = 0;
+    std::uint64_t decompressed = 0; // copies made from a .zst object (hardlink and reflink cannot use one)
 };
 /// Rebuilds package `name` at `dest` (absent or an empty directory) from its manifest.
 MaterializeResult materialize(store::Store& store, const std::string& name, const std::string& dest, LinkMode link);
@@ -92,6 +93,7 @@ struct RebuildResult {
     std::uint64_t packages = 0, recovered = 0, pending = 0, failed = 0, lost = 0, objects = 0;
     std::uint64_t objects_quarantined = 0, trees_moved_back = 0, orphan_manifests = 0;
     std::string mode, reason, old_catalog; // reason: why the old catalog did not fit; old_catalog: where it went
+    std::string compression;               // the zstd mode restored from packages/store ("" for a raw store)
     bool mode_inferred = false;            // packages/store did not say
 };
 /// Recreates store.db from the store alone (src/lifecycle/rebuild.cpp, docs/format.md): packages/refs

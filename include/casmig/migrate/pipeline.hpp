@@ -33,6 +33,7 @@ namespace casmig::migrate {
 enum class Verify { no, yes };
 enum class RetryFailed { no, yes };
 enum class SpaceCheck { no, yes };
+enum class Dictionary { no, yes };
 
 struct Options {
     std::vector<std::string> packages;            // named packages only (empty: all pending)
@@ -43,6 +44,8 @@ struct Options {
     Verify verify = Verify::yes;
     SpaceCheck space_check = SpaceCheck::yes;     // migrate only: refuse a selection that cannot fit
     unsigned threads = 0;                         // 0: all cores
+    std::optional<int> compress;                  // --compress[=LEVEL]: zstd store mode (see compression.hpp)
+    Dictionary dictionary = Dictionary::yes;      // --no-dictionary: a new zstd store trains none
 };
 
 struct Result {

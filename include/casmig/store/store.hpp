@@ -135,4 +135,13 @@ private:
     std::function<void(const std::string&)> m_warn;
 };
 
+/// The store's compression mode (cas/compression.hpp): nullopt for a raw store. Read from the catalog's
+/// settings row `compression`; throws util::Error if the row is damaged. The one place the setting is
+/// read (and write_compression() the one place it is written), so that mirroring it elsewhere in the
+/// store is a change here only.
+std::optional<cas::Compression> read_compression(catalog::Catalog& cat);
+/// Records the compression mode (call inside the caller's Transaction, after the dictionary it names
+/// is durable).
+void write_compression(catalog::Catalog& cat, const cas::Compression& c);
+
 } // namespace casmig::store
