@@ -276,12 +276,17 @@ ZSTD_DDict_s* ObjectReader::dictionary() {
 
 std::uint64_t ObjectReader::content_size() {
     if (m_content_size) return *m_content_size;
-    if (!m_in) {
-        m_in_cap = static_cast<size_t>(m_stored <= k_whole_max ? std::max<std::uint64_t>(m_stored, 1) : ZSTD_DStreamInSize());
-        m_in.reset(new char[m_in_cap]);
+    // Only the frame header (at most 18 bytes): verify asks every object's size without reading it.
+    char hdr[18];
+    size_t got = 0;
+    while (got < sizeof hdr && got < m_stored) {
+        ssize_t n = ::pread(m_fd.get(), hdr + got, sizeof hdr - got, static_cast<off_t>(got));
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) util::throw_errno("read failed", m_display);
+        if (n == 0) break;
+        got += static_cast<size_t>(n);
     }
-    if (m_in_len - m_in_pos < 18 /* largest frame header */ && m_offset < m_stored) fill();
-    unsigned long long cs = ZSTD_getFrameContentSize(m_in.get() + m_in_pos, m_in_len - m_in_pos);
+    unsigned long long cs = ZSTD_getFrameContentSize(hdr, got);
     if (cs == ZSTD_CONTENTSIZE_ERROR || cs == ZSTD_CONTENTSIZE_UNKNOWN)
         throw CorruptObject(m_display + " is not a zstd frame with its content size");
     m_content_size = cs;
@@ -301,7 +306,10 @@ size_t ObjectReader::read(char* buf, size_t len) {
     }
     if (m_done || len == 0) return 0;
     if (!m_started) {
-        const std::uint64_t want = content_size(); // reads the header (a small file whole), checks it is a frame
+        const std::uint64_t want = content_size(); // checks it is a frame
+        m_in_cap = static_cast<size_t>(m_stored <= k_whole_max ? std::max<std::uint64_t>(m_stored, 1) : ZSTD_DStreamInSize());
+        m_in.reset(new char[m_in_cap]);
+        fill(); // a small file whole, a large one's first ZSTD_DStreamInSize() bytes
         ZSTD_DDict* dict = dictionary();
         m_dctx = take_dctx();
         m_started = true;

@@ -56,7 +56,10 @@ inline constexpr int k_default_level = 6;
 inline constexpr std::uint64_t k_compress_min = 64;
 inline constexpr std::uint64_t k_saving_den = 8;
 inline constexpr std::uint64_t k_saving_min = 32;
-inline constexpr std::uint64_t k_dict_max = 64 * 1024;
+/// Up to 32 KiB zstd attaches the dictionary's tables (levels 5 to 9); above, it copies them into the
+/// context for every object (about 1.5 MB at level 6), which cost more time than the dictionary saved
+/// bytes on the npm corpus (docs/benchmarks.md).
+inline constexpr std::uint64_t k_dict_max = 32 * 1024;
 /// Dictionary size asked of ZDICT (zstd's own default for `zstd --train`).
 inline constexpr size_t k_dict_size = 112640;
 
