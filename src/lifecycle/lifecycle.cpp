@@ -881,6 +881,32 @@ std::optional<std::string> remove_package(store::Store& s, const std::string& na
 
 // ------------------------------------------------------------------ packages/ follows the catalog
 
+namespace {
+
+/// Stages package n's ref naming manifest object d (the catalog's); when that object is missing or
+/// damaged, the manifest is encoded again from the catalog's rows and staged with it. False when the
+/// rows no longer encode to d (nothing staged; verify --objects reports the package).
+bool stage_ref_from_catalog(catalog::Catalog& cat, store::PackageIndex& index, const std::string& n, const hash::Digest& d) {
+    try {
+        index.read_manifest(d);
+        index.stage_ref(n, d);
+        return true;
+    } catch (const util::SystemError&) {
+        throw;
+    } catch (const util::Error&) {
+    }
+    auto p = cat.package(n);
+    if (!p) return false;
+    auto entries = cat.manifest(p->id);
+    manifest::normalize(entries);
+    std::string enc = manifest::encode(entries);
+    if (manifest::digest_of(enc) != d) return false;
+    index.stage(n, enc, d);
+    return true;
+}
+
+} // namespace
+
 SyncResult sync_packages(store::Store& s) {
     SyncResult r;
     auto& cat = s.catalog();
@@ -925,19 +951,7 @@ SyncResult sync_packages(store::Store& s) {
         bool staged = false;
         for (const auto& [n, d] : with_manifest) {
             if (present.count(n)) continue;
-            try {
-                index.read_manifest(d);
-                index.stage_ref(n, d);
-            } catch (const util::SystemError&) {
-                throw;
-            } catch (const util::Error&) {
-                auto p = cat.package(n);
-                auto entries = cat.manifest(p->id);
-                manifest::normalize(entries);
-                std::string enc = manifest::encode(entries);
-                if (manifest::digest_of(enc) != d) continue; // verify --objects reports it
-                index.stage(n, enc, d);
-            }
+            if (!stage_ref_from_catalog(cat, index, n, d)) continue; // verify --objects reports it
             staged = true;
             ++r.refs_restored;
         }
@@ -1042,21 +1056,9 @@ GcResult gc(store::Store& s, DryRun dry) {
     for (const auto& n : stale_refs) index.drop_ref(n);
     if (!wrong_refs.empty()) {
         for (const auto& [n, d] : wrong_refs) {
-            try {
-                index.read_manifest(d);
-                index.stage_ref(n, d);
-            } catch (const util::SystemError&) {
-                throw;
-            } catch (const util::Error&) {
-                // The catalog's manifest object is gone or damaged: written again from the catalog.
-                auto p = cat.package(n);
-                auto entries = cat.manifest(p->id);
-                manifest::normalize(entries);
-                std::string enc = manifest::encode(entries);
-                if (manifest::digest_of(enc) != d)
-                    throw util::Error("package " + util::printable(n) + ": the catalog's manifest does not encode to its recorded manifest object " + d.hex() + ": run casmig verify " + util::printable(n));
-                index.stage(n, enc, d);
-            }
+            if (!stage_ref_from_catalog(cat, index, n, d))
+                throw util::Error("package " + util::printable(n) + ": the catalog's manifest does not encode to its recorded "
+                                  "manifest object " + d.hex() + ": run casmig verify --objects");
         }
         index.publish();
     }

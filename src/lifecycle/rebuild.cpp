@@ -17,7 +17,6 @@
 #include <map>
 #include <mutex>
 #include <set>
-#include <sys/random.h>
 #include <sys/stat.h>
 #include <tbb/parallel_for_each.h>
 #include <tbb/task_arena.h>
@@ -43,23 +42,6 @@ std::string utc_stamp() {
     return b;
 }
 
-std::string random_store_id() {
-    unsigned char b[16];
-    size_t got = 0;
-    while (got < sizeof b) {
-        ssize_t n = ::getrandom(b + got, sizeof b - got, 0);
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0) util::throw_errno("cannot draw a random store identity", "getrandom");
-        got += static_cast<size_t>(n);
-    }
-    static const char* hex = "0123456789abcdef";
-    std::string out;
-    for (unsigned char c : b) {
-        out.push_back(hex[c >> 4]);
-        out.push_back(hex[c & 15]);
-    }
-    return out;
-}
 
 struct Candidate {
     std::string name;
@@ -336,7 +318,7 @@ RebuildResult rebuild_catalog(store::Store& s, bool force, unsigned threads, con
         util::fsync_fd(d.get(), dir);
     }
     io::crash_point("rebuild.old-moved");
-    catalog::Identity id{marker ? marker->store_id : random_store_id(), (marker ? marker->generation : 0) + 1};
+    catalog::Identity id{marker ? marker->store_id : store::new_store_id(), (marker ? marker->generation : 0) + 1};
     {
         catalog::Catalog cat(db, catalog::OpenMode::read_write);
         // Bytes an object takes under objects/ (its .zst form's, when compressed; a sparse one's apparent).

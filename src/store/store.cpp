@@ -142,25 +142,6 @@ bool dir_has_entry(int dirfd, const char* name, bool descend, const std::string&
     return false;
 }
 
-std::string random_id() {
-    unsigned char b[16];
-    size_t got = 0;
-    while (got < sizeof b) {
-        ssize_t n = ::getrandom(b + got, sizeof b - got, 0);
-        if (n < 0) {
-            if (errno == EINTR) continue;
-            util::throw_errno("cannot draw a random store identity", "getrandom");
-        }
-        got += static_cast<size_t>(n);
-    }
-    static const char* hex = "0123456789abcdef";
-    std::string out;
-    for (unsigned char c : b) {
-        out += hex[c >> 4];
-        out += hex[c & 15];
-    }
-    return out;
-}
 
 bool is_store_id(const std::string& s) {
     return s.size() == 32 && s.find_first_not_of("0123456789abcdef") == std::string::npos;
@@ -315,7 +296,7 @@ void Store::check_catalog(Purpose purpose, const std::string& command) {
     auto id = cat.identity();
     if (!id) {
         bool adopted = cat.packages().size() > 0;
-        catalog::Identity fresh{random_id(), 0};
+        catalog::Identity fresh{new_store_id(), 0};
         catalog::Transaction tx(cat.db());
         cat.claim(fresh);
         cat.journal(command, "", "", "", std::string(adopted ? "catalog from before store identities adopted" : "new store") +
@@ -401,5 +382,25 @@ std::optional<cas::Compression> read_compression(catalog::Catalog& cat) {
 }
 
 void write_compression(catalog::Catalog& cat, const cas::Compression& c) { cat.set_setting("compression", c.setting()); }
+
+std::string new_store_id() {
+    unsigned char b[16];
+    size_t got = 0;
+    while (got < sizeof b) {
+        ssize_t n = ::getrandom(b + got, sizeof b - got, 0);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            util::throw_errno("cannot draw a random store identity", "getrandom");
+        }
+        got += static_cast<size_t>(n);
+    }
+    static const char* hex = "0123456789abcdef";
+    std::string out;
+    for (unsigned char c : b) {
+        out += hex[c >> 4];
+        out += hex[c & 15];
+    }
+    return out;
+}
 
 } // namespace casmig::store

@@ -60,6 +60,18 @@ class T:
         return json.loads(out)
 
 
+def seams(t):
+    """True if casmig was built with the test seams (tools/build sets -Dtest_seams=true): a crash trace
+    then lists the points a migrate reaches. Probed once per test process."""
+    if not hasattr(t, "_seams"):
+        probe = os.path.join(t.work, "seam-probe")
+        put(os.path.join(probe, "p"), "f", b"x")
+        trace = os.path.join(t.work, "seam-probe.trace")
+        t.run(probe, "migrate", env={"CASMIG_CRASH_TRACE": trace})
+        t._seams = os.path.exists(trace)
+    return t._seams
+
+
 def put(pkg, rel, data, mode=0o644):
     path = os.path.join(pkg, rel)
     os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -262,12 +262,7 @@ def catalog_from_before_identities_is_adopted(t):
 
 # ------------------------------------------------------------------ crashes between catalog and marker
 
-def seams(t):
-    trace = os.path.join(t.work, "seam-probe.trace")
-    if not os.path.exists(trace):
-        s = t.store("seam-probe", 1)
-        t.run(s, "migrate", env={"CASMIG_CRASH_TRACE": trace})
-    return os.path.exists(trace)
+seams = harness.seams
 
 
 @test

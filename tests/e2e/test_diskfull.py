@@ -250,13 +250,7 @@ def status_on_a_full_disk_sees_commits_still_in_the_wal(t):
         check_materialize(t, s, "pkg01", dest)
 
 
-def harness_seams(t):
-    """True if casmig was built with the test seams: a fault injected into its first mkdir shows."""
-    probe = os.path.join(t.work, "seam-probe")
-    os.makedirs(probe, exist_ok=True)
-    p = subprocess.run([t.casmig, "--store", probe, "migrate"], capture_output=True, text=True,
-                       env=dict(os.environ, CASMIG_FAULT="mkdir@1+=EIO"))
-    return p.returncode != 0
+harness_seams = harness.seams
 
 
 def seams_or_skip(t):

@@ -415,12 +415,7 @@ def power_cut_after_refs_are_placed_leaves_every_ref_naming_a_sound_manifest(t):
         expect(not matrix.bad_manifests(s), f"after the rerun: {matrix.bad_manifests(s)}")
 
 
-def harness_seams(t):
-    trace = os.path.join(t.work, "seam-probe.trace")
-    if not os.path.exists(trace):
-        s = t.store("seam-probe", 1)
-        t.run(s, "migrate", env={"CASMIG_CRASH_TRACE": trace})
-    return os.path.exists(trace)
+harness_seams = harness.seams
 
 
 @test

@@ -109,11 +109,7 @@ def a_sweep_that_fails_halfway_leaves_a_directory_the_next_sweep_removes(t):
     expect(temp_entries(s) == [], f"temp/ after the rerun: {temp_entries(s)}")
 
 
-def harness_seams(t):
-    """True if casmig was built with test seams (a crash point then kills it)."""
-    s = t.store("seams-probe", 1)
-    code, _, _ = t.run(s, "migrate", env={"CASMIG_CRASH_AT": "publish.rename"})
-    return code != 0
+harness_seams = harness.seams
 
 
 @test

@@ -27,6 +27,9 @@ namespace casmig::store {
 
 class PackageIndex;
 
+/// A new store id: 32 lowercase hex digits from getrandom(). Throws util::SystemError.
+std::string new_store_id();
+
 /// Names directly under the store that are never package trees.
 bool is_reserved(const std::string& name);
 /// A package name the store allows: one path component (catalog::is_path_component), not reserved.
