@@ -283,12 +283,17 @@ int cmd_verify(Ctx& c, const std::vector<std::string>& names, bool objects, std:
     verify::Result ro;
     if (objects) ro = verify::verify_objects(s, vo, c.progress(), c.problem_sink());
     json j = {{"packages", r.packages}, {"ok", r.ok}, {"mismatched", r.mismatched}};
-    if (objects) j["objects"] = {{"checked", ro.objects_checked}, {"bad", ro.objects_bad}};
+    if (objects) {
+        j["objects"] = {{"checked", ro.objects_checked}, {"bad", ro.objects_bad}};
+        j["manifests"] = {{"checked", ro.manifests_checked}, {"bad", ro.manifests_bad}};
+    }
     std::string h = fmt("verify: %llu packages checked, %llu ok, %llu with problems", (unsigned long long)r.packages,
                         (unsigned long long)r.ok, (unsigned long long)r.mismatched);
-    if (objects) h += fmt("; %llu objects re-hashed, %llu bad", (unsigned long long)ro.objects_checked, (unsigned long long)ro.objects_bad);
+    if (objects)
+        h += fmt("; %llu objects and %llu manifests re-hashed, %llu bad", (unsigned long long)ro.objects_checked,
+                 (unsigned long long)ro.manifests_checked, (unsigned long long)(ro.objects_bad + ro.manifests_bad));
     c.out(j, h + "\n");
-    return r.mismatched || ro.objects_bad || c.problems ? k_failed : k_ok;
+    return r.mismatched || ro.objects_bad || ro.manifests_bad || c.problems ? k_failed : k_ok;
 }
 
 // ------------------------------------------------------------------ lifecycle

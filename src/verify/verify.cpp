@@ -356,7 +356,7 @@ void check_manifest_objects(store::Store& store, Result& r, const ProblemSink& p
         const hash::Digest d = *p.manifest_object;
         const std::string pid = util::printable(p.name);
         const std::string rel = store::PackageIndex::manifest_relpath(d);
-        ++r.objects_checked;
+        ++r.manifests_checked;
         std::string why;
         try {
             manifest::decode(index.read_manifest(d));
@@ -366,7 +366,7 @@ void check_manifest_objects(store::Store& store, Result& r, const ProblemSink& p
             why = e.what();
         }
         if (!why.empty()) {
-            ++r.objects_bad;
+            ++r.manifests_bad;
             std::string moved;
             try {
                 moved = "; the damaged file is kept at " + index.quarantine_manifest(d);

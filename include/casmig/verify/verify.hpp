@@ -25,6 +25,7 @@ struct Options {
 struct Result {
     std::uint64_t packages = 0, ok = 0, mismatched = 0;
     std::uint64_t objects_checked = 0, objects_bad = 0;
+    std::uint64_t manifests_checked = 0, manifests_bad = 0; // packages/manifests (verify --objects)
 };
 
 /// Checks each package against its manifest: with its legacy tree present, the path set, types,
