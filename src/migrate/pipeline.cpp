@@ -207,15 +207,45 @@ public:
         tbb::global_control allow(tbb::global_control::max_allowed_parallelism, threads);
         tbb::task_arena arena(static_cast<int>(threads));
         arena.execute([&] {
+            // No exception leaves a filter: oneTBB cancels a pipeline whose filter throws and does not
+            // destroy the items then in flight (each holds directory fds and a package's entries). The
+            // first error is kept, the walk stops, the items drain, and the error is rethrown below.
             tbb::parallel_pipeline(
                 tokens_for(threads),
                 tbb::make_filter<void, UnitPtr>(tbb::filter_mode::serial_in_order,
-                                                [this](tbb::flow_control& fc) { return walk_stage(fc); }) &
+                                                [this](tbb::flow_control& fc) -> UnitPtr {
+                                                    if (pipeline_failed()) {
+                                                        fc.stop();
+                                                        return nullptr;
+                                                    }
+                                                    try {
+                                                        return walk_stage(fc);
+                                                    } catch (...) {
+                                                        note_pipeline_error();
+                                                        fc.stop();
+                                                        return nullptr;
+                                                    }
+                                                }) &
                     tbb::make_filter<UnitPtr, UnitPtr>(tbb::filter_mode::parallel,
-                                                       [this](UnitPtr u) { return ingest_stage(std::move(u)); }) &
-                    tbb::make_filter<UnitPtr, void>(tbb::filter_mode::serial_in_order,
-                                                    [this](UnitPtr u) { commit_stage(std::move(u)); }));
+                                                       [this](UnitPtr u) -> UnitPtr {
+                                                           if (!u || pipeline_failed()) return nullptr;
+                                                           try {
+                                                               return ingest_stage(std::move(u));
+                                                           } catch (...) {
+                                                               note_pipeline_error();
+                                                               return nullptr;
+                                                           }
+                                                       }) &
+                    tbb::make_filter<UnitPtr, void>(tbb::filter_mode::serial_in_order, [this](UnitPtr u) {
+                        if (!u || pipeline_failed()) return;
+                        try {
+                            commit_stage(std::move(u));
+                        } catch (...) {
+                            note_pipeline_error();
+                        }
+                    }));
         });
+        if (m_pipeline_error) std::rethrow_exception(m_pipeline_error);
         if (m_mode == Mode::migrate) {
             if (!m_disk_full) flush();
             finish_committer();
@@ -262,6 +292,16 @@ public:
     std::vector<std::int64_t>& migrated_ids() { return m_migrated_ids; }
 
 private:
+    bool pipeline_failed() const { return m_pipeline_failed.load(std::memory_order_acquire); }
+    void note_pipeline_error() {
+        std::lock_guard lk(m_pipeline_error_mutex);
+        if (!m_pipeline_error) m_pipeline_error = std::current_exception();
+        m_pipeline_failed.store(true, std::memory_order_release);
+    }
+    std::mutex m_pipeline_error_mutex;
+    std::exception_ptr m_pipeline_error;
+    std::atomic<bool> m_pipeline_failed{false};
+
     // ---- stage 1: walk (serial, in order)
     UnitPtr walk_stage(tbb::flow_control& fc) {
         if (m_disk_full) {
