@@ -56,15 +56,20 @@ def refused_naming_rebuild(t, s, what):
     expect(code == 3 and "rebuild-catalog" in err, f"{what}: gc exited {code}: {err!r}")
 
 
+def rollback_is_exact(t, s, pristine, what):
+    """rollback exits 0 and every pristine package is back bit for bit (`what` names the failure)."""
+    t.run(s, "rollback", code=0)
+    for p, snap in pristine.items():
+        expect(snapshot(os.path.join(s, p), owners=True) == snap, f"{p}: {what}")
+
+
 def rebuilt_is_exact(t, s, pristine, what):
     j = t.json(s, "rebuild-catalog")
     expect(j["recovered"] == len(pristine) and j["lost"] == 0 and j["failed"] == 0, f"{what}: rebuild: {j}")
     st = t.json(s, "status")
     expect(st["packages"]["verified"] == len(pristine), f"{what}: status after rebuild: {st}")
     t.run(s, "verify", "--objects", code=0)
-    t.run(s, "rollback", code=0)
-    for p, snap in pristine.items():
-        expect(snapshot(os.path.join(s, p), owners=True) == snap, f"{what}: rollback after rebuild-catalog did not rebuild {p} exactly")
+    rollback_is_exact(t, s, pristine, f"{what}: rollback after rebuild-catalog did not rebuild a package exactly")
     return j
 
 
@@ -350,9 +355,7 @@ def a_half_deleted_tree_in_temp_goes_aside_never_back_under_its_name(t):
     expect(glob.glob(os.path.join(s, "migration", "aside", "trash-*")), f"the half-deleted tree was not kept aside: {err!r}")
     for p in trees(s):
         expect(snapshot(os.path.join(s, p), owners=True) == pristine[p], f"{p}: a tree not equal to its manifest came back")
-    t.run(s, "rollback", code=0)
-    for p, snap in pristine.items():
-        expect(snapshot(os.path.join(s, p), owners=True) == snap, f"{p} not rebuilt exactly")
+    rollback_is_exact(t, s, pristine, "not rebuilt exactly")
 
 
 @test
@@ -386,9 +389,7 @@ def a_compressed_store_is_rebuilt_compressed_and_exact(t):
     after = t.json(s, "status")
     expect(after["stored_bytes"] == before["stored_bytes"], f"stored bytes {before['stored_bytes']} -> {after['stored_bytes']}")
     t.run(s, "verify", "--objects", code=0)
-    t.run(s, "rollback", code=0)
-    for p, snap in pristine.items():
-        expect(snapshot(os.path.join(s, p), owners=True) == snap, f"{p} not rebuilt exactly")
+    rollback_is_exact(t, s, pristine, "not rebuilt exactly")
 
 
 @test
@@ -517,9 +518,7 @@ def rebuild_after_cutover_keeps_the_manifest_of_a_drifted_tree(t):
     t.run(s, "gc", code=0)
     t.run(s, "cleanup", code=1)  # keeps the drifted tree, reports it
     expect(os.path.isdir(os.path.join(s, "pkg01")), "cleanup deleted a tree that differs")
-    t.run(s, "rollback", code=0)
-    for p, snap in pristine.items():
-        expect(snapshot(os.path.join(s, p), owners=True) == snap, f"{p} not rebuilt exactly")
+    rollback_is_exact(t, s, pristine, "not rebuilt exactly")
 
 
 @test
@@ -568,9 +567,7 @@ def a_manifest_claiming_a_wrong_size_spoils_only_itself(t):
     st = t.json(s, "status")["packages"]
     expect(st["verified"] == 3 and st["failed"] == 1, f"states: {st}")
     t.run(s, "remove", "aaa", code=0)
-    t.run(s, "rollback", code=0)
-    for p, snap in pristine.items():
-        expect(snapshot(os.path.join(s, p), owners=True) == snap, f"{p} not rebuilt exactly")
+    rollback_is_exact(t, s, pristine, "not rebuilt exactly")
 
 
 @test
@@ -607,9 +604,7 @@ def stray_things_in_packages_never_block_a_command(t):
     j2 = t.json(s, "rebuild-catalog", "--force")
     j3 = t.json(s, "rebuild-catalog", "--force")  # twice in the same second
     expect(j2["old_catalog"] != j3["old_catalog"], "two forced rebuilds share the old catalog's name")
-    t.run(s, "rollback", code=0)
-    for p, snap in pristine.items():
-        expect(snapshot(os.path.join(s, p), owners=True) == snap, f"{p} not rebuilt exactly")
+    rollback_is_exact(t, s, pristine, "not rebuilt exactly")
 
 
 if __name__ == "__main__":
