@@ -16,7 +16,6 @@
 #include <cstring>
 #include <sys/statvfs.h>
 #include <cerrno>
-#include <dirent.h>
 #include <fcntl.h>
 #include <map>
 #include <mutex>
@@ -62,26 +61,25 @@ AtName at_name(int dirfd, const std::string& name, const std::string& display) {
 util::FreedBytes tree_bytes(int dirfd, const std::string& name) {
     util::FreedBytes total;
     std::map<std::pair<dev_t, ino_t>, nlink_t> linked; // names seen of files with several
+    // An estimate: what cannot be read counts as nothing (cleanup itself reports real problems).
     auto walk = [&](auto& self, int parent, const std::string& dir) -> void {
-        int fd = ::openat(parent, dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-        if (fd < 0) return;
-        DIR* d = ::fdopendir(fd);
-        if (!d) {
-            ::close(fd);
+        util::Fd fd(::openat(parent, dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+        if (!fd) return;
+        std::vector<std::string> names;
+        try {
+            names = util::list_dir(fd.get(), dir);
+        } catch (const util::Error&) {
             return;
         }
-        while (dirent* e = ::readdir(d)) {
-            std::string n = e->d_name;
-            if (n == "." || n == "..") continue;
+        for (const auto& n : names) {
             struct stat st {};
-            if (::fstatat(::dirfd(d), n.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) continue;
-            if (S_ISDIR(st.st_mode)) self(self, ::dirfd(d), n);
+            if (::fstatat(fd.get(), n.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) continue;
+            if (S_ISDIR(st.st_mode)) self(self, fd.get(), n);
             if (!S_ISREG(st.st_mode)) continue;
             total.apparent += static_cast<std::uint64_t>(st.st_size);
             if (st.st_nlink > 1 && ++linked[{st.st_dev, st.st_ino}] < st.st_nlink) continue;
             total.allocated += static_cast<std::uint64_t>(st.st_blocks) * 512;
         }
-        ::closedir(d);
     };
     walk(walk, dirfd, name);
     return total;

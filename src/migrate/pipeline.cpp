@@ -2,7 +2,7 @@
 
 #include "casmig/catalog/sqlite.hpp"
 #include "casmig/manifest/manifest.hpp"
-#include "casmig/migrate/ingest.hpp"
+#include "casmig/ingest/ingest.hpp"
 #include "casmig/migrate/store_mode.hpp"
 #include "casmig/store/packages.hpp"
 #include "casmig/util/error.hpp"
@@ -43,7 +43,7 @@ constexpr std::uint64_t k_unit_bytes = 16ull << 20;
 // low open-file limit the tokens shrink too, to what the directory budget (dir_refs_per_holder(1))
 // allows, and never below one per thread.
 unsigned tokens_for(unsigned threads) {
-    return static_cast<unsigned>(std::min<size_t>(threads * 8, std::max<size_t>(threads, dir_refs_per_holder(1))));
+    return static_cast<unsigned>(std::min<size_t>(threads * 8, std::max<size_t>(threads, ingest::dir_refs_per_holder(1))));
 }
 // A batch is published and committed when any bound is reached: less often means fewer syncfs calls,
 // more often means less work redone after a crash.
@@ -200,7 +200,7 @@ public:
 
     void run(unsigned threads) {
         m_threads = threads;
-        m_unit_dirs = dir_refs_per_holder(tokens_for(threads));
+        m_unit_dirs = ingest::dir_refs_per_holder(tokens_for(threads));
         if (m_mode == Mode::migrate) m_committer = std::thread([this] { committer_loop(); });
         // oneTBB caps workers at cores-1 unless told otherwise; -j may ask for more threads than cores
         // (useful when file I/O blocks).
@@ -380,27 +380,18 @@ private:
         // has the whole unit's reads queued at once instead of one small read per worker thread.
         // With --io-limit there is no read-ahead: it would read in bursts the limiter never sees.
         // A file pass 1 could not open is opened again in pass 2, which reports the error.
-        std::vector<util::Fd> fds(u->items.size());
-        if (!m_limiter.limited()) {
-            // Pass 2's thread and the verify arena's may hold as many: 2 × threads holders.
-            const size_t budget = read_ahead_files(2 * m_threads);
-            for (size_t i = 0, opened = 0; i < u->items.size() && opened < budget; ++i) {
-                const auto& it = u->items[i];
-                if (it.entry.type != catalog::EntryType::file) continue;
-                fds[i] = try_open_item(it);
-                if (!fds[i]) continue;
-                prefetch(fds[i].get(), it.entry.size);
-                ++opened;
-            }
-        }
+        // Pass 2's thread and the verify arena's may hold as many: 2 × threads holders.
+        std::vector<util::Fd> fds = ingest::open_ahead(
+            u->items.size(), m_limiter.limited() ? 0 : ingest::read_ahead_files(2 * m_threads),
+            [&](size_t i) { return u->items[i].entry.type == catalog::EntryType::file ? &u->items[i] : nullptr; });
         for (size_t i = 0; i < u->items.size(); ++i) {
             auto& it = u->items[i];
             if (job.failed || job.no_space) break; // the package is lost for this run: do not read the rest of it
             if (it.entry.type != catalog::EntryType::file) continue;
             try {
-                if (!fds[i]) fds[i] = open_item(it);
-                auto r = ingest_open(it, std::move(fds[i]), m_objects,
-                                     m_mode == Mode::migrate ? StoreObject::yes : StoreObject::no,
+                if (!fds[i]) fds[i] = ingest::open_item(it);
+                auto r = ingest::ingest_open(it, std::move(fds[i]), m_objects,
+                                     m_mode == Mode::migrate ? ingest::StoreObject::yes : ingest::StoreObject::no,
                                      m_limiter.limited() ? &m_limiter : nullptr);
                 it.entry.digest = r.digest;
                 it.entry.size = r.size;

@@ -3,7 +3,7 @@
 #include "casmig/store/packages.hpp"
 
 #include "casmig/catalog/sqlite.hpp"
-#include "casmig/migrate/ingest.hpp"
+#include "casmig/ingest/ingest.hpp"
 #include "casmig/util/error.hpp"
 #include "casmig/util/io.hpp"
 #include "casmig/walk/walker.hpp"
@@ -37,7 +37,7 @@ std::vector<std::string> sample_small_files(int store_fd, const std::vector<cata
                 if (it.entry.type != catalog::EntryType::file) continue;
                 auto size = static_cast<std::uint64_t>(it.st.st_size);
                 if (size < k_sample_min || size > k_sample_max) continue;
-                util::Fd fd = try_open_item(it);
+                util::Fd fd = ingest::try_open_item(it);
                 if (!fd) continue;
                 std::string s(static_cast<size_t>(size), '\0');
                 ssize_t n = ::pread(fd.get(), s.data(), s.size(), 0);

@@ -1,5 +1,7 @@
 #include "casmig/util/io.hpp"
 
+#include "casmig/util/fd.hpp"
+
 #include <cerrno>
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -11,7 +13,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <dirent.h>
 #include <map>
 #include <mutex>
 #include <set>
@@ -199,18 +200,24 @@ void record_name(NameOp::Kind kind, int fromdir, const char* from, int todir, co
     s.names.push_back(std::move(op));
 }
 
+/// The names in the directory at `path` (util::list_dir), or none if it cannot be read: a simulated
+/// power cut does what it can and never stops half-way.
+std::vector<std::string> names_in(const std::string& path) {
+    util::Fd fd(::open(path.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    if (!fd) return {};
+    try {
+        return util::list_dir(fd.get(), path);
+    } catch (const util::Error&) {
+        return {};
+    }
+}
+
 void remove_tree(const std::string& path) {
     struct stat st {};
     if (::lstat(path.c_str(), &st) != 0) return;
     if (S_ISDIR(st.st_mode)) {
         ::chmod(path.c_str(), 0700);
-        if (DIR* d = ::opendir(path.c_str())) {
-            std::vector<std::string> names;
-            while (dirent* e = ::readdir(d))
-                if (std::strcmp(e->d_name, ".") && std::strcmp(e->d_name, "..")) names.push_back(e->d_name);
-            ::closedir(d);
-            for (const auto& n : names) remove_tree(path + "/" + n);
-        }
+        for (const auto& n : names_in(path)) remove_tree(path + "/" + n);
         ::rmdir(path.c_str());
     } else {
         ::unlink(path.c_str());
@@ -227,13 +234,7 @@ void truncate_dirty(const std::string& path, const std::set<std::pair<dev_t, ino
         return;
     }
     if (!S_ISDIR(st.st_mode)) return;
-    DIR* d = ::opendir(path.c_str());
-    if (!d) return;
-    std::vector<std::string> names;
-    while (dirent* e = ::readdir(d))
-        if (std::strcmp(e->d_name, ".") && std::strcmp(e->d_name, "..")) names.push_back(e->d_name);
-    ::closedir(d);
-    for (const auto& n : names) truncate_dirty(path + "/" + n, dirty);
+    for (const auto& n : names_in(path)) truncate_dirty(path + "/" + n, dirty);
 }
 
 void make_parents(const std::string& path) {

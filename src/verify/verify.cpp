@@ -3,7 +3,7 @@
 #include "casmig/manifest/manifest.hpp"
 #include "casmig/store/packages.hpp"
 
-#include "casmig/migrate/ingest.hpp"
+#include "casmig/ingest/ingest.hpp"
 #include "casmig/util/error.hpp"
 #include "casmig/util/io.hpp"
 #include "casmig/util/threads.hpp"
@@ -78,7 +78,7 @@ void check_objects(Task& t, const cas::ObjectStore& objects) {
     }
 }
 
-// Files are opened and read ahead in groups (migrate::read_ahead_files() of them), then hashed one by
+// Files are opened and read ahead in groups (ingest::read_ahead_files() of them), then hashed one by
 // one: on a cold cache the disk gets a whole group at once (the same as migrate's ingest stage).
 
 struct PendingFile {
@@ -88,17 +88,14 @@ struct PendingFile {
 
 /// Hashes each pending legacy file, compares it with its manifest entry and clears the list.
 void hash_files(Task& t, std::vector<PendingFile>& files) {
-    std::vector<util::Fd> fds(files.size());
-    for (size_t i = 0; i < files.size(); ++i) {
-        fds[i] = migrate::try_open_item(files[i].item); // a failure is reported below, by open_item()
-        if (fds[i]) migrate::prefetch(fds[i].get(), files[i].item.entry.size);
-    }
+    // The caller bounds the group (read_ahead) and the directories it keeps open.
+    std::vector<util::Fd> fds = ingest::open_ahead(files.size(), files.size(), [&](size_t i) { return &files[i].item; });
     for (size_t i = 0; i < files.size(); ++i) {
         const std::string& path = files[i].item.entry.path;
         const catalog::Entry& m = *files[i].manifest;
         try {
-            if (!fds[i]) fds[i] = migrate::open_item(files[i].item);
-            auto r = migrate::ingest_open(files[i].item, std::move(fds[i]), nullptr, migrate::StoreObject::no, nullptr);
+            if (!fds[i]) fds[i] = ingest::open_item(files[i].item);
+            auto r = ingest::ingest_open(files[i].item, std::move(fds[i]), nullptr, ingest::StoreObject::no, nullptr);
             if (!m.digest || r.digest != *m.digest)
                 t.add(path, "content differs: manifest " + (m.digest ? m.digest->hex() : std::string("none")) +
                                 ", legacy tree " + r.digest.hex());
@@ -226,7 +223,7 @@ std::vector<std::pair<std::string, std::string>> compare_tree(int dirfd, const s
     t.pkg = pkg;
     t.manifest = manifest;
     const unsigned holders = 2 * util::thread_count(0);
-    check_tree(t, dirfd, name, migrate::read_ahead_files(holders), migrate::dir_refs_per_holder(holders), moved);
+    check_tree(t, dirfd, name, ingest::read_ahead_files(holders), ingest::dir_refs_per_holder(holders), moved);
     return std::move(t.problems);
 }
 
@@ -276,8 +273,8 @@ Result verify_packages(store::Store& store, const std::vector<catalog::Package>&
     std::mutex& db_mutex = opts.db_mutex ? *opts.db_mutex : own_mutex;
     unsigned threads = util::thread_count(opts.threads);
     // migrate runs this beside its own pipeline, which holds as many files open.
-    const size_t read_ahead = migrate::read_ahead_files(2 * threads);
-    const size_t max_dirs = migrate::dir_refs_per_holder(2 * threads);
+    const size_t read_ahead = ingest::read_ahead_files(2 * threads);
+    const size_t max_dirs = ingest::dir_refs_per_holder(2 * threads);
     tbb::task_arena arena(static_cast<int>(threads));
     arena.execute([&] {
         tbb::parallel_pipeline(
@@ -500,7 +497,7 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
         // Chunks of objects are opened and read ahead together, then hashed one by one: objects
         // are usually not in the page cache (migrate writes large ones with O_DIRECT).
         std::vector<std::pair<size_t, size_t>> chunks;
-        const size_t chunk_size = migrate::read_ahead_files(threads);
+        const size_t chunk_size = ingest::read_ahead_files(threads);
         for (size_t i = 0; i < files.size(); i += chunk_size)
             chunks.emplace_back(i, std::min(files.size(), i + chunk_size));
         tbb::parallel_for_each(chunks.begin(), chunks.end(), [&](std::pair<size_t, size_t> chunk) {
@@ -512,7 +509,7 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
                 int fd = (fds[i - chunk.first] = open_object(files[i])).get();
                 if (fd < 0) continue; // opened again below, which reports the error
                 struct stat st {};
-                if (::fstat(fd, &st) == 0) migrate::prefetch(fd, static_cast<std::uint64_t>(st.st_size));
+                if (::fstat(fd, &st) == 0) ingest::prefetch(fd, static_cast<std::uint64_t>(st.st_size));
             }
             for (size_t i = chunk.first; i < chunk.second; ++i) {
                 const std::string& rel = files[i];

@@ -1,14 +1,17 @@
-// casmig::migrate — reading one legacy file: open safely, hash, optionally store, detect change.
+// casmig::ingest — reading legacy files: open safely, hash, optionally store, detect change.
+// Shared by migrate (and plan), verify and the zstd dictionary's sample; it depends on walk and cas,
+// never on the commands that use it.
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "casmig/cas/object_store.hpp"
 #include "casmig/hash/blake3.hpp"
 #include "casmig/util/rate_limiter.hpp"
 #include "casmig/walk/walker.hpp"
 
-namespace casmig::migrate {
+namespace casmig::ingest {
 
 enum class StoreObject { no, yes };
 
@@ -44,6 +47,24 @@ size_t dir_refs_per_holder(unsigned holders);
 /// Starts reading the first few MiB of an open file into the page cache and returns at once, so that
 /// the disk works on many files while the caller hashes them one by one. A hint: errors are ignored.
 void prefetch(int fd, std::uint64_t size);
+/// Pass 1 of a grouped read: opens (try_open_item) up to `budget` of the n items for which item_at(i)
+/// returns an item (nullptr: skip i) and starts their read-ahead; the other fds stay empty. The caller
+/// then reads them in order, opening an empty one with open_item(), which reports the problem. On a
+/// cold cache the disk gets a whole group at once instead of one small read per reading thread.
+template <class ItemAt>
+std::vector<util::Fd> open_ahead(size_t n, size_t budget, ItemAt item_at) {
+    std::vector<util::Fd> fds(n);
+    for (size_t i = 0, opened = 0; i < n && opened < budget; ++i) {
+        const walk::Item* it = item_at(i);
+        if (!it) continue;
+        fds[i] = try_open_item(*it);
+        if (!fds[i]) continue;
+        prefetch(fds[i].get(), it->entry.size);
+        ++opened;
+    }
+    return fds;
+}
+
 /// ingest_file() on a file open_item() opened.
 IngestResult ingest_open(const walk::Item& item, util::Fd fd, cas::ObjectStore* objects, StoreObject store,
                          util::RateLimiter* limiter);
@@ -53,4 +74,4 @@ inline IngestResult hash_file(const walk::Item& item, util::RateLimiter* limiter
     return ingest_file(item, nullptr, StoreObject::no, limiter);
 }
 
-} // namespace casmig::migrate
+} // namespace casmig::ingest

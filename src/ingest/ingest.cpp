@@ -1,4 +1,4 @@
-#include "casmig/migrate/ingest.hpp"
+#include "casmig/ingest/ingest.hpp"
 
 #include <algorithm>
 #include <cerrno>
@@ -12,7 +12,7 @@
 #include "casmig/util/error.hpp"
 #include "casmig/util/xattr.hpp"
 
-namespace casmig::migrate {
+namespace casmig::ingest {
 
 // Files up to this size are read into one buffer, hashed, and written only if the object is new
 // (most files of a package store are small and already present). Larger files are streamed: each
@@ -254,4 +254,4 @@ IngestResult ingest_open(const walk::Item& item, util::Fd owned, cas::ObjectStor
     return r;
 }
 
-} // namespace casmig::migrate
+} // namespace casmig::ingest

@@ -1,7 +1,7 @@
 #include <doctest/doctest.h>
 
 #include "../support/tempdir.hpp"
-#include "casmig/migrate/ingest.hpp"
+#include "casmig/ingest/ingest.hpp"
 
 #include <cerrno>
 #include <fcntl.h>
@@ -19,7 +19,7 @@ static walk::Item first_file(int store_fd, const std::string& pkg) {
     return it;
 }
 
-TEST_SUITE("migrate::ingest_file") {
+TEST_SUITE("ingest::ingest_file") {
     TEST_CASE("stores exactly the bytes it hashes, small and streamed") {
         test::TempDir t;
         util::ensure_dir(t / "objects");
@@ -45,7 +45,7 @@ TEST_SUITE("migrate::ingest_file") {
             std::string pkg = "p" + std::to_string(size);
             test::write_file(t / (pkg + "/f"), data);
             auto item = first_file(root.get(), pkg);
-            auto r = migrate::ingest_file(item, &objects, migrate::StoreObject::yes, nullptr);
+            auto r = ingest::ingest_file(item, &objects, ingest::StoreObject::yes, nullptr);
             CHECK(r.new_object);
             CHECK(r.size == size);
             CHECK(objects.staged_count() == 1);
@@ -61,7 +61,7 @@ TEST_SUITE("migrate::ingest_file") {
         auto item = first_file(root.get(), "p");
         test::write_file(t / "p/grows", "after the walk, longer");
         try {
-            migrate::hash_file(item);
+            ingest::hash_file(item);
             FAIL("no error for a changed file");
         } catch (const walk::PackageError& e) {
             CHECK(e.path() == "grows");
@@ -76,13 +76,13 @@ TEST_SUITE("migrate::ingest_file") {
         auto item = first_file(root.get(), "p");
         ::unlink((t / "p/f").c_str());
         ::symlink((t / "secret").c_str(), (t / "p/f").c_str());
-        CHECK_THROWS_AS(migrate::hash_file(item), walk::PackageError);
+        CHECK_THROWS_AS(ingest::hash_file(item), walk::PackageError);
         // The open itself refuses the symlink (ELOOP): casmig never opens a file outside the package,
         // even when the change check after the read would catch it.
         errno = 0;
-        CHECK(!migrate::try_open_item(item));
+        CHECK(!ingest::try_open_item(item));
         CHECK(errno == ELOOP);
-        CHECK_THROWS_AS(migrate::open_item(item), walk::PackageError);
+        CHECK_THROWS_AS(ingest::open_item(item), walk::PackageError);
     }
     TEST_CASE("a same-size edit in place after the walk fails, read whole or streamed") {
         // Size and content length agree after the read: only the fstat compared with the walk's lstat
@@ -99,7 +99,7 @@ TEST_SUITE("migrate::ingest_file") {
             REQUIRE(::pwrite(fd, "b", 1, static_cast<off_t>(size / 2)) == 1);
             ::close(fd);
             try {
-                migrate::hash_file(item);
+                ingest::hash_file(item);
                 FAIL("a same-size edit went unnoticed");
             } catch (const walk::PackageError& e) {
                 CHECK(std::string(e.what()).find("changed") != std::string::npos);
