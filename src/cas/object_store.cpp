@@ -388,11 +388,13 @@ std::optional<std::string> ObjectStore::check_on_disk(const hash::Digest& d, std
 }
 
 bool ObjectStore::exists(const hash::Digest& d, std::optional<std::uint64_t> size) const {
+    bool trusting;
     {
         std::lock_guard lk(m_mutex);
         if (m_staged.count(d) || m_good.count(d)) return true;
-        if (m_trusting) return std::binary_search(m_known.begin(), m_known.end(), d);
+        trusting = m_trusting;
     }
+    if (trusting) return m_cataloged(d);
     // Not trusted by name: a file at the name is the object only if its content says so. A bad one
     // answers "absent"; publish() then moves it aside and puts the object in its place.
     auto why = check_on_disk(d, size, Form::raw);
@@ -404,11 +406,20 @@ bool ObjectStore::exists(const hash::Digest& d, std::optional<std::uint64_t> siz
     return true;
 }
 
-void ObjectStore::trust_catalog(std::vector<hash::Digest> known) {
-    std::sort(known.begin(), known.end());
+void ObjectStore::trust_catalog(std::function<bool(const hash::Digest&)> cataloged) {
     std::lock_guard lk(m_mutex);
-    m_known = std::move(known);
-    m_trusting = true;
+    m_cataloged = std::move(cataloged);
+    m_trusting = static_cast<bool>(m_cataloged);
+}
+
+void ObjectStore::forget_cataloged(const std::vector<hash::Digest>& digests) {
+    std::lock_guard lk(m_mutex);
+    if (!m_trusting) return; // nothing else would answer for them
+    for (const auto& d : digests) {
+        if (m_staged.count(d)) continue;
+        m_good.erase(d);
+        m_stored.erase(d);
+    }
 }
 
 TempFile ObjectStore::create_temp(std::uint64_t size_hint) {
@@ -538,11 +549,13 @@ bool ObjectStore::place(const hash::Digest& d, const std::string& tmpname, std::
             continue;
         }
         if (errno != EEXIST) break;
-        bool known;
+        bool known, trusting;
         {
             std::lock_guard lk(m_mutex);
-            known = m_good.count(d) || (m_trusting && std::binary_search(m_known.begin(), m_known.end(), d));
+            known = m_good.count(d) > 0;
+            trusting = m_trusting;
         }
+        if (!known && trusting) known = m_cataloged(d);
         // Trusted only when the catalog (or this process) vouches for it; otherwise its content decides.
         std::optional<std::string> why = known ? std::string() : check_on_disk(d, size, form);
         if (!why) continue; // gone meanwhile: place ours

@@ -257,11 +257,7 @@ public:
         m_result.seconds = std::chrono::duration<double>(Clock::now() - m_start).count();
     }
 
-    /// Digests the catalog's objects table already lists.
-    void set_cataloged(const std::vector<hash::Digest>& known) { m_cataloged.insert(known.begin(), known.end()); }
     using DigestSet = std::unordered_set<hash::Digest, hash::DigestHash>;
-    void set_cataloged(DigestSet known) { m_cataloged = std::move(known); }
-    DigestSet take_cataloged() { return std::move(m_cataloged); }
 
     /// The disk filled up (ENOSPC, EDQUOT, SQLITE_FULL) during the run. The run stopped starting packages,
     /// deleted its staged files that no finished package needs, and committed the finished packages.
@@ -691,7 +687,9 @@ private:
         }
         bool any_migrated = false;
         const bool file_level = cat.mode() == catalog::StoreMode::file_level;
-        std::unordered_set<hash::Digest, hash::DigestHash> added; // to m_cataloged once committed
+        // Each distinct content of the batch once: INSERT OR IGNORE asks the objects index, so that no
+        // set of every cataloged digest is kept (memory independent of the store's size, issue 9).
+        DigestSet added;
         // Counted once the transaction is committed: a commit that fails (disk full) counts nothing.
         Result counted;
         std::vector<std::int64_t> migrated_ids;
@@ -713,8 +711,7 @@ private:
             }
             cat.put_manifest(job.pkg.id, job.entries, job.manifest_object);
             for (const auto& e : job.entries)
-                if (e.type == catalog::EntryType::file && e.digest && !m_cataloged.count(*e.digest) &&
-                    added.insert(*e.digest).second)
+                if (e.type == catalog::EntryType::file && e.digest && added.insert(*e.digest).second)
                     cat.add_object({*e.digest, static_cast<std::int64_t>(e.size),
                                     static_cast<std::int64_t>(m_store.objects().stored_size(*e.digest).value_or(e.size))});
             cat.set_state(job.pkg.id, PackageState::migrated);
@@ -750,7 +747,8 @@ private:
         m_result.files += counted.files;
         m_result.bytes += counted.bytes;
         m_migrated_ids.insert(m_migrated_ids.end(), migrated_ids.begin(), migrated_ids.end());
-        m_cataloged.merge(added);
+        // Their rows are committed: the catalog answers for them from now on.
+        m_objects->forget_cataloged(std::vector<hash::Digest>(added.begin(), added.end()));
         for (auto& jp : batch)
             if (jp->failed) problem(jp->problem());
         for (const auto& q : published.quarantined)
@@ -803,7 +801,6 @@ private:
     size_t m_unit_dirs = 1; // see tokens_for()
     std::mutex m_started_mutex;
     std::vector<std::int64_t> m_started;                            // walked, not yet recorded as in_progress
-    std::unordered_set<hash::Digest, hash::DigestHash> m_cataloged; // rows in objects (skip INSERT OR IGNORE)
     Progress m_report;
     Result m_result;
     std::vector<std::pair<hash::Digest, std::uint64_t>> m_unit_digests, m_job_digests;
@@ -891,7 +888,6 @@ std::vector<catalog::Package> one_at_a_time(store::Store& store, const Options& 
         return left;
     };
     if (first.commit_failed()) return leave_from(0);
-    auto cataloged = first.take_cataloged();
     const unsigned threads = util::thread_count(opts.threads);
     for (size_t i = 0; i < rest.size(); ++i) {
         if (opts.time_budget && Clock::now() - started >= *opts.time_budget) {
@@ -905,9 +901,7 @@ std::vector<catalog::Package> one_at_a_time(store::Store& store, const Options& 
             continue;
         }
         Pipeline q(store, Mode::migrate, opts, one, progress, problems);
-        q.set_cataloged(std::move(cataloged));
         q.run(threads);
-        cataloged = q.take_cataloged();
         const Result& qr = q.result();
         r.packages += qr.packages;
         r.migrated += qr.migrated;
@@ -1020,11 +1014,14 @@ Result migrate(store::Store& store, const Options& opts, const ProgressSink& pro
         }
     }
     enable_store_mode(store, opts, selected);
-    std::vector<hash::Digest> known;
-    for (const auto& o : cat.objects()) known.push_back(o.digest);
+    // Is a content already in the store? The catalog's objects index answers, one lookup per new
+    // digest (nothing is loaded up front: a no-op migrate of a huge store costs what it touches).
+    auto lookup = std::make_shared<std::mutex>();
+    store.objects().trust_catalog([&cat, lookup](const hash::Digest& d) {
+        std::lock_guard lk(*lookup); // one prepared statement, asked from the ingest threads
+        return cat.has_object(d);
+    });
     Pipeline p(store, Mode::migrate, opts, std::move(selected), progress, problems);
-    p.set_cataloged(known);
-    store.objects().trust_catalog(std::move(known));
     p.run(util::thread_count(opts.threads));
     Result r = p.result();
     r.failed += p.verify_failed() + kept_changed;

@@ -1,5 +1,7 @@
 #include <doctest/doctest.h>
 
+#include <atomic>
+
 #include "../support/tempdir.hpp"
 #include "casmig/cas/object_store.hpp"
 #include "casmig/util/aligned_buffer.hpp"
@@ -261,7 +263,7 @@ TEST_SUITE("cas::ObjectStore") {
                 std::string obj = t / ("objects/" + cas::object_relpath(d));
                 test::write_file(obj, planted, 0444);
                 cas::ObjectStore s(t / "objects", t / "temp");
-                if (trusting) s.trust_catalog({}); // the catalog does not list it
+                if (trusting) s.trust_catalog([](const hash::Digest&) { return false; }); // the catalog does not list it
                 CHECK_FALSE(s.exists(d, data.size()));
                 CHECK(s.stage_bytes(d, data) == cas::StageResult::staged);
                 auto st = s.publish();
@@ -285,7 +287,7 @@ TEST_SUITE("cas::ObjectStore") {
         std::string obj = t / ("objects/" + cas::object_relpath(d));
         REQUIRE(::symlink((t / "victim").c_str(), obj.c_str()) == 0);
         cas::ObjectStore s(t / "objects", t / "temp");
-        s.trust_catalog({});
+        s.trust_catalog([](const hash::Digest&) { return false; });
         CHECK(s.stage_bytes(d, data) == cas::StageResult::staged);
         auto st = s.publish();
         REQUIRE(st.quarantined.size() == 1);
@@ -293,6 +295,33 @@ TEST_SUITE("cas::ObjectStore") {
         REQUIRE(::lstat(obj.c_str(), &sb) == 0);
         CHECK(S_ISREG(sb.st_mode));
         CHECK(test::read_file(t / "victim") == data);
+    }
+
+    TEST_CASE("with a trusted catalog, exists() asks it per digest and forgets what it has cataloged") {
+        test::TempDir t;
+        std::string data = "published, then cataloged";
+        auto d = hash::hash_bytes(data);
+        make_layout(t, d);
+        cas::ObjectStore s(t / "objects", t / "temp");
+        std::atomic<int> asked{0};
+        bool listed = false;
+        s.trust_catalog([&](const hash::Digest& q) {
+            ++asked;
+            return listed && q == d;
+        });
+        auto other = hash::hash_bytes("never stored");
+        CHECK_FALSE(s.exists(other)); // the catalog answers: no syscall, no scan of objects/
+        CHECK(asked == 1);
+        CHECK(s.stage_bytes(d, data) == cas::StageResult::staged);
+        s.publish();
+        CHECK(s.exists(d)); // this process placed it
+        listed = true;      // its row is committed
+        s.forget_cataloged({d});
+        asked = 0;
+        CHECK(s.exists(d)); // now the catalog answers for it
+        CHECK(asked == 1);
+        listed = false;     // a catalog that no longer lists it: nothing in memory vouches for it
+        CHECK_FALSE(s.exists(d));
     }
 
     TEST_CASE("an object found at its name with the right content is kept, read-only") {
@@ -308,7 +337,7 @@ TEST_SUITE("cas::ObjectStore") {
             REQUIRE(::stat(obj.c_str(), &before) == 0);
             cas::ObjectStore s(t / "objects", t / "temp");
             if (trusting) {
-                s.trust_catalog({});
+                s.trust_catalog([](const hash::Digest&) { return false; });
                 CHECK(s.stage_bytes(d, data) == cas::StageResult::staged); // not listed: publish checks it
                 auto st = s.publish();
                 CHECK(st.objects == 0);
@@ -334,7 +363,7 @@ TEST_SUITE("cas::ObjectStore") {
         ::rmdir(fan.c_str());
         test::write_file(fan, "not a directory");
         cas::ObjectStore s(t / "objects", t / "temp");
-        s.trust_catalog({});
+        s.trust_catalog([](const hash::Digest&) { return false; });
         CHECK(s.stage_bytes(d, data) == cas::StageResult::staged);
         CHECK_THROWS_AS(s.publish(), util::SystemError);
         CHECK_FALSE(s.exists(d));

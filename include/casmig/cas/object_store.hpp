@@ -198,11 +198,17 @@ public:
     /// After trust_catalog(), a digest the catalog does not list is not looked up on disk (publish()
     /// checks what it finds there). size, when known, is checked before the content is hashed.
     bool exists(const hash::Digest& d, std::optional<std::uint64_t> size = std::nullopt) const;
-    /// Makes exists() answer from the digests the catalog lists (committed only once durable) plus
-    /// what this process staged and published, with no syscall per file. An object deleted behind the
+    /// Makes exists() answer from the catalog (`cataloged`: does its objects table list d? rows are
+    /// committed only once their objects are durable) plus what this process staged and published,
+    /// with no syscall per file. `cataloged` is called from the calling threads, without this store's
+    /// lock held, and must be thread-safe; it is asked per digest, so that memory does not grow with
+    /// the store (issue 9: no command loads the whole objects table). An object deleted behind the
     /// catalog's back is then not rewritten: verify finds it missing and drops its catalog row, so the
     /// next migrate of a package that holds the content writes it again.
-    void trust_catalog(std::vector<hash::Digest> known);
+    void trust_catalog(std::function<bool(const hash::Digest&)> cataloged);
+    /// Drops what this process remembers of objects the catalog now lists (their rows are committed):
+    /// after trust_catalog() the catalog answers for them, so memory stays bounded by what is in flight.
+    void forget_cataloged(const std::vector<hash::Digest>& digests);
     /// True only if the object is under objects/ in either form (a regular file); size gets its
     /// uncompressed size (a raw file's size, a .zst frame header's content size; UINT64_MAX if that
     /// header is unreadable, so that any size check fails). Does not read the content.
@@ -302,7 +308,7 @@ private:
     bool m_trusting = false;
     std::array<std::atomic<bool>, 64> m_subdir_made{}; // <own staging directory>/w<N>/ exists
     std::atomic<bool> m_no_direct{false};               // the filesystem refused O_DIRECT once
-    std::vector<hash::Digest> m_known;                  // sorted; the catalog's, after trust_catalog()
+    std::function<bool(const hash::Digest&)> m_cataloged; // set by trust_catalog()
     // Placed by publish() (once durable) or found on disk and checked by this process; m_mutex.
     mutable std::unordered_set<hash::Digest, hash::DigestHash> m_good;
     std::uint64_t m_staged_bytes = 0;
