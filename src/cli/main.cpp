@@ -254,7 +254,8 @@ int cmd_status(Ctx& c, int journal_lines) {
 
 // ------------------------------------------------------------------ verify
 
-int cmd_verify(Ctx& c, const std::vector<std::string>& names, bool objects, std::optional<std::uint64_t> sample) {
+int cmd_verify(Ctx& c, const std::vector<std::string>& names, bool objects, bool objects_only,
+               std::optional<std::uint64_t> sample) {
     auto lock = c.lock("verify");
     auto& s = *c.store;
     catalog::RelaxedDurability relaxed(s.catalog().db()); // verify records results, no intent
@@ -277,6 +278,8 @@ int cmd_verify(Ctx& c, const std::vector<std::string>& names, bool objects, std:
         for (size_t i = 0; i < *sample; ++i) std::swap(todo[i], todo[i + static_cast<size_t>(std::rand()) % (todo.size() - i)]);
         todo.resize(static_cast<size_t>(*sample));
     }
+    if (objects_only) todo.clear(); // the store's own check, like ostree fsck: no legacy tree is read
+    objects = objects || objects_only;
     verify::Options vo;
     vo.threads = c.g.jobs;
     auto r = verify::verify_packages(s, todo, vo, c.progress(), c.problem_sink());
@@ -290,8 +293,9 @@ int cmd_verify(Ctx& c, const std::vector<std::string>& names, bool objects, std:
     std::string h = fmt("verify: %llu packages checked, %llu ok, %llu with problems", (unsigned long long)r.packages,
                         (unsigned long long)r.ok, (unsigned long long)r.mismatched);
     if (objects)
-        h += fmt("; %llu objects and %llu manifests re-hashed, %llu bad", (unsigned long long)ro.objects_checked,
-                 (unsigned long long)ro.manifests_checked, (unsigned long long)(ro.objects_bad + ro.manifests_bad));
+        h = (objects_only ? std::string("verify: ") : h + "; ") +
+            fmt("%llu objects and %llu manifests re-hashed, %llu bad", (unsigned long long)ro.objects_checked,
+                (unsigned long long)ro.manifests_checked, (unsigned long long)(ro.objects_bad + ro.manifests_bad));
     c.out(j, h + "\n");
     return r.mismatched || ro.objects_bad || ro.manifests_bad || c.problems ? k_failed : k_ok;
 }
@@ -453,9 +457,14 @@ int main(int argc, char** argv) {
     std::vector<std::string> verify_pkgs;
     bool verify_objects = false;
     std::string sample;
-    ver->add_option("packages", verify_pkgs, "Package ids (default: every package with a manifest)");
+    auto* verify_pkgs_opt = ver->add_option("packages", verify_pkgs, "Package ids (default: every package with a manifest)");
     ver->add_flag("--objects", verify_objects, "Also re-hash every object against its name (fsck)");
-    ver->add_option("--sample", sample, "Check N random packages (1 to 1000000000)");
+    bool verify_objects_only = false;
+    auto* only = ver->add_flag("--objects-only", verify_objects_only,
+                               "Only re-hash every object and manifest against its name; read no legacy tree");
+    auto* sample_opt = ver->add_option("--sample", sample, "Check N random packages (1 to 1000000000)");
+    only->excludes(sample_opt);
+    only->excludes(verify_pkgs_opt);
     auto* cut = app.add_subcommand("cutover", "Switch the store to file-level and mark legacy trees for cleanup");
     auto* clean = app.add_subcommand("cleanup", "Delete legacy trees marked by cutover (their content is in the CAS)");
     bool dry = false;
@@ -519,7 +528,7 @@ int main(int argc, char** argv) {
         if (*plan) return cmd_plan(c, mo);
         if (*mig) return cmd_migrate(c, mo);
         if (*status) return cmd_status(c, journal_n);
-        if (*ver) return cmd_verify(c, verify_pkgs, verify_objects, sample_n);
+        if (*ver) return cmd_verify(c, verify_pkgs, verify_objects, verify_objects_only, sample_n);
         if (*cut) return cmd_cutover(c);
         if (*clean) return cmd_cleanup(c, dry);
         if (*rb) return cmd_rollback(c, !rb_no_space_check);

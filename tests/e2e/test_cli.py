@@ -168,6 +168,31 @@ def verify_finds_drift_and_corruption(t):
 
 
 @test
+def verify_objects_only_checks_the_store_and_reads_no_legacy_tree(t):
+    s = t.store("objects-only", 3)
+    t.run(s, "migrate", code=0)
+    # A legacy tree that drifted is not its business (no package is checked, none marked failed) ...
+    with open(os.path.join(s, "pkg01", "bin", "tool1"), "r+b") as f:
+        f.write(b"tampered")
+    out = t.json(s, "verify", "--objects-only")
+    expect(out["packages"] == 0 and out["objects"]["bad"] == 0 and out["objects"]["checked"] == t.json(s, "status")["objects"],
+           f"objects-only on a sound store: {out}")
+    expect(out["manifests"]["checked"] == 3, f"manifests re-hashed: {out}")
+    expect(t.json(s, "status")["packages"]["failed"] == 0, "objects-only judged a legacy tree")
+    # ... a corrupt object is, and a damaged manifest object too.
+    obj = next(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(s, "objects")) for f in fs)
+    os.chmod(obj, 0o644)
+    with open(obj, "r+b") as f:
+        f.write(b"X")
+    code, out, err = t.run(s, "verify", "--objects-only")
+    expect(code == 1 and os.path.basename(obj)[:10] in err and "tool1" not in err, f"corrupt object: {err!r}")
+    expect("objects and 3 manifests re-hashed, 1 bad" in out, f"summary line: {out!r}")
+    # It checks the whole store or nothing: package names and --sample are usage errors.
+    t.run(s, "verify", "--objects-only", "pkg01", code=2)
+    t.run(s, "verify", "--objects-only", "--sample", "1", code=2)
+
+
+@test
 def verify_and_cleanup_catch_a_retargeted_symlink(t):
     s = t.store("symlink-drift", 2)
     t.run(s, "migrate", code=0)
