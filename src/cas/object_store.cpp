@@ -775,21 +775,28 @@ hash::Digest ObjectStore::store_dictionary(std::string_view bytes) {
     return d;
 }
 
-std::vector<std::string> ObjectStore::list_files() const {
-    std::vector<std::string> out;
+void ObjectStore::for_each_shard(const std::function<void(const std::vector<std::string>&)>& f) const {
     std::vector<std::string> fan;
     for (const auto& n : util::list_dir(m_objects.get(), m_objects_path)) {
         if (n.size() == 2 && std::isxdigit(static_cast<unsigned char>(n[0])) && std::isxdigit(static_cast<unsigned char>(n[1])))
             fan.push_back(n);
     }
+    std::sort(fan.begin(), fan.end());
     // One listing helper, one error policy (util::list_dir): a fan-out directory that cannot be read
     // is an error, never a silently shorter list (gc and fsck decide from it).
-    for (const auto& f : fan) {
+    for (const auto& dir : fan) {
         struct stat st {};
-        if (::fstatat(m_objects.get(), f.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISDIR(st.st_mode)) continue;
-        util::Fd d = util::open_dir_at(m_objects.get(), f, m_objects_path + "/" + f);
-        for (auto& n : util::list_dir(d.get(), m_objects_path + "/" + f)) out.push_back(f + "/" + n);
+        if (::fstatat(m_objects.get(), dir.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISDIR(st.st_mode)) continue;
+        util::Fd d = util::open_dir_at(m_objects.get(), dir, m_objects_path + "/" + dir);
+        std::vector<std::string> names = util::list_dir(d.get(), m_objects_path + "/" + dir);
+        for (auto& n : names) n = dir + "/" + n;
+        f(names);
     }
+}
+
+std::vector<std::string> ObjectStore::list_files() const {
+    std::vector<std::string> out;
+    for_each_shard([&](const std::vector<std::string>& names) { out.insert(out.end(), names.begin(), names.end()); });
     return out;
 }
 

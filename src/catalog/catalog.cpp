@@ -451,6 +451,15 @@ static std::vector<ObjectRow> read_objects(Stmt& s) {
 }
 
 std::vector<ObjectRow> Catalog::objects() { return read_objects(m_s->objects); }
+void Catalog::for_each_object(const std::function<void(const ObjectRow&)>& f) {
+    auto& s = m_s->objects;
+    struct Reset {
+        Stmt& s;
+        ~Reset() { s.reset(); }
+    } reset{s};
+    while (s.step()) f({hash::Digest::from_raw(s.str(0)), s.i64(1), s.i64(2)});
+}
+
 std::vector<ObjectRow> Catalog::unreferenced_objects() { return read_objects(m_s->unreferenced); }
 
 void Catalog::delete_object(const hash::Digest& d) { m_s->del_object.bind_blob(1, d.raw()).run(); }

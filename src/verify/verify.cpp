@@ -485,86 +485,93 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
             }
         }
     }
-    auto files = objects.list_files();
     Progress report;
     report.phase = "verify objects";
-    report.packages_total = files.size();
+    // The objects are listed one fan-out directory at a time (memory stays one shard's names, not the
+    // store's): the total shown is the catalog's count, the number checked is what was found.
+    report.packages_total = static_cast<std::uint64_t>(std::max<std::int64_t>(0, cat.totals().objects));
     std::atomic<std::uint64_t> done{0}, bytes{0};
     std::uint64_t unreadable = 0; // .zst objects whose dictionary is missing: reported, left in place
+    std::uint64_t checked = 0;
     unsigned threads = util::thread_count(opts.threads);
     tbb::task_arena arena(static_cast<int>(threads));
-    arena.execute([&] {
-        // Chunks of objects are opened and read ahead together, then hashed one by one: objects
-        // are usually not in the page cache (migrate writes large ones with O_DIRECT).
-        std::vector<std::pair<size_t, size_t>> chunks;
-        const size_t chunk_size = ingest::read_ahead_files(threads);
-        for (size_t i = 0; i < files.size(); i += chunk_size)
-            chunks.emplace_back(i, std::min(files.size(), i + chunk_size));
-        tbb::parallel_for_each(chunks.begin(), chunks.end(), [&](std::pair<size_t, size_t> chunk) {
-            std::vector<util::Fd> fds(chunk.second - chunk.first);
-            auto open_object = [&](const std::string& rel) {
-                return util::Fd(::openat(objects.dirfd(), rel.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
-            };
-            for (size_t i = chunk.first; i < chunk.second; ++i) {
-                int fd = (fds[i - chunk.first] = open_object(files[i])).get();
-                if (fd < 0) continue; // opened again below, which reports the error
-                struct stat st {};
-                if (::fstat(fd, &st) == 0) ingest::prefetch(fd, static_cast<std::uint64_t>(st.st_size));
-            }
-            for (size_t i = chunk.first; i < chunk.second; ++i) {
-                const std::string& rel = files[i];
-                std::string hex = rel.substr(0, 2) + rel.substr(3, 62);
-                auto named = hash::Digest::from_hex(hex);
-                bool ok = false, keep = false;
-                std::string why, fix;
-                if (!named || rel.size() < 65) {
-                    why = "is not named by a BLAKE3 digest";
-                } else {
-                    util::Fd owned = std::move(fds[i - chunk.first]);
-                    if (!owned) owned = open_object(rel);
-                    const int fd = owned.get();
+    objects.for_each_shard([&](const std::vector<std::string>& files) {
+        checked += files.size();
+        arena.execute([&] {
+            // Chunks of objects are opened and read ahead together, then hashed one by one: objects
+            // are usually not in the page cache (migrate writes large ones with O_DIRECT).
+            std::vector<std::pair<size_t, size_t>> chunks;
+            const size_t chunk_size = ingest::read_ahead_files(threads);
+            for (size_t i = 0; i < files.size(); i += chunk_size)
+                chunks.emplace_back(i, std::min(files.size(), i + chunk_size));
+            tbb::parallel_for_each(chunks.begin(), chunks.end(), [&](std::pair<size_t, size_t> chunk) {
+                std::vector<util::Fd> fds(chunk.second - chunk.first);
+                auto open_object = [&](const std::string& rel) {
+                    return util::Fd(::openat(objects.dirfd(), rel.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
+                };
+                for (size_t i = chunk.first; i < chunk.second; ++i) {
+                    int fd = (fds[i - chunk.first] = open_object(files[i])).get();
+                    if (fd < 0) continue; // opened again below, which reports the error
                     struct stat st {};
-                    if (fd < 0) {
-                        why = errno == ELOOP ? std::string("is a symlink, not an object")
-                                             : std::string("cannot be opened: ") + std::strerror(errno);
-                    } else if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-                        why = "is not a regular file";
-                    } else {
-                        std::uint64_t n = 0;
-                        const bool zst = rel.size() == 65 + cas::k_zst_suffix.size() && rel.substr(65) == cas::k_zst_suffix;
-                        try {
-                            // The one read path: a .zst variant is hashed over its uncompressed bytes.
-                            cas::ObjectReader rd(util::Fd(::dup(fd)), zst ? cas::Form::zstd : cas::Form::raw,
-                                                 objects.dir() + "/" + rel, &objects.dictionaries());
-                            auto d = cas::hash_content(rd, &n);
-                            ok = d == *named;
-                            if (!ok) why = "content does not match its name (BLAKE3 " + d.hex() + ")";
-                        } catch (const cas::MissingDictionary& e) {
-                            // Not the object's fault: it stays where it is (the dictionary is reported above).
-                            why = e.what();
-                            keep = true;
-                        } catch (const cas::CorruptObject& e) {
-                            why = std::string("is corrupt: ") + e.what();
-                        } catch (const util::SystemError& e) {
-                            why = e.what();
-                        }
-                        bytes += n;
-                        if (ok) fix = put_right(fd, st, object_mode(rel, st.st_mode));
-                    }
+                    if (::fstat(fd, &st) == 0) ingest::prefetch(fd, static_cast<std::uint64_t>(st.st_size));
                 }
-                std::uint64_t k = ++done;
-                std::lock_guard lk(mutex);
-                if (!ok && keep) ++unreadable;
-                if (!ok && !keep) bad.emplace_back(rel, named.value_or(hash::Digest{}));
-                if (!ok && problems) problems({"-", "objects/" + rel, why});
-                if (!fix.empty() && problems) problems({"-", "objects/" + rel, fix});
-                report.packages_done = k;
-                report.bytes_done = bytes;
-                if (progress && (k % 256 == 0 || k == files.size())) progress(report);
-            }
+                for (size_t i = chunk.first; i < chunk.second; ++i) {
+                    const std::string& rel = files[i];
+                    std::string hex = rel.substr(0, 2) + rel.substr(3, 62);
+                    auto named = hash::Digest::from_hex(hex);
+                    bool ok = false, keep = false;
+                    std::string why, fix;
+                    if (!named || rel.size() < 65) {
+                        why = "is not named by a BLAKE3 digest";
+                    } else {
+                        util::Fd owned = std::move(fds[i - chunk.first]);
+                        if (!owned) owned = open_object(rel);
+                        const int fd = owned.get();
+                        struct stat st {};
+                        if (fd < 0) {
+                            why = errno == ELOOP ? std::string("is a symlink, not an object")
+                                                 : std::string("cannot be opened: ") + std::strerror(errno);
+                        } else if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+                            why = "is not a regular file";
+                        } else {
+                            std::uint64_t n = 0;
+                            const bool zst = rel.size() == 65 + cas::k_zst_suffix.size() && rel.substr(65) == cas::k_zst_suffix;
+                            try {
+                                // The one read path: a .zst variant is hashed over its uncompressed bytes.
+                                cas::ObjectReader rd(util::Fd(::dup(fd)), zst ? cas::Form::zstd : cas::Form::raw,
+                                                     objects.dir() + "/" + rel, &objects.dictionaries());
+                                auto d = cas::hash_content(rd, &n);
+                                ok = d == *named;
+                                if (!ok) why = "content does not match its name (BLAKE3 " + d.hex() + ")";
+                            } catch (const cas::MissingDictionary& e) {
+                                // Not the object's fault: it stays where it is (the dictionary is reported above).
+                                why = e.what();
+                                keep = true;
+                            } catch (const cas::CorruptObject& e) {
+                                why = std::string("is corrupt: ") + e.what();
+                            } catch (const util::SystemError& e) {
+                                why = e.what();
+                            }
+                            bytes += n;
+                            if (ok) fix = put_right(fd, st, object_mode(rel, st.st_mode));
+                        }
+                    }
+                    std::uint64_t k = ++done;
+                    std::lock_guard lk(mutex);
+                    if (!ok && keep) ++unreadable;
+                    if (!ok && !keep) bad.emplace_back(rel, named.value_or(hash::Digest{}));
+                    if (!ok && problems) problems({"-", "objects/" + rel, why});
+                    if (!fix.empty() && problems) problems({"-", "objects/" + rel, fix});
+                    report.packages_done = k;
+                    report.bytes_done = bytes;
+                    report.packages_total = std::max(report.packages_total, k);
+                    if (progress && k % 256 == 0) progress(report);
+                }
+            });
         });
     });
-    r.objects_checked = files.size();
+    if (progress) progress(report);
+    r.objects_checked = checked;
     r.objects_bad += bad.size() + unreadable;
     // Quarantine corrupt objects so a later migrate rewrites them, and name who needs them.
     if (!bad.empty()) {
@@ -604,16 +611,16 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
         tx.commit();
     }
     // Catalogued objects that are missing on disk.
-    for (const auto& o : cat.objects()) {
+    cat.for_each_object([&](const catalog::ObjectRow& o) {
         if (!objects.on_disk(o.digest)) {
             bool quarantined = false;
             for (auto& b : bad)
                 if (b.second == o.digest) quarantined = true;
-            if (quarantined) continue;
+            if (quarantined) return;
             ++r.objects_bad;
             if (problems) problems({"-", "objects/" + cas::object_relpath(o.digest), "is in the catalog but missing on disk"});
         }
-    }
+    });
     check_manifest_objects(store, r, problems);
     return r;
 }

@@ -274,6 +274,10 @@ public:
     ~ObjectStore();
     /// Every object file name under objects/ (relative "ab/…"), variants included.
     std::vector<std::string> list_files() const;
+    /// The same names, one fan-out directory at a time (objects/00/ … objects/ff/, in that order): f
+    /// gets each directory's names, so memory stays one shard's names, not the store's. Same error
+    /// policy as list_files(): a fan-out directory that cannot be read throws util::SystemError.
+    void for_each_shard(const std::function<void(const std::vector<std::string>&)>& f) const;
     /// Moves objects/<rel> (not followed if a symlink) into the quarantine directory under a name that
     /// replaces nothing ("<64 hex>[suffix].<n>"); returns that name relative to the store root. Never
     /// deletes. Throws util::SystemError.

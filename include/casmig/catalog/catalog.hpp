@@ -150,6 +150,9 @@ public:
     void add_object(const ObjectRow& o);
     bool has_object(const hash::Digest& d);
     std::vector<ObjectRow> objects();
+    /// Calls f for every row of the objects table, one at a time (memory does not grow with the
+    /// store). f must not change the catalog.
+    void for_each_object(const std::function<void(const ObjectRow&)>& f);
     void delete_object(const hash::Digest& d);
     /// Calls f once for every distinct digest some manifest entry refers to (one scan of entries).
     void for_each_referenced_digest(const std::function<void(const hash::Digest&)>& f);
