@@ -203,8 +203,8 @@ struct Catalog::Stmts {
           unreferenced(db, "SELECT o.digest, o.size, o.stored_size FROM objects o WHERE o.digest NOT IN (SELECT digest FROM entries WHERE digest IS NOT NULL)"),
           totals(db, "SELECT (SELECT COALESCE(SUM(files),0) FROM packages WHERE has_manifest=1), "
                      "(SELECT COALESCE(SUM(bytes),0) FROM packages WHERE has_manifest=1), "
-                     "(SELECT COUNT(*) FROM objects), (SELECT COALESCE(SUM(stored_size),0) FROM objects), "
-                     "(SELECT COALESCE(SUM(size),0) FROM objects)"),
+                     "(SELECT objects FROM object_totals), (SELECT stored FROM object_totals), "
+                     "(SELECT bytes FROM object_totals)"),
           get_identity(db, "SELECT store_id, generation FROM store_identity WHERE one=1"),
           claim(db, "INSERT INTO store_identity(one, store_id, generation) VALUES (1, ?, ?)"),
           advance(db, "UPDATE store_identity SET generation=generation+1 WHERE one=1 RETURNING generation"),

@@ -81,6 +81,27 @@ ALTER TABLE packages ADD COLUMN manifest BLOB;  -- 32 bytes, or NULL
         {"0004-cross-package-links", R"SQL(
 ALTER TABLE entries ADD COLUMN xlink INTEGER; -- files only: hard-link group across packages, NULL if none
 )SQL"},
+        // The objects table's count and sums, kept by triggers in the same transactions as its rows, so
+        // that status costs what the packages table costs, not a scan of every object (issue 9).
+        {"0005-object-totals", R"SQL(
+CREATE TABLE object_totals (
+    one         INTEGER PRIMARY KEY CHECK (one = 1),
+    objects     INTEGER NOT NULL,         -- COUNT(*) FROM objects
+    bytes       INTEGER NOT NULL,         -- SUM(size)
+    stored      INTEGER NOT NULL          -- SUM(stored_size)
+);
+INSERT INTO object_totals(one, objects, bytes, stored)
+    SELECT 1, COUNT(*), COALESCE(SUM(size), 0), COALESCE(SUM(stored_size), 0) FROM objects;
+CREATE TRIGGER object_totals_insert AFTER INSERT ON objects BEGIN
+    UPDATE object_totals SET objects = objects + 1, bytes = bytes + NEW.size, stored = stored + NEW.stored_size;
+END;
+CREATE TRIGGER object_totals_delete AFTER DELETE ON objects BEGIN
+    UPDATE object_totals SET objects = objects - 1, bytes = bytes - OLD.size, stored = stored - OLD.stored_size;
+END;
+CREATE TRIGGER object_totals_update AFTER UPDATE OF size, stored_size ON objects BEGIN
+    UPDATE object_totals SET bytes = bytes - OLD.size + NEW.size, stored = stored - OLD.stored_size + NEW.stored_size;
+END;
+)SQL"},
     };
     return k_migrations;
 }

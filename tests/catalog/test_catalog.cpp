@@ -6,6 +6,14 @@
 using namespace casmig;
 using namespace casmig::catalog;
 
+/// Puts a catalog back to what a binary without migration 0005 (object totals) left.
+static void undo_object_totals(catalog::Catalog& c) {
+    for (const char* sql : {"DROP TRIGGER object_totals_insert", "DROP TRIGGER object_totals_delete",
+                            "DROP TRIGGER object_totals_update", "DROP TABLE object_totals",
+                            "DELETE FROM schema_migrations WHERE name = '0005-object-totals'"})
+        c.db().exec(sql);
+}
+
 TEST_SUITE("catalog::Catalog") {
     TEST_CASE("a new catalog runs every named migration once") {
         test::TempDir t;
@@ -29,6 +37,35 @@ TEST_SUITE("catalog::Catalog") {
         REQUIRE(m.step());
         CHECK(m.i64(0) == schema_version());
     }
+    TEST_CASE("migration 0005 counts the objects a catalog made before it holds; triggers keep the totals") {
+        test::TempDir t;
+        auto a = hash::hash_bytes("a"), b = hash::hash_bytes("b"), c3 = hash::hash_bytes("c");
+        {
+            Catalog c(t / "store.db", OpenMode::read_write);
+            c.add_object({a, 100, 40});
+            c.add_object({b, 7, 7});
+            undo_object_totals(c); // as a binary without 0005 leaves it
+            c.db().exec("PRAGMA user_version=" + std::to_string(schema_version() - 1));
+        }
+        Catalog c(t / "store.db", OpenMode::read_write);
+        auto t0 = c.totals();
+        CHECK(t0.objects == 2);
+        CHECK(t0.object_bytes == 107);
+        CHECK(t0.stored_bytes == 47);
+        c.add_object({c3, 1000, 300});
+        c.add_object({a, 100, 40}); // INSERT OR IGNORE of a row already there: counted once
+        c.delete_object(b);
+        c.db().exec("UPDATE objects SET stored_size = 100 WHERE size = 100"); // a conversion back to raw
+        auto t1 = c.totals();
+        CHECK(t1.objects == 2);
+        CHECK(t1.object_bytes == 1100);
+        CHECK(t1.stored_bytes == 400);
+        Stmt scan(c.db(), "SELECT COUNT(*), SUM(size), SUM(stored_size) FROM objects");
+        REQUIRE(scan.step());
+        CHECK(scan.i64(0) == t1.objects);
+        CHECK(scan.i64(1) == t1.object_bytes);
+        CHECK(scan.i64(2) == t1.stored_bytes);
+    }
     TEST_CASE("migration 0004 adds entries.xlink to a catalog made before it, its rows keep no group") {
         test::TempDir t;
         std::int64_t id = 0;
@@ -44,9 +81,10 @@ TEST_SUITE("catalog::Catalog") {
             es[1].size = 1;
             es[1].digest = hash::hash_bytes("x");
             c.put_manifest(id, es, std::nullopt);
+            undo_object_totals(c);
             c.db().exec("ALTER TABLE entries DROP COLUMN xlink");
             c.db().exec("DELETE FROM schema_migrations WHERE name = '0004-cross-package-links'");
-            c.db().exec("PRAGMA user_version=" + std::to_string(schema_version() - 1));
+            c.db().exec("PRAGMA user_version=" + std::to_string(schema_version() - 2));
         }
         Catalog c(t / "store.db", OpenMode::read_write);
         Stmt m(c.db(), "SELECT COUNT(*) FROM schema_migrations WHERE name = '0004-cross-package-links'");

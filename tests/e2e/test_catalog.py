@@ -239,6 +239,9 @@ def catalog_from_before_identities_is_adopted(t):
     c.execute("DROP TABLE store_identity")
     c.execute("ALTER TABLE packages DROP COLUMN manifest")  # schema 0003
     c.execute("ALTER TABLE entries DROP COLUMN xlink")  # added by 0004-cross-package-links
+    for sql in ("DROP TRIGGER object_totals_insert", "DROP TRIGGER object_totals_delete",  # 0005-object-totals
+                "DROP TRIGGER object_totals_update", "DROP TABLE object_totals"):
+        c.execute(sql)
     c.execute("DELETE FROM schema_migrations WHERE version > 1")
     c.execute("PRAGMA user_version=1")
     c.commit()
