@@ -864,6 +864,11 @@ std::optional<std::string> remove_package(store::Store& s, const std::string& na
             util::throw_errno("cannot move legacy tree aside", s.root() + "/" + pid);
         io::crash_point("remove.moved-aside");
     }
+    // The ref goes before the catalog row: a stop between the two leaves the package in the catalog,
+    // whose next command writes the ref again (and puts the tree back); the other order left a ref
+    // naming a removed package, which rebuild-catalog would bring back if the catalog were lost then.
+    // A ref that cannot be dropped here is dropped by the next command's sync (the catalog decides).
+    auto warning = store::mirror_step([&] { s.packages().drop_ref(name); });
     {
         catalog::Transaction tx(cat.db());
         cat.delete_package(p->id);
@@ -871,8 +876,6 @@ std::optional<std::string> remove_package(store::Store& s, const std::string& na
         tx.commit();
     }
     io::crash_point("remove.recorded");
-    // A ref left by a stop (or a failure) here is dropped by the next command's sync (the catalog decides).
-    auto warning = store::mirror_step([&] { s.packages().drop_ref(name); });
     util::remove_tree_at(objects.temp_dirfd(), trash, s.temp_dir() + "/" + trash);
     return warning;
 }

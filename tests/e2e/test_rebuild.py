@@ -319,6 +319,29 @@ def migrate_replaces_a_damaged_file_at_a_manifest_name(t):
 
 
 @test
+def interrupted_remove_then_lost_catalog_never_brings_the_package_back(t):
+    # remove drops the package's ref before its catalog row: wherever it stops, a catalog lost then
+    # and rebuilt from packages/ never lists a package the admin removed with its tree (and the tree a
+    # stop left moved aside is kept, never deleted).
+    if not harness_seams(t):
+        print("SKIP interrupted_remove_then_lost_catalog_never_brings_the_package_back: build without test seams")
+        return
+    for point in ["packages.ref-dropped", "remove.recorded"]:
+        s, pristine = cleaned_store(t, "remove-" + point.replace(".", "-"), 3)
+        code, _, _ = t.run(s, "remove", "pkg02", env={"CASMIG_CRASH_AT": point})
+        expect(code != 0, f"{point}: not reached")
+        drop_catalog(s)
+        code, out, err = t.run(s, "rebuild-catalog")
+        expect(code in (0, 1), f"{point}: rebuild-catalog exited {code}: {err!r}")
+        st = t.json(s, "status")["packages"]
+        expect(st["total"] == 2, f"{point}: the removed package came back: {st}")
+        expect(not os.path.exists(os.path.join(s, "pkg02")), f"{point}: pkg02 is back under its name")
+        for p in ("pkg00", "pkg01"):
+            expect(snapshot(os.path.join(s, p), owners=True) == pristine[p], f"{point}: {p} changed")
+        t.run(s, "verify", "--objects", code=0)
+
+
+@test
 def interrupted_cleanup_then_lost_catalog_puts_the_tree_back(t):
     if not harness_seams(t):
         print("SKIP interrupted_cleanup_then_lost_catalog_puts_the_tree_back: build without test seams")
