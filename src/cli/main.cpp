@@ -54,13 +54,10 @@ struct Ctx {
     }
     /// The store lock, then recovery of whatever a stopped run left half done (lifecycle::recover).
     std::unique_ptr<store::StoreLock> lock(const std::string& command, store::Purpose purpose = store::Purpose::write) {
-        auto l = store->lock(command, purpose); // checks that the catalog belongs to the store first
-        lifecycle::recover(*store, problem_sink());
         // packages/ only mirrors the catalog: a failure to bring it up to date is a warning, never a
         // reason to stop the command (rollback included); the next command tries again.
-        if (auto w = store::mirror_step([&] { lifecycle::sync_packages(*store); }))
-            bar->println("casmig: warning: " + *w);
-        return l;
+        return lifecycle::lock_store(*store, command, purpose, problem_sink(),
+                                     [this](const std::string& w) { bar->println("casmig: warning: " + w); });
     }
     ProgressSink progress() {
         return [this](const Progress& p) { bar->update(p); };

@@ -908,6 +908,14 @@ bool stage_ref_from_catalog(catalog::Catalog& cat, store::PackageIndex& index, c
 
 } // namespace
 
+std::unique_ptr<store::StoreLock> lock_store(store::Store& s, const std::string& command, store::Purpose purpose,
+                                             const ProblemSink& problems, const std::function<void(const std::string&)>& warn) {
+    auto l = s.lock(command, purpose); // checks that the catalog belongs to the store first
+    recover(s, problems);
+    if (auto w = store::mirror_step([&] { sync_packages(s); }); w && warn) warn(*w);
+    return l;
+}
+
 SyncResult sync_packages(store::Store& s) {
     SyncResult r;
     auto& cat = s.catalog();

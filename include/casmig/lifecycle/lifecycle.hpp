@@ -6,6 +6,8 @@
 // reader.
 #pragma once
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <optional>
 #include <string>
 
@@ -35,6 +37,13 @@ struct SyncResult {
 /// object and ref of every package whose manifest the catalog holds without one (catalogs from before
 /// schema 0003), and mirrors the store mode into packages/store.
 SyncResult sync_packages(store::Store& store);
+
+/// What every command that changes the store does first, the CLI and the C library alike: the store
+/// lock (Store::lock: the catalog checked against the store for `purpose`), then recover(), then
+/// sync_packages() — whose failure is only a warning (`warn`, one line without prefix): packages/
+/// mirrors the catalog and the next command tries again. Throws what Store::lock throws.
+std::unique_ptr<store::StoreLock> lock_store(store::Store& store, const std::string& command, store::Purpose purpose,
+                                             const ProblemSink& problems, const std::function<void(const std::string&)>& warn);
 
 enum class LinkMode { copy, reflink, hardlink };
 
