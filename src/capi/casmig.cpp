@@ -256,41 +256,20 @@ int casmig_status(casmig_store* handle, casmig_status_info* out) {
         auto& s = store_of(handle);
         if (!out) throw util::UsageError("out is NULL");
         *out = casmig_status_info{};
-        out->mode = "legacy";
-        s.check_catalog(store::Purpose::read, "status");
-        auto legacy = s.legacy_dirs();
-        std::set<std::string> on_disk(legacy.begin(), legacy.end());
-        if (s.has_catalog()) {
-            catalog::Catalog cat(s.db_path(), catalog::OpenMode::read_only);
-            switch (cat.mode()) {
-            case catalog::StoreMode::legacy: out->mode = "legacy"; break;
-            case catalog::StoreMode::dual: out->mode = "dual"; break;
-            case catalog::StoreMode::file_level: out->mode = "file-level"; break;
-            }
-            for (const auto& p : cat.packages()) {
-                bool present = on_disk.erase(p.name) > 0;
-                bool droppable = p.state == catalog::PackageState::pending || p.state == catalog::PackageState::failed ||
-                                 p.state == catalog::PackageState::rolled_back;
-                if (!present && p.tree == catalog::TreeState::present && droppable && !p.has_manifest) continue;
-                ++out->packages;
-                switch (p.state) {
-                case catalog::PackageState::pending: ++out->pending; break;
-                case catalog::PackageState::in_progress: ++out->in_progress; break;
-                case catalog::PackageState::migrated: ++out->migrated; break;
-                case catalog::PackageState::verified: ++out->verified; break;
-                case catalog::PackageState::failed: ++out->failed; break;
-                case catalog::PackageState::rolled_back: ++out->rolled_back; break;
-                }
-            }
-            auto t = cat.totals();
-            out->files = static_cast<std::uint64_t>(t.files);
-            out->logical_bytes = static_cast<std::uint64_t>(t.logical_bytes);
-            out->objects = static_cast<std::uint64_t>(t.objects);
-            out->stored_bytes = static_cast<std::uint64_t>(t.stored_bytes);
-        }
-        // Legacy directories the catalog does not list yet are pending packages.
-        out->packages += on_disk.size();
-        out->pending += on_disk.size();
+        auto st = lifecycle::status(s, 0);
+        // Static storage for the mode string (the report's own dies with this call).
+        out->mode = st.mode == "file-level" ? "file-level" : st.mode == "dual" ? "dual" : "legacy";
+        out->packages = st.total;
+        out->pending = st.states["pending"];
+        out->in_progress = st.states["in_progress"];
+        out->migrated = st.states["migrated"];
+        out->verified = st.states["verified"];
+        out->failed = st.states["failed"];
+        out->rolled_back = st.states["rolled_back"];
+        out->files = static_cast<std::uint64_t>(st.totals.files);
+        out->logical_bytes = static_cast<std::uint64_t>(st.totals.logical_bytes);
+        out->objects = static_cast<std::uint64_t>(st.totals.objects);
+        out->stored_bytes = static_cast<std::uint64_t>(st.totals.stored_bytes);
         return CASMIG_OK;
     });
 }

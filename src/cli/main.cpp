@@ -150,41 +150,15 @@ int cmd_migrate(Ctx& c, const migrate::Options& o) {
 
 int cmd_status(Ctx& c, int journal_lines) {
     auto& s = *c.store;
-    s.check_catalog(store::Purpose::read, "status");
-    std::map<std::string, std::uint64_t> states = {{"pending", 0}, {"in_progress", 0}, {"migrated", 0},
-                                                   {"verified", 0}, {"failed", 0}, {"rolled_back", 0}};
-    std::map<std::string, std::uint64_t> trees = {{"present", 0}, {"marked", 0}, {"removed", 0}};
-    std::string mode = "legacy";
-    std::string compression = "none";
-    catalog::Totals t;
-    auto legacy = s.legacy_dirs();
-    std::set<std::string> on_disk(legacy.begin(), legacy.end());
-    std::vector<catalog::Catalog::JournalRow> journal;
-    std::vector<std::pair<std::string, std::string>> failures;
-    std::uint64_t total = 0;
-    if (s.has_catalog()) {
-        // Read-only, no lock: status never blocks and never writes (WAL readers see the last commit).
-        catalog::Catalog cat(s.db_path(), catalog::OpenMode::read_only);
-        mode = catalog::to_string(cat.mode());
-        for (const auto& p : cat.packages()) {
-            bool present = on_disk.erase(p.name) > 0;
-            bool droppable = p.state == catalog::PackageState::pending || p.state == catalog::PackageState::failed ||
-                             p.state == catalog::PackageState::rolled_back;
-            if (!present && p.tree == catalog::TreeState::present && droppable && !p.has_manifest)
-                continue; // vanished before it was migrated: the next locked command drops it
-            ++total;
-            ++states[catalog::to_string(p.state)];
-            ++trees[catalog::to_string(p.tree)];
-            if (p.state == catalog::PackageState::failed) failures.emplace_back(util::printable(p.name), p.error);
-        }
-        t = cat.totals();
-        if (auto z = store::read_compression(cat)) compression = z->setting();
-        journal = cat.journal_tail(journal_lines);
-    }
-    // Legacy directories the catalog does not know yet: pending, present.
-    total += on_disk.size();
-    states["pending"] += on_disk.size();
-    trees["present"] += on_disk.size();
+    auto st = lifecycle::status(s, journal_lines);
+    const auto& t = st.totals;
+    const auto& mode = st.mode;
+    const auto& compression = st.compression;
+    const auto& failures = st.failures;
+    const auto& journal = st.journal;
+    const std::uint64_t total = st.total;
+    auto& states = st.states;
+    auto& trees = st.trees;
     std::int64_t saved = t.logical_bytes - t.stored_bytes;
     // object_bytes / stored_bytes, rounded to 3 decimals; 1 for an empty store
     double ratio = t.stored_bytes ? std::round(1000.0 * static_cast<double>(t.object_bytes) / static_cast<double>(t.stored_bytes)) / 1000.0

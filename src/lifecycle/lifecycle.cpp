@@ -908,6 +908,39 @@ bool stage_ref_from_catalog(catalog::Catalog& cat, store::PackageIndex& index, c
 
 } // namespace
 
+StatusReport status(store::Store& s, int journal_lines) {
+    s.check_catalog(store::Purpose::read, "status");
+    StatusReport r;
+    r.states = {{"pending", 0}, {"in_progress", 0}, {"migrated", 0}, {"verified", 0}, {"failed", 0}, {"rolled_back", 0}};
+    r.trees = {{"present", 0}, {"marked", 0}, {"removed", 0}};
+    auto legacy = s.legacy_dirs();
+    std::set<std::string> on_disk(legacy.begin(), legacy.end());
+    if (s.has_catalog()) {
+        // Read-only, no lock: status never blocks and never writes (WAL readers see the last commit).
+        catalog::Catalog cat(s.db_path(), catalog::OpenMode::read_only);
+        r.mode = catalog::to_string(cat.mode());
+        for (const auto& p : cat.packages()) {
+            bool present = on_disk.erase(p.name) > 0;
+            bool droppable = p.state == PackageState::pending || p.state == PackageState::failed ||
+                             p.state == PackageState::rolled_back;
+            if (!present && p.tree == catalog::TreeState::present && droppable && !p.has_manifest)
+                continue; // vanished before it was migrated: the next locked command drops it
+            ++r.total;
+            ++r.states[catalog::to_string(p.state)];
+            ++r.trees[catalog::to_string(p.tree)];
+            if (p.state == PackageState::failed) r.failures.emplace_back(util::printable(p.name), p.error);
+        }
+        r.totals = cat.totals();
+        if (auto z = store::read_compression(cat)) r.compression = z->setting();
+        r.journal = cat.journal_tail(journal_lines);
+    }
+    // Legacy directories the catalog does not know yet: pending, present.
+    r.total += on_disk.size();
+    r.states["pending"] += on_disk.size();
+    r.trees["present"] += on_disk.size();
+    return r;
+}
+
 std::unique_ptr<store::StoreLock> lock_store(store::Store& s, const std::string& command, store::Purpose purpose,
                                              const ProblemSink& problems, const std::function<void(const std::string&)>& warn) {
     auto l = s.lock(command, purpose); // checks that the catalog belongs to the store first

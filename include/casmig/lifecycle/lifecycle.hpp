@@ -7,10 +7,13 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
+#include "casmig/catalog/catalog.hpp"
 #include "casmig/progress.hpp"
 #include "casmig/store/store.hpp"
 
@@ -44,6 +47,22 @@ SyncResult sync_packages(store::Store& store);
 /// mirrors the catalog and the next command tries again. Throws what Store::lock throws.
 std::unique_ptr<store::StoreLock> lock_store(store::Store& store, const std::string& command, store::Purpose purpose,
                                              const ProblemSink& problems, const std::function<void(const std::string&)>& warn);
+
+/// What `status` shows, read without the store lock (a read-only catalog connection: it never blocks a
+/// running command and writes nothing). Shared by the CLI and the C library.
+struct StatusReport {
+    std::string mode = "legacy";       // catalog::to_string(StoreMode)
+    std::string compression = "none";  // cas::Compression::setting(), or "none"
+    std::uint64_t total = 0;           // packages, counting legacy directories not cataloged yet
+    std::map<std::string, std::uint64_t> states; // every PackageState name, 0 when none
+    std::map<std::string, std::uint64_t> trees;  // every TreeState name
+    catalog::Totals totals;
+    std::vector<std::pair<std::string, std::string>> failures; // printable package id, its error
+    std::vector<catalog::Catalog::JournalRow> journal;         // newest first
+};
+/// The store's status with the newest journal_lines journal rows. Throws what Store::check_catalog
+/// (Purpose::read) throws for a catalog that does not fit the store.
+StatusReport status(store::Store& store, int journal_lines);
 
 enum class LinkMode { copy, reflink, hardlink };
 
