@@ -482,6 +482,13 @@ StageResult ObjectStore::stage_checked(const hash::Digest& d, TempFile&& tmp, st
     // Objects are never writable: create_temp() made the file 0444 before it got any name.
     if (checked == DiskChecked::no && exists(d, size)) return StageResult::already_present; // tmp's destructor unlinks it
     tmp.finish(); // a trailing hole gets its size before anything can read the file
+    if (form == Form::raw) {
+        // A sparse object takes its allocated blocks, not its size (status's stored bytes): the smaller
+        // of the two, so that a small file's one block does not count as more than its bytes.
+        struct stat st {};
+        if (::fstat(tmp.fd(), &st) == 0)
+            stored = std::min<std::uint64_t>(stored, static_cast<std::uint64_t>(st.st_blocks) * 512);
+    }
     std::lock_guard lk(m_mutex);
     // Re-check under the lock: another thread may have staged the same content meanwhile.
     if (m_staged.count(d)) return StageResult::already_present;

@@ -115,6 +115,9 @@ def sparse_image_migrates_materializes_cleans_up_and_rolls_back_sparse(t):
     expect(m["verified"] == 1 and m["failed"] == 0, f"migrate: {m}")
     objects = os.path.join(s, "objects")
     near(du(objects), src_alloc + others, "objects/ after migrate")
+    st = t.json(s, "status")
+    expect(st["logical_bytes"] >= IMAGE_SIZE and st["stored_bytes"] < 32 * MiB,
+           f"status counts the image's apparent size as stored: {st['stored_bytes']}")
     expect(os.listdir(os.path.join(s, "temp")) == [], "temp/ is not empty after migrate")
 
     dest = os.path.join(t.work, "materialized")
