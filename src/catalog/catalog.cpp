@@ -225,9 +225,13 @@ static std::string who_am_i() {
 
 Catalog::Catalog(const std::string& path, OpenMode mode) : m_db(path, mode), m_who(who_am_i()) {
     if (mode == OpenMode::read_write) migrate_schema(m_db);
-    else if (user_version(m_db) != schema_version())
-        throw util::Error("catalog " + path + " has schema version " + std::to_string(user_version(m_db)) +
-                          ", expected " + std::to_string(schema_version()) + ": run 'casmig migrate' to upgrade it");
+    else if (auto v = user_version(m_db); v > schema_version())
+        throw util::Error("catalog " + path + " has schema version " + std::to_string(v) +
+                          ", newer than this casmig understands (" + std::to_string(schema_version()) +
+                          "): upgrade casmig");
+    else if (v != schema_version())
+        throw util::Error("catalog " + path + " has schema version " + std::to_string(v) + ", expected " +
+                          std::to_string(schema_version()) + ": run 'casmig migrate' to upgrade it");
     m_s = std::make_unique<Stmts>(m_db);
 }
 
