@@ -90,7 +90,7 @@ void Db::open(OpenMode mode, WalIndex wal_index) {
     }
     exec("PRAGMA foreign_keys=ON");
     exec("PRAGMA temp_store=MEMORY");
-    exec("PRAGMA cache_size=-65536"); // 64 MiB page cache: the objects B-tree is keyed by random digests
+    exec("PRAGMA cache_size=-16384"); // 16 MiB page cache: the objects B-tree is keyed by random digests
     // The first read: opens the WAL and its index now, so that a full disk shows here and not later.
     exec("SELECT count(*) FROM sqlite_schema");
 }

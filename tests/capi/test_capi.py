@@ -242,8 +242,6 @@ def the_library_never_hands_out_bytes_an_object_name_does_not_vouch_for(t):
 def the_c_example_runs_in_tree_and_against_an_installed_library(t):
     s = t.store("capi-pm", 2)
     pm = os.path.join(build_dir(t), "casmig-pm-example")
-    if "CASMIG_CAPI_ASAN_OPTIONS" in os.environ:  # the C example is instrumented: leaks count there
-        os.environ["ASAN_OPTIONS"] = os.environ["CASMIG_CAPI_ASAN_OPTIONS"]
     p = subprocess.run([pm, s, "migrate", "pkg00"], capture_output=True, text=True)
     expect(p.returncode == 0 and "verified 1" in p.stdout, f"pm migrate: {p.returncode} {p.stdout} {p.stderr}")
     p = subprocess.run([pm, s, "cat", "pkg00", "bin/tool0"], capture_output=True)
@@ -270,11 +268,16 @@ def the_c_example_runs_in_tree_and_against_an_installed_library(t):
                         + flags.stdout.split(), capture_output=True, text=True)
     expect(cc.returncode == 0, f"cc: {cc.stderr[-800:]}")
     libdir = os.path.dirname(libs[0])
-    p = subprocess.run([exe, s, "migrate", "pkg01"], capture_output=True, text=True, env=dict(os.environ, LD_LIBRARY_PATH=libdir))
+    # Under tools/sanitize the installed library is instrumented and this example is not: its runtime
+    # goes first (a normal build needs nothing).
+    run_env = dict(os.environ, LD_LIBRARY_PATH=libdir)
+    if sanitizer_runtimes(libs[0]):
+        run_env["LD_PRELOAD"] = sanitizer_runtimes(libs[0])
+    p = subprocess.run([exe, s, "migrate", "pkg01"], capture_output=True, text=True, env=run_env)
     expect(p.returncode == 0 and "verified 1" in p.stdout, f"installed pm: {p.returncode} {p.stdout} {p.stderr}")
     ldd = subprocess.run(["ldd", exe], capture_output=True, text=True, env=dict(os.environ, LD_LIBRARY_PATH=libdir)).stdout
     expect(dest in ldd, f"the installed example did not use the installed library: {ldd}")
-    p = subprocess.run([exe, s, "status"], capture_output=True, text=True, env=dict(os.environ, LD_LIBRARY_PATH=libdir))
+    p = subprocess.run([exe, s, "status"], capture_output=True, text=True, env=run_env)
     expect(p.returncode == 0 and "2 verified" in p.stdout, f"installed pm status: {p.stdout} {p.stderr}")
 
 
@@ -291,7 +294,13 @@ def reexec_under_sanitizer():
     # example, an instrumented executable, still runs with leak detection in its own process).
     casmig = sys.argv[sys.argv.index("--casmig") + 1]
     pre = sanitizer_runtimes(os.path.join(os.path.dirname(os.path.abspath(casmig)), "libcasmig.so.0"))
-    if not pre or os.environ.get("CASMIG_CAPI_PRELOADED"):
+    if os.environ.get("CASMIG_CAPI_PRELOADED"):
+        # This interpreter has the runtime; the processes it starts (casmig, the C example, meson, cc)
+        # must not inherit the preload, and keep the sanitizer options they were given.
+        os.environ.pop("LD_PRELOAD", None)
+        os.environ["ASAN_OPTIONS"] = os.environ.pop("CASMIG_CAPI_ASAN_OPTIONS", "")
+        return
+    if not pre:
         return
     env = dict(os.environ, LD_PRELOAD=pre, CASMIG_CAPI_PRELOADED="1",
                CASMIG_CAPI_ASAN_OPTIONS=os.environ.get("ASAN_OPTIONS", ""),
