@@ -225,6 +225,10 @@ ConvertResult convert(store::Store& s, const ConvertOptions& opts, const Progres
         if (problems) problems({"-", "objects/" + cas::object_relpath(d, f), msg, warning});
     };
 
+    {
+    // The per-shard commits record facts already durable on disk (a commit lost to a power cut means a
+    // shard looked at again); the final commit below is a full one again.
+    catalog::RelaxedDurability relaxed(cat.db());
     for (unsigned shard = first; shard < 256; ++shard) {
         auto& sh = shards[shard];
         std::sort(sh.raw.begin(), sh.raw.end());
@@ -326,24 +330,27 @@ ConvertResult convert(store::Store& s, const ConvertOptions& opts, const Progres
             util::fsync_fd(dir.get(), fan);
             io::crash_point("convert.unlinks-durable");
         }
-        // 5. Record what is on disk now (only durable facts), and the cursor.
-        {
+        // 5. Record what is on disk now (only durable facts), and the cursor — in a shard where nothing
+        //    changed, nothing (a rerun looks at it again, which costs a directory listing).
+        std::vector<std::pair<hash::Digest, std::int64_t>> sizes;
+        auto record = [&](const hash::Digest& d) {
+            auto it = rows.find(d);
+            if (it == rows.end()) return;
+            auto now = stored_now(objects, d);
+            if (now && *now != it->second.second) sizes.emplace_back(d, *now);
+        };
+        for (const auto& d : sh.raw) record(d);
+        for (const auto& d : sh.zst) record(d);
+        if (!sizes.empty() || !done.empty()) {
             catalog::Transaction tx(cat.db());
-            auto record = [&](const hash::Digest& d) {
-                auto it = rows.find(d);
-                if (it == rows.end()) return;
-                auto now = stored_now(objects, d);
-                if (now && *now != it->second.second) {
-                    cat.set_stored_size(d, *now);
-                    it->second.second = *now;
-                }
-            };
-            for (const auto& d : sh.raw) record(d);
-            for (const auto& d : sh.zst) record(d);
+            for (const auto& [d, n] : sizes) {
+                cat.set_stored_size(d, n);
+                rows[d].second = n;
+            }
             cat.set_setting(k_cursor_key, tag + ":" + std::to_string(shard + 1));
             tx.commit();
+            io::crash_point("convert.recorded");
         }
-        io::crash_point("convert.recorded");
         for (const Job* j : done) {
             ++r.converted;
             r.bytes_before += j->before;
@@ -352,6 +359,7 @@ ConvertResult convert(store::Store& s, const ConvertOptions& opts, const Progres
         report.packages_done += sh.raw.size() + sh.zst.size();
         report.files_done = r.converted;
         if (progress) progress(report);
+    }
     }
     {
         catalog::Transaction tx(cat.db());
