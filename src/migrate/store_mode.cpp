@@ -24,10 +24,19 @@ std::vector<std::string> sample_small_objects(store::Store& store, size_t max_by
     std::vector<std::string> out;
     size_t total = 0;
     auto& objects = store.objects();
-    for (const auto& o : store.catalog().objects()) {
-        if (total >= max_bytes) break;
+    std::vector<catalog::ObjectRow> small;
+    std::uint64_t small_bytes = 0;
+    for (auto& o : store.catalog().objects()) {
         auto size = static_cast<std::uint64_t>(o.size);
         if (size < k_sample_min || size > k_sample_max) continue;
+        small_bytes += size;
+        small.push_back(std::move(o));
+    }
+    // Spread over the whole store (the catalog lists objects in the order packages were migrated).
+    const size_t stride = static_cast<size_t>(std::max<std::uint64_t>(1, small_bytes / std::max<size_t>(1, max_bytes)));
+    for (size_t i = 0; i < small.size() && total < max_bytes; i += stride) {
+        const auto& o = small[i];
+        auto size = static_cast<std::uint64_t>(o.size);
         try {
             cas::ObjectReader r = objects.open_content(o.digest);
             std::string s(static_cast<size_t>(size), '\0');

@@ -43,8 +43,8 @@ cas::Compression choose_compression(store::Store& store, std::optional<int> leve
 /// into packages/store (a failure there is redone by the next command's sync).
 void use_compression(store::Store& store, const cas::Compression& c);
 
-/// Up to max_bytes of the uncompressed contents of objects of 16 bytes to 16 KiB that the catalog lists
-/// (taken in digest order, which is random with respect to content). Unreadable objects are skipped.
+/// Up to max_bytes of the uncompressed contents of objects of 16 bytes to 16 KiB that the catalog lists,
+/// taken at an even stride over them (either form is read). Unreadable objects are skipped.
 std::vector<std::string> sample_small_objects(store::Store& store, size_t max_bytes);
 /// Samples enough for a dictionary of cas::k_dict_size (zstd advises about 100 times its size).
 inline constexpr size_t k_sample_bytes = 100 * cas::k_dict_size;
