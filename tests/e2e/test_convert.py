@@ -48,6 +48,17 @@ def materialize_is_exact(t, store, pristine, tag):
     return problems
 
 
+def with_seams(fn):
+    """A test that drives crash points: skipped, saying so, in a build without the test seams."""
+    def run(t):
+        if not harness.seams(t):
+            print(f"  {fn.__name__}: skipped, casmig built without test seams")
+            return
+        fn(t)
+    run.__name__ = fn.__name__
+    return run
+
+
 def migrated_raw(t, name, packages=8, big=False):
     s = compressible_store(t, name, packages=packages, big=big)
     pristine = pristine_of(s)
@@ -184,10 +195,8 @@ def planted_file_at_the_new_name_is_quarantined(t):
 
 
 @test
+@with_seams
 def a_rerun_continues_where_a_killed_run_stopped(t):
-    if not harness.seams(t):
-        print("  skipped: casmig built without test seams")
-        return
     s, pristine = migrated_raw(t, "resume", packages=12)
     total = len(objects_by_form(s)[0])
     code, _, _ = t.run(s, "convert", "--compress", env={"CASMIG_CRASH_AT": "convert.recorded@60"})
@@ -219,7 +228,8 @@ def crash_points(t, store, args):
     return points
 
 
-def crash_everywhere(t, base, pristine, args, must_reach):
+def crash_everywhere(t, make_base, args, must_reach):
+    base, pristine = make_base()
     points = crash_points(t, base, args)
     for p in must_reach:
         expect(p in points, f"crash point {p} is reached: {points}")
@@ -264,40 +274,35 @@ def crash_everywhere(t, base, pristine, args, must_reach):
     expect(not failures, "\n".join(failures[:12]))
 
 
+def cleaned(t, name, *migrate_args):
+    """A store migrated (with migrate_args), cut over and cleaned up: the objects are the only copy."""
+    s = compressible_store(t, name, packages=4)
+    pristine = pristine_of(s)
+    for args in (["migrate", *migrate_args], ["cutover"], ["cleanup"]):
+        t.run(s, *args, code=0)
+    return s, pristine
+
+
 @test
+@with_seams
 def crash_at_every_step_of_convert_compress(t):
-    if not harness.seams(t):
-        print("  skipped: casmig built without test seams")
-        return
-    s, pristine = migrated_raw(t, "crash-z", packages=4)
-    t.run(s, "cutover", code=0)
-    t.run(s, "cleanup", code=0)  # the objects are the only copy
-    crash_everywhere(t, s, pristine, ["convert", "--compress"],
+    crash_everywhere(t, lambda: cleaned(t, "crash-z"), ["convert", "--compress"],
                      ["convert.dict-staged", "convert.dict-renamed", "convert.dict-written",
                       "convert.compression-recorded", "publish.staged-durable", "convert.placed", "convert.unlinked",
                       "convert.unlinks-durable", "convert.recorded", "convert.done"])
 
 
 @test
+@with_seams
 def crash_at_every_step_of_convert_raw(t):
-    if not harness.seams(t):
-        print("  skipped: casmig built without test seams")
-        return
-    s = compressible_store(t, "crash-r", packages=4)
-    pristine = pristine_of(s)
-    t.run(s, "migrate", "--compress", code=0)
-    t.run(s, "cutover", code=0)
-    t.run(s, "cleanup", code=0)
-    crash_everywhere(t, s, pristine, ["convert", "--raw"],
+    crash_everywhere(t, lambda: cleaned(t, "crash-r", "--compress"), ["convert", "--raw"],
                      ["convert.mode-cleared", "publish.staged-durable", "convert.placed", "convert.unlinked",
                       "convert.unlinks-durable", "convert.recorded", "convert.done"])
 
 
 @test
+@with_seams
 def migrate_after_a_killed_convert_writes_the_new_form(t):
-    if not harness.seams(t):
-        print("  skipped: casmig built without test seams")
-        return
     s, pristine = migrated_raw(t, "intent", packages=4)
     code, _, _ = t.run(s, "convert", "--compress", env={"CASMIG_CRASH_AT": "convert.compression-recorded"})
     expect(code == -9, f"killed: {code}")
