@@ -158,15 +158,16 @@ int cmd_convert(Ctx& c, const migrate::ConvertOptions& o) {
     json j = {{"compression", r.compression}, {"objects", r.objects}, {"converted", r.converted},
               {"already", r.already}, {"kept_raw", r.kept_raw}, {"failed", r.failed},
               {"quarantined", r.quarantined}, {"bytes_before", r.bytes_before}, {"bytes_after", r.bytes_after},
-              {"seconds", r.seconds}};
+              {"stopped_by_time_budget", r.stopped_by_budget}, {"seconds", r.seconds}};
     const bool zstd = o.target == migrate::Target::zstd;
     std::string h = fmt("convert: store is %s; %llu objects: %llu converted (%s -> %s), %llu already %s, ",
                         zstd ? ("zstd (" + r.compression + ")").c_str() : "raw", (unsigned long long)r.objects,
                         (unsigned long long)r.converted, hb(r.bytes_before).c_str(), hb(r.bytes_after).c_str(),
                         (unsigned long long)r.already, zstd ? "compressed" : "raw");
     if (zstd) h += fmt("%llu kept raw (not worth compressing), ", (unsigned long long)r.kept_raw);
-    h += fmt("%llu failed%s in %.1fs\n", (unsigned long long)r.failed,
-             r.failed ? " (listed above; they stay as they were)" : "", r.seconds);
+    h += fmt("%llu failed%s in %.1fs%s\n", (unsigned long long)r.failed,
+             r.failed ? " (listed above; they stay as they were)" : "", r.seconds,
+             r.stopped_by_budget ? "; time budget reached, rerun to continue" : "");
     c.out(j, h);
     return r.failed || c.problems ? k_failed : k_ok;
 }
@@ -477,6 +478,9 @@ int main(int argc, char** argv) {
                    "the zstd mode first");
     conv->add_flag("--no-dictionary", conv_no_dictionary, "With --compress on a raw store: train no zstd dictionary");
     conv->add_flag("--raw", conv_raw, "Back to a raw store: every object uncompressed, the zstd mode dropped first");
+    std::string conv_budget;
+    conv->add_option("--time-budget", conv_budget,
+                     "Start no shard of objects/ after this long (e.g. 90s, 30m, 2h); a rerun continues");
     auto* status = app.add_subcommand("status", "Store mode, package states, object and byte counts, recent journal");
     std::string journal_lines = "5";
     status->add_option("--journal", journal_lines, "Journal rows to show (0 to 1000000, default 5)");
@@ -556,6 +560,8 @@ int main(int argc, char** argv) {
             if (!conv_compress.empty()) co.level = static_cast<int>(util::parse_count(conv_compress, 1, 22, "--compress"));
             co.dictionary = conv_no_dictionary ? migrate::Dictionary::no : migrate::Dictionary::yes;
             co.threads = g.jobs;
+            if (!conv_budget.empty())
+                co.time_budget = option("--time-budget", [&] { return util::parse_duration(conv_budget); });
         }
         Ctx c(g);
         if (*plan) return cmd_plan(c, mo);

@@ -230,6 +230,10 @@ ConvertResult convert(store::Store& s, const ConvertOptions& opts, const Progres
     // shard looked at again); the final commit below is a full one again.
     catalog::RelaxedDurability relaxed(cat.db());
     for (unsigned shard = first; shard < 256; ++shard) {
+        if (opts.time_budget && std::chrono::steady_clock::now() - start >= *opts.time_budget) {
+            r.stopped_by_budget = true;
+            break;
+        }
         auto& sh = shards[shard];
         std::sort(sh.raw.begin(), sh.raw.end());
         std::sort(sh.zst.begin(), sh.zst.end());
@@ -363,9 +367,10 @@ ConvertResult convert(store::Store& s, const ConvertOptions& opts, const Progres
     }
     {
         catalog::Transaction tx(cat.db());
-        cat.delete_setting(k_cursor_key);
+        if (!r.stopped_by_budget) cat.delete_setting(k_cursor_key);
         cat.journal("convert", "", "", "",
-                    "to " + r.compression + ": " + std::to_string(r.converted) + " converted (" + std::to_string(r.bytes_before) +
+                    std::string(r.stopped_by_budget ? "time budget reached, " : "") + "to " + r.compression + ": " +
+                        std::to_string(r.converted) + " converted (" + std::to_string(r.bytes_before) +
                         " -> " + std::to_string(r.bytes_after) + " bytes), " + std::to_string(r.kept_raw) + " kept raw, " +
                         std::to_string(r.failed) + " failed");
         tx.commit();

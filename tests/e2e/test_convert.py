@@ -202,6 +202,10 @@ def a_rerun_continues_where_a_killed_run_stopped(t):
     code, _, _ = t.run(s, "convert", "--compress", env={"CASMIG_CRASH_AT": "convert.recorded@60"})
     expect(code == -9, f"killed after 60 shards that changed: {code}")
     done = len(objects_by_form(s)[1])
+    # A nightly batch whose budget is spent starts no shard and keeps the cursor for the next run.
+    r = t.json(s, "convert", "--compress", "--time-budget", "0s")
+    expect(r["stopped_by_time_budget"] and r["objects"] == 0 and len(objects_by_form(s)[1]) == done,
+           f"a spent budget converts nothing: {r}")
     r = t.json(s, "convert", "--compress")
     expect(r["converted"] == len(objects_by_form(s)[1]) - done and r["failed"] == 0, f"the rest is converted: {r}")
     expect(done > 0 and r["objects"] < total - done, f"the rerun starts at the shard it stopped in, it does not read "

@@ -20,11 +20,13 @@
 //      reader takes either).
 //   5. One transaction per shard records objects.stored_size of every object of the shard from the
 //      forms now on disk, and the cursor (settings row "convert": "<zstd|raw>:<next shard>"); a rerun
-//      of the same direction starts at the cursor, a finished pass deletes it.
+//      of the same direction starts at the cursor, a finished pass deletes it. With a time budget, no
+//      shard starts after it: the cursor stays for the next run (a nightly timer).
 // Crash points: convert.dict-staged/-renamed/-written, convert.compression-recorded (or
 // convert.mode-cleared), publish.* (step 3), convert.placed, convert.unlinked (per object),
 // convert.unlinks-durable, convert.recorded (per shard), convert.done.
 #pragma once
+#include <chrono>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -42,6 +44,7 @@ struct ConvertOptions {
     std::optional<int> level;                // --compress=LEVEL (zstd; default: the store's, else 6)
     Dictionary dictionary = Dictionary::yes; // --no-dictionary: a store without a mode trains none
     unsigned threads = 0;                    // 0: all cores
+    std::optional<std::chrono::milliseconds> time_budget; // start no shard after this (a nightly batch)
 };
 
 struct ConvertResult {
@@ -52,6 +55,7 @@ struct ConvertResult {
     std::uint64_t failed = 0;    // not converted: unreadable, wrong content or size (reported)
     std::uint64_t quarantined = 0; // bad files found at a new form's name, moved to migration/corrupt/
     std::uint64_t bytes_before = 0, bytes_after = 0; // on disk, of the converted objects
+    bool stopped_by_budget = false; // shards are left: a rerun continues at the cursor
     std::string compression;     // the store's setting after the run ("none": raw)
     double seconds = 0;
 };
