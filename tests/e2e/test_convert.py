@@ -195,6 +195,52 @@ def planted_file_at_the_new_name_is_quarantined(t):
 
 
 @test
+def readers_never_miss_an_object_during_convert(t):
+    """materialize (copy and hardlink) runs in a loop while convert works: each run exits 0, exact. Timing
+    decides what a run sees; every instant must be fine, so any failure is a real one."""
+    s = compressible_store(t, "live", packages=24)
+    pristine = pristine_of(s)
+    t.run(s, "migrate", code=0)
+    problems, runs = [], 0
+    for args in (["convert", "--compress"], ["convert", "--raw"]):
+        conv = subprocess.Popen([t.casmig, "--store", s, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        while conv.poll() is None or runs < 2:
+            pkg = f"pkg{runs % 24:02d}"
+            link = ("copy", "hardlink")[runs % 2]
+            dest = os.path.join(t.work, f"live-{runs}")
+            code, _, err = t.run(s, "materialize", pkg, dest, "--link", link)
+            got = snapshot(dest, owners=True)
+            want = pristine[pkg]
+            if link == "hardlink":  # a linked file is the object: content, type and targets must match
+                got = {k: (v[0], v[2], v[3]) for k, v in got.items()}
+                want = {k: (v[0], v[2], v[3]) for k, v in want.items()}
+            if code != 0 or got != want:
+                problems.append(f"{' '.join(args)}: materialize {pkg} --link {link}: exit {code} {err.strip()[-200:]}")
+            subprocess.run(["rm", "-rf", dest])
+            runs += 1
+        _, err = conv.communicate()
+        expect(conv.returncode == 0, f"{args}: exit {conv.returncode}: {err.decode()[-300:]}")
+    expect(not problems, f"{len(problems)} of {runs} materialize runs failed:\n" + "\n".join(problems[:5]))
+    t.run(s, "verify", "--objects", code=0)
+
+
+@test
+@with_seams
+def materialize_hardlink_copies_when_the_raw_object_went_meanwhile(t):
+    """The instant a convert unlinks a raw object (its .zst already placed) while materialize --link
+    hardlink, having seen the raw form, links it: the link finds nothing (ENOENT, injected) and the file
+    is copied from the .zst form instead of failing the run."""
+    s, pristine = migrated_raw(t, "gone", packages=2)
+    dest = os.path.join(t.work, "gone-dest")
+    code, out, err = t.run(s, "materialize", "pkg00", dest, "--link", "hardlink",
+                           env={"CASMIG_FAULT": "link@1=ENOENT"})
+    strip = lambda sn: {k: (v[0], v[2], v[3]) for k, v in sn.items()}  # noqa: E731
+    expect(code == 0 and strip(snapshot(dest)) == strip(pristine["pkg00"]), f"materialized anyway: {code} {err}")
+    expect(os.lstat(os.path.join(dest, "LICENSE")).st_nlink == 2, "the file whose link failed is a copy "
+           "(its in-package hard link LICENSE.copy makes 2)")
+
+
+@test
 @with_seams
 def a_rerun_continues_where_a_killed_run_stopped(t):
     s, pristine = migrated_raw(t, "resume", packages=12)
