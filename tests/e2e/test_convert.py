@@ -10,7 +10,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 from harness import test, snapshot, expect  # noqa: E402
-from test_compress import compressible_store, objects_by_form, setting, damage  # noqa: E402
+from zstd_stores import compressible_store, objects_by_form, setting, damage  # noqa: E402
 
 
 def pristine_of(store):
