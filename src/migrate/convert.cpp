@@ -262,7 +262,12 @@ ConvertResult convert(store::Store& s, const ConvertOptions& opts, const Progres
                     return;
                 }
                 j.why = objects.prove_form(j.digest, j.size, to);
-                if (j.why.empty()) j.outcome = Outcome::staged; // nothing to write: only the old form goes
+                if (j.why.empty()) { // nothing to write: only the old form goes
+                    j.outcome = Outcome::staged;
+                    struct stat st {};
+                    if (::fstatat(objects.dirfd(), cas::object_relpath(j.digest, j.from).c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0)
+                        j.before = static_cast<std::uint64_t>(st.st_size);
+                }
                 // else: moved aside below (one thread), then converted again
             });
         });
