@@ -23,8 +23,10 @@
 //      of the same direction starts at the cursor, a finished pass deletes it. With a time budget, no
 //      shard starts after it: the cursor stays for the next run (a nightly timer).
 // Crash points: convert.dict-staged/-renamed/-written, convert.compression-recorded (or
-// convert.mode-cleared), publish.* (step 3), convert.placed, convert.unlinked (per object),
-// convert.unlinks-durable, convert.recorded (per shard), convert.done.
+// convert.mode-cleared), convert.quarantined (a bad file at a new form's name moved aside), publish.*
+// (step 3), convert.placed, convert.unlinked (per object), convert.unlinks-durable, convert.recorded (per
+// shard that changed), convert.done. Readers (materialize, under the gc lock only) run meanwhile: an
+// object has at least one proven form at every instant.
 #pragma once
 #include <chrono>
 #include <cstdint>
