@@ -497,16 +497,30 @@ StageResult ObjectStore::stage_checked(const hash::Digest& d, TempFile&& tmp, st
     return StageResult::staged;
 }
 
+std::optional<TempFile> ObjectStore::compressed_temp(std::string_view data) {
+    if (!m_compressor || data.size() < k_compress_min) return std::nullopt;
+    thread_local std::string frame;
+    m_compressor->compress(data.data(), data.size(), frame);
+    if (!worth_compressing(data.size(), frame.size())) return std::nullopt;
+    TempFile t = create_temp(frame.size());
+    t.append(frame.data(), frame.size());
+    return t;
+}
+
+void ObjectStore::stage_other_form(const hash::Digest& d, TempFile&& tmp, std::uint64_t size, Form form,
+                                   std::uint64_t stored) {
+    stage_checked(d, std::move(tmp), size, DiskChecked::yes, form, stored);
+}
+
+std::string ObjectStore::prove_form(const hash::Digest& d, std::optional<std::uint64_t> size, Form form) const {
+    return check_on_disk(d, size, form).value_or("is missing");
+}
+
 StageResult ObjectStore::stage_bytes(const hash::Digest& d, std::string_view data) {
     if (exists(d, data.size())) return StageResult::already_present;
-    if (m_compressor && data.size() >= k_compress_min) {
-        thread_local std::string frame;
-        m_compressor->compress(data.data(), data.size(), frame);
-        if (worth_compressing(data.size(), frame.size())) {
-            TempFile t = create_temp(frame.size());
-            t.append(frame.data(), frame.size());
-            return stage_checked(d, std::move(t), data.size(), DiskChecked::yes, Form::zstd, frame.size());
-        }
+    if (auto t = compressed_temp(data)) {
+        const std::uint64_t stored = t->size();
+        return stage_checked(d, std::move(*t), data.size(), DiskChecked::yes, Form::zstd, stored);
     }
     TempFile t = create_temp(data.size());
     t.append_sparse(data.data(), data.size());
@@ -740,7 +754,7 @@ size_t ObjectStore::discard_staged(const std::function<bool(const hash::Digest&)
     return removed;
 }
 
-hash::Digest ObjectStore::store_dictionary(std::string_view bytes) {
+hash::Digest ObjectStore::store_dictionary(std::string_view bytes, const std::string& command) {
     hash::Hasher h;
     h.update(bytes.data(), bytes.size());
     const hash::Digest d = h.finish();
@@ -749,7 +763,7 @@ hash::Digest ObjectStore::store_dictionary(std::string_view bytes) {
     TempFile tmp = create_temp(0);
     tmp.append(bytes.data(), bytes.size());
     if (io::fsync(tmp.fd()) != 0) util::throw_errno("fsync failed", m_temp_path + "/" + tmp.name());
-    io::crash_point("migrate.dict-staged");
+    io::crash_point((command + ".dict-staged").c_str());
     // packages/ exists in a store (Store::ensure_layout); dict/ is made on first use.
     util::Fd packages = util::open_dir(m_packages_path);
     if (io::mkdirat(packages.get(), "dict", 0755) == 0) {
@@ -776,9 +790,9 @@ hash::Digest ObjectStore::store_dictionary(std::string_view bytes) {
         if (io::renameat2(dir.get(), name.c_str(), q.get(), aside.c_str(), RENAME_NOREPLACE) != 0 && errno != ENOENT)
             util::throw_errno("cannot move aside", dict_path + "/" + name);
     }
-    io::crash_point("migrate.dict-renamed");
+    io::crash_point((command + ".dict-renamed").c_str());
     if (io::fsync(dir.get()) != 0) util::throw_errno("fsync failed", dict_path);
-    io::crash_point("migrate.dict-written");
+    io::crash_point((command + ".dict-written").c_str());
     return d;
 }
 

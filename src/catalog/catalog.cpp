@@ -435,6 +435,16 @@ void Catalog::set_setting(std::string_view key, std::string_view value) {
     q.bind(1, key).bind(2, value).run();
 }
 
+void Catalog::delete_setting(std::string_view key) {
+    Stmt q(m_db, "DELETE FROM settings WHERE key=?");
+    q.bind(1, key).run();
+}
+
+void Catalog::set_stored_size(const hash::Digest& d, std::int64_t stored_size) {
+    Stmt q(m_db, "UPDATE objects SET stored_size=? WHERE digest=?");
+    q.bind(1, stored_size).bind_blob(2, d.raw()).run();
+}
+
 void Catalog::add_object(const ObjectRow& o) {
     m_s->add_object.bind_blob(1, o.digest.raw()).bind(2, o.size).bind(3, o.stored_size).run();
 }

@@ -13,6 +13,7 @@
 #include "casmig/catalog/catalog.hpp"
 #include "casmig/hash/blake3.hpp"
 #include "casmig/lifecycle/lifecycle.hpp"
+#include "casmig/migrate/convert.hpp"
 #include "casmig/migrate/pipeline.hpp"
 #include "casmig/store/packages.hpp"
 #include "casmig/store/store.hpp"
@@ -144,6 +145,28 @@ int cmd_migrate(Ctx& c, const migrate::Options& o) {
                      !left ? "; nothing left to do" : r.not_started ? "; free space and rerun"
                                                    : "; some are not verified yet: free space and run casmig verify");
     return r.failed || c.problems || left ? k_failed : k_ok;
+}
+
+// ------------------------------------------------------------------ convert
+
+int cmd_convert(Ctx& c, const migrate::ConvertOptions& o) {
+    auto lock = c.lock("convert");
+    auto r = migrate::convert(*c.store, o, c.progress(), c.problem_sink());
+    json j = {{"compression", r.compression}, {"objects", r.objects}, {"converted", r.converted},
+              {"already", r.already}, {"kept_raw", r.kept_raw}, {"failed", r.failed},
+              {"quarantined", r.quarantined}, {"bytes_before", r.bytes_before}, {"bytes_after", r.bytes_after},
+              {"stopped_by_time_budget", r.stopped_by_budget}, {"seconds", r.seconds}};
+    const bool zstd = o.target == migrate::Target::zstd;
+    std::string h = fmt("convert: store is %s; %llu objects: %llu converted (%s -> %s), %llu already %s, ",
+                        zstd ? ("zstd (" + r.compression + ")").c_str() : "raw", (unsigned long long)r.objects,
+                        (unsigned long long)r.converted, hb(r.bytes_before).c_str(), hb(r.bytes_after).c_str(),
+                        (unsigned long long)r.already, zstd ? "compressed" : "raw");
+    if (zstd) h += fmt("%llu kept raw (not worth compressing), ", (unsigned long long)r.kept_raw);
+    h += fmt("%llu failed%s in %.1fs%s\n", (unsigned long long)r.failed,
+             r.failed ? " (listed above; they stay as they were)" : "", r.seconds,
+             r.stopped_by_budget ? "; time budget reached, rerun to continue" : "");
+    c.out(j, h);
+    return r.failed || c.problems ? k_failed : k_ok;
 }
 
 // ------------------------------------------------------------------ status
@@ -421,6 +444,18 @@ int main(int argc, char** argv) {
     mig->add_flag("--no-dictionary", no_dictionary, "With the first --compress: train no zstd dictionary");
     mig->add_flag("--no-space-check", no_space_check,
                   "Start even if the packages may not fit in the free space; migrate what fits, leave the rest pending");
+    auto* conv = app.add_subcommand("convert", "Convert the store's objects to the zstd mode (--compress) or back (--raw); "
+                                               "resumable, runs beside readers");
+    std::string conv_compress;
+    bool conv_raw = false, conv_no_dictionary = false;
+    conv->add_flag("--compress{6}", conv_compress,
+                   "Compress every object worth it: --compress or --compress=LEVEL (1 to 22, default 6); records "
+                   "the zstd mode first");
+    conv->add_flag("--no-dictionary", conv_no_dictionary, "With --compress on a raw store: train no zstd dictionary");
+    conv->add_flag("--raw", conv_raw, "Back to a raw store: every object uncompressed, the zstd mode dropped first");
+    std::string conv_budget;
+    conv->add_option("--time-budget", conv_budget,
+                     "Start no shard of objects/ after this long (e.g. 90s, 30m, 2h); a rerun continues");
     auto* status = app.add_subcommand("status", "Store mode, package states, object and byte counts, recent journal");
     std::string journal_lines = "5";
     status->add_option("--journal", journal_lines, "Journal rows to show (0 to 1000000, default 5)");
@@ -495,9 +530,23 @@ int main(int argc, char** argv) {
         mo.verify = no_verify ? migrate::Verify::no : migrate::Verify::yes;
         mo.space_check = no_space_check ? migrate::SpaceCheck::no : migrate::SpaceCheck::yes;
         mo.threads = g.jobs;
+        migrate::ConvertOptions co;
+        if (*conv) {
+            if (conv_raw == !conv_compress.empty())
+                throw util::UsageError("convert needs exactly one of --compress[=LEVEL] and --raw");
+            if (conv_raw && conv_no_dictionary) throw util::UsageError("convert: --no-dictionary goes with --compress only");
+            co.target = conv_raw ? migrate::Target::raw : migrate::Target::zstd;
+            // As with migrate: the level new objects get (a bare --compress means 6).
+            if (!conv_compress.empty()) co.level = static_cast<int>(util::parse_count(conv_compress, 1, 22, "--compress"));
+            co.dictionary = conv_no_dictionary ? migrate::Dictionary::no : migrate::Dictionary::yes;
+            co.threads = g.jobs;
+            if (!conv_budget.empty())
+                co.time_budget = option("--time-budget", [&] { return util::parse_duration(conv_budget); });
+        }
         Ctx c(g);
         if (*plan) return cmd_plan(c, mo);
         if (*mig) return cmd_migrate(c, mo);
+        if (*conv) return cmd_convert(c, co);
         if (*status) return cmd_status(c, journal_n);
         if (*ver) return cmd_verify(c, verify_pkgs, verify_objects, verify_objects_only, sample_n);
         if (*cut) return cmd_cutover(c);

@@ -1019,6 +1019,8 @@ SyncResult sync_packages(store::Store& s) {
     if (auto c = store::read_compression(cat)) {
         auto ct = settings.find("compression");
         if (damaged || ct == settings.end() || ct->second != c->setting()) index.set_setting("compression", c->setting());
+    } else if (settings.count("compression")) {
+        index.erase_setting("compression"); // convert --raw stopped between the catalog and the mirror
     }
     return r;
 }

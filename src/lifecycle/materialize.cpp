@@ -307,11 +307,13 @@ private:
                         m_files.emplace(e.path, true);
                         return;
                     }
-                    if (errno != EMLINK && errno != EXDEV && errno != EPERM && errno != EACCES)
+                    // ENOENT: a convert running meanwhile replaced the raw object by its .zst form
+                    // (placed before the raw one went): copy_file() below finds it.
+                    if (errno != EMLINK && errno != EXDEV && errno != EPERM && errno != EACCES && errno != ENOENT)
                         util::throw_errno("cannot link", disp);
                 } catch (const util::SystemError& err) {
                     if (err.code() != EMLINK && err.code() != EXDEV && err.code() != EPERM && err.code() != EACCES &&
-                        err.code() != EROFS)
+                        err.code() != EROFS && err.code() != ENOENT)
                         throw;
                 }
             }

@@ -18,9 +18,43 @@ namespace {
 constexpr std::uint64_t k_sample_min = 16, k_sample_max = 16 * 1024;
 constexpr size_t k_sample_files_per_package = 64;
 constexpr size_t k_sample_packages = 4096;
-// zstd advises about 100 times the dictionary's size of samples; more costs training time for little.
-constexpr size_t k_sample_bytes = 100 * cas::k_dict_size;
 } // namespace
+
+std::vector<std::string> sample_small_objects(store::Store& store, size_t max_bytes) {
+    std::vector<std::string> out;
+    size_t total = 0;
+    auto& objects = store.objects();
+    std::vector<catalog::ObjectRow> small;
+    std::uint64_t small_bytes = 0;
+    for (auto& o : store.catalog().objects()) {
+        auto size = static_cast<std::uint64_t>(o.size);
+        if (size < k_sample_min || size > k_sample_max) continue;
+        small_bytes += size;
+        small.push_back(std::move(o));
+    }
+    // Spread over the whole store (the catalog lists objects in the order packages were migrated).
+    const size_t stride = static_cast<size_t>(std::max<std::uint64_t>(1, small_bytes / std::max<size_t>(1, max_bytes)));
+    for (size_t i = 0; i < small.size() && total < max_bytes; i += stride) {
+        const auto& o = small[i];
+        auto size = static_cast<std::uint64_t>(o.size);
+        try {
+            cas::ObjectReader r = objects.open_content(o.digest);
+            std::string s(static_cast<size_t>(size), '\0');
+            size_t n = 0;
+            while (n < s.size()) {
+                size_t got = r.read(s.data() + n, s.size() - n);
+                if (got == 0) break;
+                n += got;
+            }
+            s.resize(n);
+            total += n;
+            out.push_back(std::move(s));
+        } catch (const util::Error&) {
+            // A sample only: an unreadable object is convert's (or verify --objects') to report.
+        }
+    }
+    return out;
+}
 
 std::vector<std::string> sample_small_files(int store_fd, const std::vector<catalog::Package>& packages,
                                             size_t max_bytes) {
@@ -59,40 +93,53 @@ void check_compress_option(store::Store& store, const Options& opts) {
     auto& cat = store.catalog();
     if (store::read_compression(cat)) return;
     if (cat.totals().objects > 0)
-        throw util::RefusedError("store " + store.root() + " already holds uncompressed objects: the zstd mode (--compress) "
-                                 "is chosen on a store's first migrate and converting a store is not available yet; "
-                                 "migrate without --compress; the store is unchanged");
+        throw util::RefusedError("store " + store.root() + " already holds uncompressed objects: migrate --compress "
+                                 "chooses the zstd mode only on a store's first migrate: migrate without --compress, or "
+                                 "run casmig convert --compress first (later migrates keep the mode); the store is "
+                                 "unchanged");
 }
 
-void enable_store_mode(store::Store& store, const Options& opts, const std::vector<catalog::Package>& selected) {
+cas::Compression choose_compression(store::Store& store, std::optional<int> level, Dictionary dictionary,
+                                    const std::function<std::vector<std::string>()>& samples, const std::string& command) {
     auto& cat = store.catalog();
     auto mode = store::read_compression(cat);
-    auto& objects = store.objects();
-    if (!mode && opts.compress) {
+    if (!mode) {
         cas::Compression c;
-        c.level = *opts.compress;
-        if (opts.dictionary == Dictionary::yes) {
-            std::string dict = cas::train_dictionary(sample_small_files(store.root_fd(), selected, k_sample_bytes));
-            if (!dict.empty()) c.dict = objects.store_dictionary(dict); // durable before the setting names it
+        c.level = level.value_or(cas::k_default_level);
+        if (dictionary == Dictionary::yes) {
+            std::string dict = cas::train_dictionary(samples());
+            if (!dict.empty()) c.dict = store.objects().store_dictionary(dict, command); // durable before the setting names it
         }
         catalog::Transaction tx(cat.db());
         store::write_compression(cat, c);
-        cat.journal("migrate", "", "", "", "store mode zstd: " + c.setting());
+        cat.journal(command, "", "", "", "store mode zstd: " + c.setting());
         tx.commit();
-        io::crash_point("migrate.compression-recorded");
-        mode = c;
-    } else if (mode && opts.compress && *opts.compress != mode->level) {
-        mode->level = *opts.compress;
+        io::crash_point((command + ".compression-recorded").c_str());
+        return c;
+    }
+    if (level && *level != mode->level) {
+        mode->level = *level;
         catalog::Transaction tx(cat.db());
         store::write_compression(cat, *mode);
-        cat.journal("migrate", "", "", "", "zstd level for new objects: " + mode->setting());
+        cat.journal(command, "", "", "", "zstd level for new objects: " + mode->setting());
         tx.commit();
     }
-    if (!mode) return;
+    return *mode;
+}
+
+void use_compression(store::Store& store, const cas::Compression& c) {
     // Mirrored into packages/store for rebuild-catalog (a failure is redone by the next command's sync).
-    (void)store::mirror_step([&] { store.packages().set_setting("compression", mode->setting()); });
-    std::string dict = mode->dict ? objects.dictionaries().load(*mode->dict) : std::string();
-    objects.set_compressor(std::make_shared<cas::Compressor>(mode->level, dict));
+    (void)store::mirror_step([&] { store.packages().set_setting("compression", c.setting()); });
+    auto& objects = store.objects();
+    std::string dict = c.dict ? objects.dictionaries().load(*c.dict) : std::string();
+    objects.set_compressor(std::make_shared<cas::Compressor>(c.level, dict));
+}
+
+void enable_store_mode(store::Store& store, const Options& opts, const std::vector<catalog::Package>& selected) {
+    if (!opts.compress && !store::read_compression(store.catalog())) return; // a raw store stays raw
+    use_compression(store, choose_compression(store, opts.compress, opts.dictionary, [&] {
+                        return sample_small_files(store.root_fd(), selected, k_sample_bytes);
+                    }, "migrate"));
 }
 
 } // namespace casmig::migrate

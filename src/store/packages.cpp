@@ -276,7 +276,11 @@ std::map<std::string, std::string> PackageIndex::settings() const {
     return out;
 }
 
-void PackageIndex::set_setting(const std::string& key, const std::string& value) {
+void PackageIndex::set_setting(const std::string& key, const std::string& value) { change_setting(key, value); }
+
+void PackageIndex::erase_setting(const std::string& key) { change_setting(key, std::nullopt); }
+
+void PackageIndex::change_setting(const std::string& key, const std::optional<std::string>& value) {
     std::map<std::string, std::string> all;
     try {
         all = settings();
@@ -287,8 +291,9 @@ void PackageIndex::set_setting(const std::string& key, const std::string& value)
         move_aside(m_dir.get(), k_settings_file, "");
     }
     auto it = all.find(key);
-    if (it != all.end() && it->second == value) return;
-    all[key] = value;
+    if (value ? it != all.end() && it->second == *value : it == all.end()) return;
+    if (value) all[key] = *value;
+    else all.erase(it);
     std::string text = std::string(k_settings_magic) + "\n";
     for (const auto& [k, v] : all) text += k + " " + v + "\n";
     const std::string base = m_store.root() + "/packages/";

@@ -383,6 +383,8 @@ std::optional<cas::Compression> read_compression(catalog::Catalog& cat) {
 
 void write_compression(catalog::Catalog& cat, const cas::Compression& c) { cat.set_setting("compression", c.setting()); }
 
+void clear_compression(catalog::Catalog& cat) { cat.delete_setting("compression"); }
+
 std::string new_store_id() {
     unsigned char b[16];
     size_t got = 0;

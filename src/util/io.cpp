@@ -143,6 +143,7 @@ struct State {
             else if (err == "EDQUOT") f.err = EDQUOT;
             else if (err == "EROFS") f.err = EROFS;
             else if (err == "EPERM") f.err = EPERM;
+            else if (err == "ENOENT") f.err = ENOENT; // the name went away since it was looked at
             faults.push_back(f);
         }
     }

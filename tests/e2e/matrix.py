@@ -31,7 +31,7 @@ import harness  # noqa: E402
 PACKAGES = ["pkg00", "pkg01", "pkg02", "pkg03"]
 GONE_PACKAGE = "pkg03"  # what `remove` removes (and what gc then collects)
 XLINK = [("pkg01", "lib/libx.so.1"), ("pkg02", "lib/libx-shared.so")]  # one inode in two packages
-LOCKED = {"migrate", "verify", "cutover", "cleanup", "rollback", "remove", "gc", "rebuild-catalog"}
+LOCKED = {"migrate", "verify", "cutover", "cleanup", "rollback", "remove", "gc", "rebuild-catalog", "convert"}
 CRASH_MARKERS = ("terminate called", "what():", "Traceback", "Assertion", "Aborted", "core dumped",
                  "AddressSanitizer", "runtime error:", "Segmentation")
 
@@ -257,7 +257,8 @@ class Pristine:
         self.snaps = {p: snap(os.path.join(legacy, p)) for p in PACKAGES}
         self.states["legacy"] = legacy
         steps = [("migrated", "legacy", ["migrate"]), ("cutover", "migrated", ["cutover"]),
-                 ("cleaned", "cutover", ["cleanup"]), ("removed", "cleaned", ["remove", GONE_PACKAGE])]
+                 ("cleaned", "cutover", ["cleanup"]), ("removed", "cleaned", ["remove", GONE_PACKAGE]),
+                 ("converted", "cleaned", ["convert", "--compress"])]
         for name, base, args in steps:
             d = os.path.join(work, f"state-{name}")
             copy_tree(self.states[base], d)

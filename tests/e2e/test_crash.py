@@ -2,7 +2,7 @@
 """The cross-command crash matrix: crash every command at each of its named durable steps (kill -9 or a
 simulated power cut), run each follow-up command a user could run next, check that nothing is lost.
 
-For each command C (migrate, verify, cutover, cleanup, rollback, materialize, remove, gc), run from the
+For each command C (migrate, verify, cutover, cleanup, rollback, materialize, remove, gc, convert), run from the
 store state where it makes sense, the crash points are discovered by running C once with
 CASMIG_CRASH_TRACE (so points added later are covered without touching this file). For each point P
 reached N times: the case P@N, for N = every hit when there are few, else first, middle and last; in
@@ -47,6 +47,8 @@ COMMANDS = [
     ("remove-present", "migrated", ["remove", "pkg01"]),
     ("gc", "removed", ["gc"]),
     ("rebuild-catalog", "lost", ["rebuild-catalog"]),
+    ("convert", "cleaned", ["convert", "--compress"]),
+    ("convert-raw", "converted", ["convert", "--raw"]),
 ]
 MODES = ["kill", "power-data", "power-names"]
 FOLLOWUPS = ["same", "rollback", "migrate", "verify", "cleanup", "gc"]
@@ -281,6 +283,16 @@ def crash_gc(t):
 @test
 def crash_rebuild_catalog(t):
     matrix_for(t, "rebuild-catalog")
+
+
+@test
+def crash_convert(t):
+    matrix_for(t, "convert")
+
+
+@test
+def crash_convert_raw(t):
+    matrix_for(t, "convert-raw")
 
 
 def replay(t):

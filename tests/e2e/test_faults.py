@@ -38,6 +38,8 @@ COMMANDS = [
     ("materialize", "cleaned", ["materialize", "pkg00", "{dest}"]),
     ("remove", "cleaned", ["remove", "pkg01"]),
     ("gc", "removed", ["gc"]),
+    ("convert", "cleaned", ["convert", "--compress"]),
+    ("convert-raw", "converted", ["convert", "--raw"]),
 ]
 OPS = ["write", "fsync", "syncfs", "rename", "link", "unlink", "mkdir", "open", "copy"]
 ERRNOS = ["ENOSPC", "EIO", "EACCES"]

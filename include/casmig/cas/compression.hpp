@@ -13,7 +13,12 @@
 //                                  its name). Dictionaries are never deleted by casmig (gc leaves
 //                                  packages/ alone): an object made with one always finds it.
 //   One digest has one form on disk in the normal state (raw or .zst); readers accept either and take
-//   the raw one when both exist (after a crash between two writers, or a repair that wrote raw).
+//   the raw one when both exist (after a crash between two writers, a repair that wrote raw, or a
+//   convert stopped between placing an object's new form and unlinking its old one).
+//   A store being converted (migrate/convert.hpp) is mixed: the setting already names the target mode
+//   (new objects are written in it), shards not yet converted hold the other form, and the catalog's
+//   settings row `convert` ("zstd:<shard>" or "raw:<shard>") is where a rerun continues. A zstd store
+//   always holds raw objects too: those below the threshold, and those a repair rewrote.
 //
 // When an object is stored compressed (the threshold, measured on the npm corpus, docs/benchmarks.md):
 //   objects of fewer than k_compress_min bytes stay raw; a larger one is kept as .zst only if the frame

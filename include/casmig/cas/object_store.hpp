@@ -228,10 +228,10 @@ public:
     /// Writes a zstd dictionary durably to packages/dict/<64 hex BLAKE3 of bytes> and returns that digest:
     /// a temp file in this process's staging directory, fsync, packages/dict/ created (and packages/
     /// fsynced) if missing, renamed into place without replacing, then packages/dict/ fsynced (crash
-    /// points migrate.dict-staged, migrate.dict-renamed, migrate.dict-written). A file already at the
-    /// name that hashes to it is kept; one that does not is moved to migration/corrupt/ first. Throws
-    /// util::SystemError.
-    hash::Digest store_dictionary(std::string_view bytes);
+    /// points <command>.dict-staged, <command>.dict-renamed, <command>.dict-written). A file already at
+    /// the name that hashes to it is kept; one that does not is moved to migration/corrupt/ first.
+    /// Throws util::SystemError.
+    hash::Digest store_dictionary(std::string_view bytes, const std::string& command = "migrate");
     /// Compress new objects (zstd store mode) with c; nullptr: store them raw. Call before staging.
     void set_compressor(std::shared_ptr<const Compressor> c) { m_compressor = std::move(c); }
     const Compressor* compressor() const { return m_compressor.get(); }
@@ -250,6 +250,18 @@ public:
     /// compressed here (by the calling thread: the pipeline's parallel stage) and staged as .zst when
     /// worth_compressing() says so.
     StageResult stage_bytes(const hash::Digest& d, std::string_view data);
+    /// With a compressor set: a temp file holding data as one frame, if worth_compressing() says the
+    /// frame is worth keeping; otherwise (or without a compressor) nullopt and nothing written.
+    std::optional<TempFile> compressed_temp(std::string_view data);
+    /// Stages d in another form than the one on disk (convert): unlike stage(), a file of the other
+    /// form at d's name does not make it "present". publish() places it beside that file; a file
+    /// already at this form's name is proven (size, content) and kept, or quarantined and replaced.
+    /// Call only for digests exists() was not asked about in this process (it would trust them).
+    void stage_other_form(const hash::Digest& d, TempFile&& tmp, std::uint64_t size, Form form, std::uint64_t stored);
+    /// Proves the file of one form at d's name: "" if it is a regular file whose content (decoded, for
+    /// .zst) has `size` bytes, if known, and hashes to d; otherwise why not ("is missing", "content hashes
+    /// to …", the decoder's complaint). Throws util::SystemError if it cannot be read.
+    std::string prove_form(const hash::Digest& d, std::optional<std::uint64_t> size, Form form) const;
 
     /// Makes every staged object durable and visible (see the durability policy above). A file found
     /// at a name that is not the object is moved to k_quarantine_dir and returned in the stats (the

@@ -120,6 +120,8 @@ public:
     std::optional<std::string> setting(std::string_view key);
     /// Inserts or replaces a settings row (call inside a Transaction to make it atomic with others).
     void set_setting(std::string_view key, std::string_view value);
+    /// Deletes a settings row (no-op if there is none).
+    void delete_setting(std::string_view key);
 
     /// This catalog's store identity; nullopt until claimed.
     std::optional<Identity> identity();
@@ -148,6 +150,9 @@ public:
     void clear_manifest(std::int64_t id);
 
     void add_object(const ObjectRow& o);
+    /// Records the bytes the object now takes on disk (convert: after its new form is durable and the
+    /// old one gone). No-op for a digest without a row.
+    void set_stored_size(const hash::Digest& d, std::int64_t stored_size);
     bool has_object(const hash::Digest& d);
     std::vector<ObjectRow> objects();
     /// Calls f for every row of the objects table, one at a time (memory does not grow with the

@@ -80,11 +80,15 @@ public:
     std::map<std::string, std::string> settings() const;
     /// Sets one setting (read, change, write to a temp file, fsync, rename, fsync of packages/).
     void set_setting(const std::string& key, const std::string& value);
+    /// Removes one setting, the same way (no-op if it is not there).
+    void erase_setting(const std::string& key);
 
     /// "packages/manifests/ab/…" for messages.
     static std::string manifest_relpath(const hash::Digest& d);
 
 private:
+    /// set_setting() (value) or erase_setting() (nullopt).
+    void change_setting(const std::string& key, const std::optional<std::string>& value);
     struct StagedManifest {
         hash::Digest digest;
         std::string temp;

@@ -146,5 +146,7 @@ std::optional<cas::Compression> read_compression(catalog::Catalog& cat);
 /// Records the compression mode (call inside the caller's Transaction, after the dictionary it names
 /// is durable).
 void write_compression(catalog::Catalog& cat, const cas::Compression& c);
+/// Makes the store raw again (convert --raw): deletes the setting (call inside the caller's Transaction).
+void clear_compression(catalog::Catalog& cat);
 
 } // namespace casmig::store

@@ -14,7 +14,8 @@
 //                                 record").
 //   CASMIG_CRASH_TRACE=FILE       append "NAME\n" to FILE each time a crash point is reached (tests use
 //                                 it to enumerate the points of a command).
-//   CASMIG_FAULT=OP@N[+]=ERR[,…]  the Nth call of OP fails with ERR (ENOSPC, EIO, EACCES, EDQUOT, EROFS);
+//   CASMIG_FAULT=OP@N[+]=ERR[,…]  the Nth call of OP fails with ERR (ENOSPC, EIO, EACCES, EDQUOT, EROFS,
+//                                 EPERM, ENOENT: a name another process removed since it was looked at);
 //                                 with '+', that call and every later one. OP: write, fsync, syncfs,
 //                                 rename, link, unlink, mkdir, open (O_CREAT opens only), copy.
 //   CASMIG_FAULT_TRACE=FILE       at exit, append "OP CALLS" for each OP to FILE (tests use it to pick N).
