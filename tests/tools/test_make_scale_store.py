@@ -55,7 +55,8 @@ def main():
         t1, t2, t3 = tree(one), tree(two), tree(other)
         assert t1 == t2, "the same seed gave two different trees (with 2 and 1 writer processes)"
         assert not set(t1) & set(t3), "seeds 3 and 4 gave packages of the same ids"
-        assert not {d for _, d in t1.values() if d} & {d for _, d in t3.values() if d} - {hashlib.blake2b(b"").hexdigest()}, \
+        empty = hashlib.blake2b(b"").hexdigest()
+        assert not {d for _, d in t1.values() if d} & {d for _, d in t3.values() if d} - {empty}, \
             "seeds 3 and 4 gave the same contents"
 
         files = {p: d for p, (mode, d) in t1.items() if d is not None}
