@@ -478,6 +478,22 @@ std::vector<ObjectRow> Catalog::unreferenced_objects() { return read_objects(m_s
 
 void Catalog::delete_object(const hash::Digest& d) { m_s->del_object.bind_blob(1, d.raw()).run(); }
 
+bool ReaderPool::has_object(const hash::Digest& d) {
+    std::unique_ptr<Catalog> c;
+    {
+        std::lock_guard lk(m_mutex);
+        if (!m_free.empty()) {
+            c = std::move(m_free.back());
+            m_free.pop_back();
+        }
+    }
+    if (!c) c = std::make_unique<Catalog>(m_path, OpenMode::read_only);
+    bool found = c->has_object(d);
+    std::lock_guard lk(m_mutex);
+    m_free.push_back(std::move(c));
+    return found;
+}
+
 Totals Catalog::totals() {
     auto& s = m_s->totals;
     Totals t;

@@ -1016,10 +1016,12 @@ Result migrate(store::Store& store, const Options& opts, const ProgressSink& pro
     enable_store_mode(store, opts, selected);
     // Is a content already in the store? The catalog's objects index answers, one lookup per new
     // digest (nothing is loaded up front: a no-op migrate of a huge store costs what it touches).
-    auto lookup = std::make_shared<std::mutex>();
-    store.objects().trust_catalog([&cat, lookup](const hash::Digest& d) {
-        std::lock_guard lk(*lookup); // one prepared statement, asked from the ingest threads
-        return cat.has_object(d);
+    // The ingest threads ask through read-only connections of their own (WAL: readers never wait for
+    // the writer), never through the writer's, whose mutex the commit stage holds for every row it
+    // writes. A reader sees committed rows only; what this run placed and has not committed yet the
+    // ObjectStore itself remembers until forget_cataloged().
+    store.objects().trust_catalog([pool = std::make_shared<catalog::ReaderPool>(store.db_path())](const hash::Digest& d) {
+        return pool->has_object(d);
     });
     Pipeline p(store, Mode::migrate, opts, std::move(selected), progress, problems);
     p.run(util::thread_count(opts.threads));

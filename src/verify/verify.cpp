@@ -495,7 +495,11 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
     std::uint64_t checked = 0;
     unsigned threads = util::thread_count(opts.threads);
     tbb::task_arena arena(static_cast<int>(threads));
-    objects.for_each_shard([&](const std::vector<std::string>& files) {
+    // Shards are checked in batches of at least k_objects_batch names: one fan-out directory holds a few
+    // hundred objects of very unequal sizes, too few to keep every thread busy up to the batch's end.
+    constexpr size_t k_objects_batch = 8192;
+    std::vector<std::string> pending;
+    auto check_batch = [&](const std::vector<std::string>& files) {
         checked += files.size();
         arena.execute([&] {
             // Chunks of objects are opened and read ahead together, then hashed one by one: objects
@@ -569,7 +573,14 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
                 }
             });
         });
+    };
+    objects.for_each_shard([&](const std::vector<std::string>& names) {
+        pending.insert(pending.end(), names.begin(), names.end());
+        if (pending.size() < k_objects_batch) return;
+        check_batch(pending);
+        pending.clear();
     });
+    if (!pending.empty()) check_batch(pending);
     if (progress) progress(report);
     r.objects_checked = checked;
     r.objects_bad += bad.size() + unreadable;

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -182,6 +183,21 @@ private:
     struct Stmts;
     std::unique_ptr<Stmts> m_s;
     std::string m_who;
+};
+
+/// Read-only connections to one catalog, for lookups from many threads at once while another
+/// connection writes (WAL: readers never block the writer or each other). Each call borrows a
+/// connection (opened on first need, at most one per concurrent caller) and gives it back.
+class ReaderPool {
+public:
+    explicit ReaderPool(std::string path) : m_path(std::move(path)) {}
+    /// Catalog::has_object through a borrowed connection; sees committed rows only. Thread-safe.
+    bool has_object(const hash::Digest& d);
+
+private:
+    std::string m_path;
+    std::mutex m_mutex;
+    std::vector<std::unique_ptr<Catalog>> m_free;
 };
 
 } // namespace casmig::catalog
