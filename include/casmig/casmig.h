@@ -39,8 +39,8 @@ enum casmig_code {
 /* The library's version, e.g. "0.1.0". */
 CASMIG_API const char *casmig_version(void);
 
-/* The message of the last failed call made by this thread ("" if none): one line naming what failed,
- * where, and what to do. Valid until this thread's next call into the library. */
+/* The message of this thread's last call into the library: one line naming what failed, where, and
+ * what to do; "" when that call succeeded. Valid until this thread's next call into the library. */
 CASMIG_API const char *casmig_last_error(void);
 
 typedef struct casmig_store casmig_store;
