@@ -101,23 +101,16 @@ std::vector<std::string> components(const std::string& path) {
 /// The legacy file at package/path, opened without following any symlink, checked to be regular.
 util::Fd open_legacy(store::Store& s, const std::string& package, const std::string& path) {
     const std::string display = s.root() + "/" + util::printable(package) + "/" + util::printable(path);
-    auto parts = components(path);
-    util::Fd cur(::openat(s.root_fd(), package.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
-    if (!cur) util::throw_errno("cannot open the legacy tree of package " + util::printable(package), s.root());
-    for (size_t i = 0; i + 1 < parts.size(); ++i) {
-        util::Fd next(::openat(cur.get(), parts[i].c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
-        if (!next) {
-            if (errno == ENOENT || errno == ENOTDIR || errno == ELOOP)
-                throw util::UsageError(display + " is not a file of package " + util::printable(package));
-            util::throw_errno("cannot open", display);
-        }
-        cur = std::move(next);
-    }
-    util::Fd fd(::openat(cur.get(), parts.back().c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC));
-    if (!fd) {
-        if (errno == ENOENT || errno == ELOOP)
+    components(path);
+    util::Fd pkg(::openat(s.root_fd(), package.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    if (!pkg) util::throw_errno("cannot open the legacy tree of package " + util::printable(package), s.root());
+    util::Fd fd;
+    try {
+        fd = util::open_beneath(pkg.get(), path, display);
+    } catch (const util::SystemError& e) {
+        if (e.code() == ENOENT || e.code() == ENOTDIR || e.code() == ELOOP)
             throw util::UsageError(display + " is not a file of package " + util::printable(package));
-        util::throw_errno("cannot open", display);
+        throw;
     }
     struct stat st {};
     if (::fstat(fd.get(), &st) != 0) util::throw_errno("cannot stat", display);

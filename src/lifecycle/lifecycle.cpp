@@ -85,26 +85,6 @@ util::FreedBytes tree_bytes(int dirfd, const std::string& name) {
     return total;
 }
 
-/// Opens the regular file at the package-relative `path` below dirfd, never following a symlink.
-util::Fd open_beneath(int dirfd, const std::string& path, const std::string& display) {
-    util::Fd cur(::dup(dirfd));
-    if (!cur) util::throw_errno("cannot open", display);
-    size_t pos = 0;
-    for (;;) {
-        size_t slash = path.find('/', pos);
-        std::string comp = path.substr(pos, slash == std::string::npos ? std::string::npos : slash - pos);
-        if (comp.empty() || comp == "." || comp == "..") throw util::Error("refusing path " + display + ": not a plain relative path");
-        if (slash == std::string::npos) {
-            int fd = ::openat(cur.get(), comp.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
-            if (fd < 0) util::throw_errno("cannot open", display);
-            return util::Fd(fd);
-        }
-        int fd = ::openat(cur.get(), comp.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
-        if (fd < 0) util::throw_errno("cannot open directory", display);
-        cur = util::Fd(fd);
-        pos = slash + 1;
-    }
-}
 
 /// What a manifest needs that only root can put back: foreign owners, file capabilities.
 std::string needs_root(const std::vector<catalog::Entry>& manifest) {
@@ -162,7 +142,7 @@ private:
         std::string rel = cas::object_relpath(*e.digest);
         try {
             util::Fd tfd = util::open_dir_at(dirfd, tree, tree);
-            util::Fd src = open_beneath(tfd.get(), e.path, pid + "/" + util::printable(e.path));
+            util::Fd src = util::open_beneath(tfd.get(), e.path, pid + "/" + util::printable(e.path));
             cas::TempFile tmp = objects.create_temp();
             hash::Hasher h;
             std::vector<char> buf(1 << 20);

@@ -67,6 +67,26 @@ std::string read_link_at(int dirfd, const std::string& name, const std::string& 
     }
 }
 
+Fd open_beneath(int dirfd, const std::string& path, const std::string& display) {
+    Fd cur(::dup(dirfd));
+    if (!cur) throw_errno("cannot open", display);
+    size_t pos = 0;
+    for (;;) {
+        size_t slash = path.find('/', pos);
+        std::string comp = path.substr(pos, slash == std::string::npos ? std::string::npos : slash - pos);
+        if (comp.empty() || comp == "." || comp == "..") throw Error("refusing path " + display + ": not a plain relative path");
+        if (slash == std::string::npos) {
+            int fd = ::openat(cur.get(), comp.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+            if (fd < 0) throw_errno("cannot open", display);
+            return Fd(fd);
+        }
+        int fd = ::openat(cur.get(), comp.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+        if (fd < 0) throw_errno("cannot open directory", display);
+        cur = Fd(fd);
+        pos = slash + 1;
+    }
+}
+
 std::vector<std::string> list_dir(int fd, const std::string& display) {
     int dfd = ::dup(fd);
     DIR* d = dfd >= 0 ? ::fdopendir(dfd) : nullptr;

@@ -54,6 +54,10 @@ bool lstat_at(int dirfd, const std::string& name, struct stat& st, const std::st
 std::string read_link_at(int dirfd, const std::string& name, const std::string& display);
 /// Names in the directory open as fd (without "." and ".."), unsorted. The fd's offset is not
 /// disturbed (a dup shares it, so the listing rewinds first). Throws SystemError naming `display`.
+/// Opens the file at the relative `path` below dirfd (O_RDONLY|O_NONBLOCK), component by component,
+/// never following a symlink: an empty, "." or ".." component throws Error; a failed open throws
+/// SystemError naming `display` (ELOOP: a symlink on the way).
+Fd open_beneath(int dirfd, const std::string& path, const std::string& display);
 std::vector<std::string> list_dir(int fd, const std::string& display);
 /// What removing a tree gave back.
 struct FreedBytes {
