@@ -7,9 +7,10 @@
  *
  * Threads: a casmig_store handle is used by one thread at a time (calls on one handle must not
  * overlap); separate handles, in one process or several, may be used at the same time. The store lock
- * serialises what changes the store (casmig_migrate, casmig_verify): a call made while another process
- * holds it returns CASMIG_BUSY at once. Reading (casmig_status, casmig_package_entries,
- * casmig_open_file) takes no store lock and never blocks on a running migrate.
+ * serialises what changes the store (casmig_migrate, casmig_verify, casmig_add, casmig_remove): a call
+ * made while another process holds it returns CASMIG_BUSY at once. Reading (casmig_status,
+ * casmig_package_entries, casmig_open_file, casmig_materialize) takes no store lock and never blocks on
+ * a running migrate.
  *
  * Strings: package ids are directory names (bytes, NUL-terminated); paths inside a package are byte
  * strings with a length (they may hold any byte but NUL and '/' separators between components).
@@ -123,6 +124,38 @@ CASMIG_API int casmig_package_entries(casmig_store *store, const char *package, 
  * without following any symlink. CASMIG_USAGE when the path is not a regular file of the package. */
 CASMIG_API int casmig_open_file(casmig_store *store, const char *package, const char *path, size_t path_len,
                                 int *fd_out);
+
+typedef struct casmig_add_result {
+    uint64_t files, bytes;                  /* read from the staging directory */
+    uint64_t new_objects, new_object_bytes; /* contents the store did not hold yet */
+} casmig_add_result;
+
+/* Adds a new package straight in file-level form (the install path after cutover; allowed in every
+ * mode, a legacy store becomes dual): every file under staging_dir becomes an object, the manifest
+ * goes into packages/ and the catalog, staging_dir is compared with the manifest again (each file
+ * re-hashed), and only then is the package recorded verified, with no legacy tree. staging_dir is only
+ * read, never followed below its root (symlinks are stored as symlinks) and never changed: remove it
+ * afterwards. Takes the store lock (CASMIG_BUSY if held). CASMIG_REFUSED when the id is already in
+ * the store (add an upgrade under its new id, then casmig_remove the old one) or something is at
+ * <store>/<package>; CASMIG_USAGE for a bad id or a staging_dir that cannot be opened; CASMIG_FAILED
+ * (nothing recorded) for a special file, an unreadable entry or a file that changed while read, each
+ * named through `problem`. A crash at any point leaves the package either added or absent. */
+CASMIG_API int casmig_add(casmig_store *store, const char *package, const char *staging_dir, casmig_problem_fn problem,
+                          void *user, casmig_add_result *out);
+
+/* Drops a package: its manifest and, if present, its legacy tree (objects stay for `casmig gc`).
+ * Takes the store lock (CASMIG_BUSY if held). CASMIG_USAGE when the package is not in the store. */
+CASMIG_API int casmig_remove(casmig_store *store, const char *package);
+
+enum casmig_link_mode { CASMIG_LINK_COPY = 0, CASMIG_LINK_REFLINK = 1, CASMIG_LINK_HARDLINK = 2 };
+
+/* Rebuilds a package's tree at dest (absent, or an empty directory) from its manifest, as `casmig
+ * materialize` does: COPY and REFLINK are exact (REFLINK falls back to a copy where the filesystem
+ * cannot clone); HARDLINK links files to the read-only objects (write bits may differ; a compressed
+ * object is copied). Takes no store lock; holds migration/gc.lock shared so that gc never deletes an
+ * object it is linking (CASMIG_BUSY while a gc runs). CASMIG_USAGE for an unknown package or a dest that
+ * is not usable (inside the store, not empty); CASMIG_REFUSED for a package with no manifest yet. */
+CASMIG_API int casmig_materialize(casmig_store *store, const char *package, const char *dest, int link_mode);
 
 #ifdef __cplusplus
 }

@@ -103,6 +103,9 @@ util::Fd open_legacy(store::Store& s, const std::string& package, const std::str
     const std::string display = s.root() + "/" + util::printable(package) + "/" + util::printable(path);
     components(path);
     util::Fd pkg(::openat(s.root_fd(), package.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    if (!pkg && (errno == ENOENT || errno == ENOTDIR || errno == ELOOP))
+        throw util::UsageError("package " + util::printable(package) + " is not in store " + s.root() +
+                               ": check the id with casmig status");
     if (!pkg) util::throw_errno("cannot open the legacy tree of package " + util::printable(package), s.root());
     util::Fd fd;
     try {
@@ -335,6 +338,54 @@ int casmig_open_file(casmig_store* handle, const char* package, const char* path
         if (!catalog::is_path_component(name))
             throw util::UsageError("package " + util::printable(name) + " is not a package id (one directory name)");
         *fd_out = open_legacy(s, name, rel).release();
+        return CASMIG_OK;
+    });
+}
+
+int casmig_add(casmig_store* handle, const char* package, const char* staging_dir, casmig_problem_fn problem, void* user,
+               casmig_add_result* out) {
+    if (out) *out = casmig_add_result{};
+    return guarded([&]() -> int {
+        auto& s = store_of(handle);
+        if (!package || !staging_dir) throw util::UsageError("package and staging_dir must not be NULL");
+        std::uint64_t failures = 0;
+        auto sink = problem_sink(problem, user, &failures);
+        auto lock = lifecycle::lock_store(s, "add", store::Purpose::write, sink,
+                                          [&](const std::string& w) { sink({"-", "", w, true}); });
+        auto r = lifecycle::add_package(s, package, staging_dir, 0, sink);
+        if (out) *out = {r.files, r.bytes, r.new_objects, r.new_object_bytes};
+        if (r.failed)
+            return fail(CASMIG_FAILED, "package " + util::printable(package) + " was not added to store " + s.root() +
+                                           " (each problem named through the problem callback): nothing recorded");
+        return CASMIG_OK;
+    });
+}
+
+int casmig_remove(casmig_store* handle, const char* package) {
+    return guarded([&]() -> int {
+        auto& s = store_of(handle);
+        if (!package) throw util::UsageError("package must not be NULL");
+        auto lock = lifecycle::lock_store(s, "remove", store::Purpose::destroy, nullptr, nullptr);
+        // Removed. A ref in packages/ that could not be dropped is dropped by the next locked call's
+        // sync (the catalog decides), so it is no failure of this one.
+        (void)lifecycle::remove_package(s, package);
+        return CASMIG_OK;
+    });
+}
+
+int casmig_materialize(casmig_store* handle, const char* package, const char* dest, int link_mode) {
+    return guarded([&]() -> int {
+        auto& s = store_of(handle);
+        if (!package || !dest) throw util::UsageError("package and dest must not be NULL");
+        lifecycle::LinkMode m;
+        switch (link_mode) {
+        case CASMIG_LINK_COPY: m = lifecycle::LinkMode::copy; break;
+        case CASMIG_LINK_REFLINK: m = lifecycle::LinkMode::reflink; break;
+        case CASMIG_LINK_HARDLINK: m = lifecycle::LinkMode::hardlink; break;
+        default: throw util::UsageError("link_mode " + std::to_string(link_mode) + " is not one of CASMIG_LINK_COPY, _REFLINK, _HARDLINK");
+        }
+        s.check_catalog(store::Purpose::read, "materialize");
+        lifecycle::materialize(s, package, dest, m);
         return CASMIG_OK;
     });
 }

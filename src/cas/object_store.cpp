@@ -634,6 +634,7 @@ PublishStats ObjectStore::publish() {
     if (batch.empty()) return stats;
     // Step 2: every staged file's data reaches the disk before any of them gets an object name.
     sync_filesystem(m_temp.get(), m_temp_path);
+    stats.synced_staged = true;
     io::crash_point("publish.staged-durable");
     for (auto& it : batch) {
         io::crash_point("publish.rename");

@@ -381,6 +381,18 @@ int cmd_materialize(Ctx& c, const std::string& pkg, const std::string& dest, con
     return k_ok;
 }
 
+int cmd_add(Ctx& c, const std::string& pkg, const std::string& dir) {
+    auto lock = c.lock("add");
+    auto r = lifecycle::add_package(*c.store, pkg, dir, c.g.jobs, c.problem_sink());
+    c.out({{"package", pkg}, {"added", !r.failed}, {"files", r.files}, {"bytes", r.bytes}, {"new_objects", r.new_objects},
+           {"new_object_bytes", r.new_object_bytes}, {"seconds", r.seconds}},
+          r.failed ? fmt("add: %s not added (problems above): nothing recorded; gc removes what it wrote\n", util::printable(pkg).c_str())
+                   : fmt("add: %s added, verified: %llu files, %s (%llu new objects, %s) in %.2fs\n",
+                         util::printable(pkg).c_str(), (unsigned long long)r.files, hb(r.bytes).c_str(),
+                         (unsigned long long)r.new_objects, hb(r.new_object_bytes).c_str(), r.seconds));
+    return r.failed || c.problems ? k_failed : k_ok;
+}
+
 int cmd_remove(Ctx& c, const std::string& pkg) {
     auto lock = c.lock("remove", store::Purpose::destroy);
     if (auto w = lifecycle::remove_package(*c.store, pkg)) c.bar->println("casmig: warning: " + *w);
@@ -483,6 +495,10 @@ int main(int argc, char** argv) {
     mat->add_option("package", mat_pkg, "Package id")->required();
     mat->add_option("dest", mat_dest, "Destination (must not exist or be empty)")->required();
     mat->add_option("--link", mat_link, "copy, reflink or hardlink")->check(CLI::IsMember({"copy", "reflink", "hardlink"}));
+    auto* add = app.add_subcommand("add", "Add a package straight in file-level form from a staging directory (no legacy tree)");
+    std::string add_pkg, add_dir;
+    add->add_option("package", add_pkg, "New package id")->required();
+    add->add_option("dir", add_dir, "Staging directory holding the package's files (only read)")->required();
     auto* rem = app.add_subcommand("remove", "Drop a package: manifest and legacy tree (objects stay for gc)");
     std::string rem_pkg;
     rem->add_option("package", rem_pkg, "Package id")->required();
@@ -553,6 +569,7 @@ int main(int argc, char** argv) {
         if (*clean) return cmd_cleanup(c, dry);
         if (*rb) return cmd_rollback(c, !rb_no_space_check);
         if (*mat) return cmd_materialize(c, mat_pkg, mat_dest, mat_link);
+        if (*add) return cmd_add(c, add_pkg, add_dir);
         if (*rem) return cmd_remove(c, rem_pkg);
         if (*gcc) return cmd_gc(c, gc_dry);
         if (*rbc) return cmd_rebuild_catalog(c, rbc_force);

@@ -665,8 +665,9 @@ private:
         cas::PublishStats published;
         std::vector<std::string> manifests_quarantined;
         try {
+            // The manifests were staged before the objects' publish: its syncfs made them durable too.
             published = m_store.objects().publish();
-            index.publish(&manifests_quarantined);
+            index.publish(&manifests_quarantined, published.synced_staged);
         } catch (...) {
             index.discard(); // nothing of this batch is recorded; its refs must not be placed later
             throw;

@@ -111,13 +111,14 @@ void PackageIndex::discard_staged() noexcept {
     m_refs_staged.clear();
 }
 
-size_t PackageIndex::publish(std::vector<std::string>* quarantined) {
+size_t PackageIndex::publish(std::vector<std::string>* quarantined, bool staged_durable) {
     if (m_manifests_staged.empty() && m_refs_staged.empty()) return 0;
     size_t placed = 0;
     try {
         int tfd = m_store.objects().own_temp_dirfd();
-        // 1. The staged bytes are durable before any name points at them.
-        cas::sync_filesystem(tfd, m_store.temp_dir());
+        // 1. The staged bytes are durable before any name points at them (one syncfs covers the whole
+        //    filesystem: skipped when the caller's own one came after the staging).
+        if (!staged_durable) cas::sync_filesystem(tfd, m_store.temp_dir());
         io::crash_point("packages.staged-durable");
         // 2. Manifests, never replacing a file at their name unchecked.
         for (auto& m : m_manifests_staged) {

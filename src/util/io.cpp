@@ -77,6 +77,10 @@ struct State {
     std::mutex mutex;
     std::map<std::string, unsigned long> hits;
     bool tracking = false;
+    // CASMIG_HOOK_AT=<point>[@n]: the n-th time the point is reached, CASMIG_HOOK_CMD runs (sh -c) and
+    // the command goes on: a test changes the world at an exact moment (a file changing under us).
+    std::string hook_name, hook_cmd;
+    unsigned long hook_n = 1, hook_hits = 0;
     std::set<std::pair<dev_t, ino_t>> dirty;
     std::vector<NameOp> names;
 
@@ -108,6 +112,15 @@ struct State {
         }
         if (const char* f = std::getenv("CASMIG_FAULT")) parse_faults(f);
         if (const char* t = std::getenv("CASMIG_FAULT_TRACE")) fault_trace = t;
+        if (const char* h = std::getenv("CASMIG_HOOK_AT"); h && *h) {
+            hook_name = h;
+            if (auto at = hook_name.find('@'); at != std::string::npos) {
+                hook_n = std::strtoul(hook_name.c_str() + at + 1, nullptr, 10);
+                hook_name.resize(at);
+                if (hook_n == 0) hook_n = 1;
+            }
+            if (const char* c = std::getenv("CASMIG_HOOK_CMD")) hook_cmd = c;
+        }
     }
 
     ~State() {
@@ -297,6 +310,15 @@ void crash_point(const char* name) noexcept {
             std::fprintf(f, "%s\n", name);
             std::fclose(f);
         }
+    }
+    if (!s.hook_name.empty() && s.hook_name == name) {
+        bool run;
+        {
+            std::lock_guard lk(s.mutex);
+            run = ++s.hook_hits == s.hook_n;
+        }
+        if (run && !s.hook_cmd.empty() && std::system(s.hook_cmd.c_str()) != 0)
+            std::fprintf(stderr, "casmig: test hook at %s: '%s' failed\n", name, s.hook_cmd.c_str());
     }
     if (s.crash_name.empty() || s.crash_name != name) return;
     unsigned long n;

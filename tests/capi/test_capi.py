@@ -42,6 +42,10 @@ class Progress(ctypes.Structure):
         "packages_done", "packages_total", "files_done", "bytes_done", "bytes_total")]
 
 
+class AddResult(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in ("files", "bytes", "new_objects", "new_object_bytes")]
+
+
 PROBLEM = ctypes.CFUNCTYPE(None, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_void_p)
 PROGRESS = ctypes.CFUNCTYPE(None, ctypes.POINTER(Progress), ctypes.c_void_p)
 ENTRY = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(Entry), ctypes.c_void_p)
@@ -67,6 +71,17 @@ class Lib:
         c.casmig_package_entries.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ENTRY, ctypes.c_void_p]
         c.casmig_open_file.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_size_t,
                                        ctypes.POINTER(ctypes.c_int)]
+        c.casmig_add.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p, PROBLEM, ctypes.c_void_p,
+                                 ctypes.POINTER(AddResult)]
+        c.casmig_remove.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        c.casmig_materialize.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int]
+
+    def add(self, h, name, staging):
+        problems = []
+        cb = PROBLEM(lambda pkg, path, msg, warn, u: problems.append((pkg.decode(), path.decode(), msg.decode(), warn)))
+        r = AddResult()
+        rc = self.c.casmig_add(h, name.encode(), staging.encode(), cb, None, ctypes.byref(r))
+        return rc, r, problems
 
     def error(self):
         return self.c.casmig_last_error().decode()
@@ -238,6 +253,67 @@ def the_library_never_hands_out_bytes_an_object_name_does_not_vouch_for(t):
             lib.c.casmig_close(h)
 
 
+def make_staging(t, name, extra=None):
+    d = os.path.join(t.work, "staging-" + name)
+    put(d, "LICENSE", b"shared license\n" * 20)
+    put(d, "bin/" + name, os.urandom(5000), 0o755)
+    put(d, "share/doc.txt", b"documentation of " + name.encode() + b"\n" * 50)
+    os.symlink(name, os.path.join(d, "bin/alias"))
+    if extra:
+        extra(d)
+    return d
+
+
+@test
+def the_library_adds_reads_materializes_and_removes_a_package_without_a_legacy_tree(t):
+    lib = lib_of(t)
+    s = t.store("capi-add", 2)
+    t.run(s, "migrate", code=0)
+    t.run(s, "cutover", code=0)
+    t.run(s, "cleanup", code=0)
+    src = make_staging(t, "app")
+    h = lib.open(s)
+    try:
+        rc, r, problems = lib.add(h, "app-1", src)
+        expect(rc == 0 and r.files == 3 and r.new_objects == 2 and not problems and lib.error() == "",
+               f"add: {rc} files={r.files} new={r.new_objects} {problems} {lib.error()!r}")
+        expect(not os.path.lexists(os.path.join(s, "app-1")), "casmig_add made a legacy tree")
+        expect(lib.status(h).verified == 3, "the added package is not verified")
+        rc, es = lib.entries(h, "app-1")
+        files = {e[0]: e for e in es if e[1] == 1}
+        expect(rc == 0 and set(files) == {"LICENSE", "bin/app", "share/doc.txt"} and all(e[4] for e in files.values()),
+               f"entries: {rc} {es}")
+        for rel in files:
+            rc, data = lib.read(h, "app-1", rel)
+            expect(rc == 0 and data == open(os.path.join(src, rel), "rb").read(), f"read {rel}: {rc} {lib.error()}")
+        dest = os.path.join(t.work, "app-1-tree")
+        expect(lib.c.casmig_materialize(h, b"app-1", dest.encode(), 0) == 0, f"materialize: {lib.error()}")
+        expect(legacy_listing(dest).keys() == legacy_listing(src).keys(), "materialized tree differs")
+        expect(lib.c.casmig_materialize(h, b"app-1", dest.encode(), 7) == 2 and "link_mode" in lib.error(),
+               f"bad link mode: {lib.error()!r}")
+        # Refusals and bad input: codes and one line each, the store unchanged.
+        rc, _, _ = lib.add(h, "app-1", src)
+        expect(rc == 3 and "already in store" in lib.error(), f"add twice: {rc} {lib.error()!r}")
+        rc, _, _ = lib.add(h, "../up", src)
+        expect(rc == 2 and "package id" in lib.error(), f"bad id: {rc} {lib.error()!r}")
+        bad = make_staging(t, "bad", extra=lambda d: os.mkfifo(os.path.join(d, "share", "fifo")))
+        rc, _, problems = lib.add(h, "bad-1", bad)
+        expect(rc == 1 and any(p[0] == "bad-1" and "share/fifo" in p[1] for p in problems), f"fifo: {rc} {problems}")
+        expect(lib.status(h).packages == 3, "a failed add was recorded")
+        with open(os.path.join(s, "migration", "lock"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            rc, _, _ = lib.add(h, "app-2", src)
+            expect(rc == 4 and lib.error(), f"busy: {rc} {lib.error()!r}")
+            expect(lib.c.casmig_remove(h, b"app-1") == 4, "remove under a held lock")
+        expect(lib.c.casmig_remove(h, b"app-1") == 0 and lib.error() == "", f"remove: {lib.error()}")
+        expect(lib.c.casmig_remove(h, b"app-1") == 2 and "app-1" in lib.error(), f"remove twice: {lib.error()!r}")
+        rc, _ = lib.entries(h, "app-1")
+        expect(rc == 2, "a removed package still has entries")
+        t.run(s, "verify", "--objects", code=0)
+    finally:
+        lib.c.casmig_close(h)
+
+
 @test
 def the_c_example_runs_in_tree_and_against_an_installed_library(t):
     s = t.store("capi-pm", 2)
@@ -279,6 +355,33 @@ def the_c_example_runs_in_tree_and_against_an_installed_library(t):
     expect(dest in ldd, f"the installed example did not use the installed library: {ldd}")
     p = subprocess.run([exe, s, "status"], capture_output=True, text=True, env=run_env)
     expect(p.returncode == 0 and "2 verified" in p.stdout, f"installed pm status: {p.stdout} {p.stderr}")
+    # A package manager's life after cutover, through the installed library: install a package from a
+    # staging directory, read it back, upgrade it (new id in, old id out), remove it.
+    t.run(s, "cutover", code=0)
+    t.run(s, "cleanup", code=0)
+
+    def pm(*args):
+        return subprocess.run([exe, s] + list(args), capture_output=True, env=run_env)
+    v1, v2 = make_staging(t, "hello"), make_staging(t, "hello2")
+    p = pm("install", "hello-1", v1)
+    expect(p.returncode == 0 and b"installed hello-1" in p.stdout, f"pm install: {p.returncode} {p.stderr!r}")
+    p = pm("cat", "hello-1", "bin/hello")
+    expect(p.returncode == 0 and p.stdout == open(os.path.join(v1, "bin", "hello"), "rb").read(), "pm cat hello-1")
+    p = pm("ls", "hello-1")
+    expect(p.returncode == 0 and b"bin/alias" in p.stdout, f"pm ls: {p.stdout!r}")
+    p = pm("upgrade", "hello-1", "hello-2", v2)
+    expect(p.returncode == 0 and b"upgraded hello-1 to hello-2" in p.stdout, f"pm upgrade: {p.returncode} {p.stderr!r}")
+    p = pm("cat", "hello-2", "bin/hello2")
+    expect(p.returncode == 0 and p.stdout == open(os.path.join(v2, "bin", "hello2"), "rb").read(), "pm cat hello-2")
+    p = pm("cat", "hello-1", "bin/hello")
+    expect(p.returncode == 2, f"hello-1 is still readable after the upgrade: {p.returncode}")
+    mat = os.path.join(t.work, "pm-mat")
+    p = pm("materialize", "hello-2", mat)
+    expect(p.returncode == 0 and open(os.path.join(mat, "bin", "hello2"), "rb").read() ==
+           open(os.path.join(v2, "bin", "hello2"), "rb").read(), f"pm materialize: {p.stderr!r}")
+    p = pm("remove", "hello-2")
+    expect(p.returncode == 0, f"pm remove: {p.stderr!r}")
+    expect(t.json(s, "status")["packages"]["total"] == 2, "the package manager's packages are not gone")
 
 
 def sanitizer_runtimes(lib):

@@ -31,7 +31,8 @@ import harness  # noqa: E402
 PACKAGES = ["pkg00", "pkg01", "pkg02", "pkg03"]
 GONE_PACKAGE = "pkg03"  # what `remove` removes (and what gc then collects)
 XLINK = [("pkg01", "lib/libx.so.1"), ("pkg02", "lib/libx-shared.so")]  # one inode in two packages
-LOCKED = {"migrate", "verify", "cutover", "cleanup", "rollback", "remove", "gc", "rebuild-catalog", "convert"}
+LOCKED = {"migrate", "verify", "cutover", "cleanup", "rollback", "remove", "gc", "rebuild-catalog", "convert", "add"}
+ADDED = "pkgnew"  # what `add` adds from Pristine.staging (no legacy tree ever)
 CRASH_MARKERS = ("terminate called", "what():", "Traceback", "Assertion", "Aborted", "core dumped",
                  "AddressSanitizer", "runtime error:", "Segmentation")
 
@@ -255,6 +256,17 @@ class Pristine:
         legacy = os.path.join(work, "state-legacy")
         build_pristine(legacy)
         self.snaps = {p: snap(os.path.join(legacy, p)) for p in PACKAGES}
+        # The package manager's staging directory for `add`: content shared with the store's packages
+        # (dedup against objects already there), its own content, a symlink, an executable, an empty
+        # directory.
+        self.staging = os.path.join(work, "staging-" + ADDED)
+        put = harness.put
+        put(self.staging, "LICENSE", b"shared license text\n" * 30)
+        put(self.staging, "bin/new-tool", _rand("new-tool", 5000), 0o755)
+        put(self.staging, "data/new-big.bin", _rand("new-big", 150 * 1024 + 11))
+        os.makedirs(os.path.join(self.staging, "share/empty-dir"))
+        os.symlink("new-tool", os.path.join(self.staging, "bin/alias"))
+        self.snaps[ADDED] = snap(self.staging)
         self.states["legacy"] = legacy
         steps = [("migrated", "legacy", ["migrate"]), ("cutover", "migrated", ["cutover"]),
                  ("cleaned", "cutover", ["cleanup"]), ("removed", "cleaned", ["remove", GONE_PACKAGE]),
@@ -282,6 +294,8 @@ class Pristine:
         elif command_args[:1] == ["remove"]:
             must.remove(command_args[1])
             may.append(command_args[1])
+        if command_args[:1] == ["add"]:
+            may.append(ADDED)  # added whole, or not at all
         return must, may
 
 
@@ -348,6 +362,8 @@ def check_store(casmig, store, pristine, must, may, scratch, after=None, after_c
             problems.append(f"{pkg} LOST: legacy tree {tree_diff}; {mat_diff}")
         if after == "rollback" and after_code == 0 and pkg in must and not tree_ok:
             problems.append(f"{pkg}: rollback exited 0 but the legacy tree is not exact: {tree_diff}")
+        if after == "add" and after_code == 0 and not mat_ok:
+            problems.append(f"{pkg}: add exited 0 but {pkg} does not materialize exactly: {mat_diff}")
         if after == "migrate" and after_code == 0 and pkg in must and not mat_ok:
             problems.append(f"{pkg}: migrate exited 0 but the package does not materialize exactly: {mat_diff}")
     if after == "rollback" and after_code == 0 and all(pk in must for pk, _ in XLINK):

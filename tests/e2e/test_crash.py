@@ -34,7 +34,8 @@ import harness  # noqa: E402
 from harness import test, expect  # noqa: E402
 import matrix  # noqa: E402
 
-# (label, starting state, arguments). "{dest}" is a fresh directory outside the store.
+# (label, starting state, arguments). "{dest}" is a fresh directory outside the store, "{staging}" the
+# package manager's staging directory of matrix.ADDED (read, never written).
 COMMANDS = [
     ("migrate", "legacy", ["migrate"]),
     ("verify", "migrated", ["verify", "--objects"]),
@@ -43,6 +44,8 @@ COMMANDS = [
     ("rollback", "cleaned", ["rollback"]),
     ("rollback-uncleaned", "cutover", ["rollback"]),
     ("materialize", "cleaned", ["materialize", "pkg00", "{dest}"]),
+    ("add", "cleaned", ["add", matrix.ADDED, "{staging}"]),
+    ("add-dual", "migrated", ["add", matrix.ADDED, "{staging}"]),
     ("remove", "cleaned", ["remove", "pkg01"]),
     ("remove-present", "migrated", ["remove", "pkg01"]),
     ("gc", "removed", ["gc"]),
@@ -78,7 +81,7 @@ def discover(t, label, state, args):
     store = os.path.join(d, "store")
     matrix.copy_tree(p.states[state], store)
     trace = os.path.join(d, "trace")
-    a = [x.replace("{dest}", os.path.join(d, "dest")) for x in args]
+    a = fill(t, args, os.path.join(d, "dest"))
     code, _, err = matrix.run(t.casmig, store, a, env={"CASMIG_CRASH_TRACE": trace})
     expect(code == 0, f"{label}: casmig {' '.join(args)} from state {state} exited {code}: {err.strip()[-300:]}")
     hits = Counter(open(trace).read().split()) if os.path.exists(trace) else Counter()
@@ -86,9 +89,13 @@ def discover(t, label, state, args):
     return dict(sorted(hits.items()))
 
 
-def followup_args(f, args, dest):
+def fill(t, args, dest):
+    return [x.replace("{dest}", dest).replace("{staging}", pristine(t).staging) for x in args]
+
+
+def followup_args(t, f, args, dest):
     if f == "same":
-        return [x.replace("{dest}", dest) for x in args]
+        return fill(t, args, dest)
     return [f]
 
 
@@ -105,7 +112,7 @@ def run_case(t, label, state, args, point, n, mode, followups, keep=False):
     store = os.path.join(d, "store")
     matrix.copy_tree(p.states[state], store)
     dest = os.path.join(d, "dest")
-    a = [x.replace("{dest}", dest) for x in args]
+    a = fill(t, args, dest)
     env = {"CASMIG_CRASH_AT": f"{point}@{n}", "CASMIG_CRASH_MODE": mode,
            "CASMIG_CRASH_ROOT": store + (":" + dest if "{dest}" in " ".join(args) else "")}
     code, _, err = matrix.run(t.casmig, store, a, env=env)
@@ -126,7 +133,7 @@ def run_case(t, label, state, args, point, n, mode, followups, keep=False):
             results.append((f, None, [f"harness: cannot copy the crashed store: {e}"]))
             continue
         fdest = os.path.join(fd, "dest")
-        fa = followup_args(f, args, fdest)
+        fa = followup_args(t, f, args, fdest)
         if f == "none":  # the crashed store as it is: nothing lost even before any command runs
             fcode, ferr, problems, fa = "-", "", [], ["none"]
         else:
@@ -263,6 +270,18 @@ def crash_rollback_uncleaned(t):
 @test
 def crash_materialize(t):
     matrix_for(t, "materialize")
+
+
+@test
+def crash_add(t):
+    hits = discover(t, "add", "cleaned", ["add", matrix.ADDED, "{staging}"])
+    expect("add.committed" in hits and any(k.startswith("publish.") for k in hits), f"add's points: {hits}")
+    matrix_for(t, "add")
+
+
+@test
+def crash_add_dual(t):
+    matrix_for(t, "add-dual")
 
 
 @test

@@ -36,6 +36,7 @@ COMMANDS = [
     ("cleanup", "cutover", ["cleanup"]),
     ("rollback", "cleaned", ["rollback"]),
     ("materialize", "cleaned", ["materialize", "pkg00", "{dest}"]),
+    ("add", "cleaned", ["add", matrix.ADDED, "{staging}"]),
     ("remove", "cleaned", ["remove", "pkg01"]),
     ("gc", "removed", ["gc"]),
     ("convert", "cleaned", ["convert", "--compress"]),
@@ -67,7 +68,7 @@ def count_calls(t, label, state, args):
     store = os.path.join(d, "store")
     matrix.copy_tree(p.states[state], store)
     trace = os.path.join(d, "trace")
-    a = [x.replace("{dest}", os.path.join(d, "dest")) for x in args]
+    a = [x.replace("{dest}", os.path.join(d, "dest")).replace("{staging}", p.staging) for x in args]
     code, _, err = matrix.run(t.casmig, store, a, env={"CASMIG_FAULT_TRACE": trace})
     expect(code == 0, f"{label}: exited {code}: {err.strip()[-300:]}")
     expect(os.path.exists(trace), "no CASMIG_FAULT_TRACE written: is this a build with -Dtest_seams=true?")
@@ -102,7 +103,7 @@ def run_case(t, label, state, args, spec, keep=False):
     store = os.path.join(d, "store")
     matrix.copy_tree(p.states[state], store)
     dest = os.path.join(d, "dest")
-    a = [x.replace("{dest}", dest) for x in args]
+    a = [x.replace("{dest}", dest).replace("{staging}", p.staging) for x in args]
     code, _, err = matrix.run(t.casmig, store, a, env={"CASMIG_FAULT": spec})
     problems = [f"faulted run: {x}" for x in matrix.stderr_problems(code, err)]
     must, may = p.expected(state, args)

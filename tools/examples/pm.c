@@ -1,6 +1,10 @@
 /* pm — a tiny package-manager-like client of libcasmig (include/casmig/casmig.h).
  *
- *   pm STORE migrate PKG...   migrate (and verify) packages, as a package manager does on upgrade
+ *   pm STORE install PKG DIR  add a package from a staging directory straight in file-level form
+ *   pm STORE upgrade OLD NEW DIR   install NEW from DIR, then remove OLD (what an upgrade is)
+ *   pm STORE remove PKG       drop a package (its objects stay for `casmig gc`)
+ *   pm STORE migrate PKG...   migrate (and verify) legacy packages, as a package manager does on upgrade
+ *   pm STORE materialize PKG DEST   rebuild a package's tree at DEST (copies)
  *   pm STORE ls PKG           list a package's entries in dual mode (digest once it is verified)
  *   pm STORE cat PKG PATH     write one file of a package to stdout (from the CAS once verified)
  *   pm STORE status           the store's mode and counts
@@ -34,7 +38,8 @@ static int on_entry(const casmig_entry *e, void *user) {
 
 int main(int argc, char **argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: pm STORE migrate PKG... | ls PKG | cat PKG PATH | status\n");
+        fprintf(stderr, "usage: pm STORE install PKG DIR | upgrade OLD NEW DIR | remove PKG | migrate PKG... | ls PKG |"
+                        " cat PKG PATH | materialize PKG DEST | status\n");
         return CASMIG_USAGE;
     }
     casmig_store *s = NULL;
@@ -44,7 +49,26 @@ int main(int argc, char **argv) {
         return rc;
     }
     const char *cmd = argv[2];
-    if (!strcmp(cmd, "migrate")) {
+    if (!strcmp(cmd, "install") && argc == 5) {
+        casmig_add_result r;
+        rc = casmig_add(s, argv[3], argv[4], on_problem, NULL, &r);
+        if (rc == CASMIG_OK)
+            printf("installed %s: %llu files, %llu bytes, %llu new objects\n", argv[3], (unsigned long long)r.files,
+                   (unsigned long long)r.bytes, (unsigned long long)r.new_objects);
+    } else if (!strcmp(cmd, "upgrade") && argc == 6) {
+        /* The new version first: a failure leaves the old one installed and untouched. */
+        casmig_add_result r;
+        rc = casmig_add(s, argv[4], argv[5], on_problem, NULL, &r);
+        if (rc == CASMIG_OK) rc = casmig_remove(s, argv[3]);
+        if (rc == CASMIG_OK)
+            printf("upgraded %s to %s: %llu files, %llu new objects\n", argv[3], argv[4], (unsigned long long)r.files,
+                   (unsigned long long)r.new_objects);
+    } else if (!strcmp(cmd, "remove") && argc == 4) {
+        rc = casmig_remove(s, argv[3]);
+        if (rc == CASMIG_OK) printf("removed %s\n", argv[3]);
+    } else if (!strcmp(cmd, "materialize") && argc == 5) {
+        rc = casmig_materialize(s, argv[3], argv[4], CASMIG_LINK_COPY);
+    } else if (!strcmp(cmd, "migrate")) {
         casmig_migrate_result r;
         rc = casmig_migrate(s, (const char *const *)argv + 3, (size_t)(argc - 3), NULL, on_problem, NULL, &r);
         if (rc == CASMIG_OK || rc == CASMIG_FAILED)

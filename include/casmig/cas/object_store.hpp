@@ -166,6 +166,9 @@ struct PublishStats {
     std::uint64_t objects = 0; // newly placed under objects/
     std::uint64_t bytes = 0;
     std::vector<Quarantined> quarantined; // files that sat at a name and were replaced by the object
+    /// The filesystem was synced (syncfs) before any object was named: whatever was written to the store
+    /// before publish() began (a batch's staged manifests) is durable too.
+    bool synced_staged = false;
 };
 
 /// What sweep_temp() did.

@@ -113,6 +113,25 @@ struct MaterializeResult {
 /// Rebuilds package `name` at `dest` (absent or an empty directory) from its manifest.
 MaterializeResult materialize(store::Store& store, const std::string& name, const std::string& dest, LinkMode link);
 
+struct AddResult {
+    std::uint64_t files = 0, bytes = 0;
+    std::uint64_t new_objects = 0, new_object_bytes = 0; // contents the store did not hold yet
+    bool failed = false; // nothing recorded; each reason went to `problems`
+    double seconds = 0;
+};
+/// Adds package `name` straight in file-level form from the directory `source` (the package manager's
+/// install path after cutover, usable in any mode; a legacy store becomes dual): its files' contents
+/// become objects, its manifest goes into packages/ and the catalog, the staging directory is compared
+/// with the manifest again (every file re-hashed), and the package is recorded `verified` with its
+/// legacy tree `removed`: readers use its manifest, rollback builds its tree. `source` is only read
+/// (never followed below its root, never changed); the caller removes it afterwards. Special files, an
+/// unreadable entry or a file changing while it is read: each is reported through `problems`,
+/// nothing is recorded and the result says failed. Throws util::UsageError (not a package id, or the
+/// staging directory cannot be opened), util::RefusedError (the id is in the catalog, or something is
+/// at <store>/<name>; store unchanged), util::SystemError (I/O). Caller holds the store lock.
+AddResult add_package(store::Store& store, const std::string& name, const std::string& source, unsigned threads,
+                      const ProblemSink& problems);
+
 /// Drops a package: its legacy tree (if present), its catalog rows and its ref in packages/. Objects
 /// and manifest objects stay for gc. Returns a warning when only the ref could not be removed.
 std::optional<std::string> remove_package(store::Store& store, const std::string& name);

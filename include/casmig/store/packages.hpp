@@ -55,7 +55,9 @@ public:
     /// manifest objects placed. A file found at a manifest's name that is not it is moved to
     /// migration/corrupt/ and `quarantined` names it. Throws util::SystemError; what was not placed
     /// is removed.
-    size_t publish(std::vector<std::string>* quarantined = nullptr);
+    /// staged_durable: the caller has synced this filesystem after the last stage() (the object
+    /// store's publish() did, PublishStats::synced_after): the first syncfs is then skipped.
+    size_t publish(std::vector<std::string>* quarantined = nullptr, bool staged_durable = false);
     /// Removes the staged, unpublished files (a batch that will not be recorded).
     void discard() noexcept { discard_staged(); }
     /// Removes a package's ref durably (fsync of refs/). No ref: nothing to do.

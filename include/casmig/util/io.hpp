@@ -19,6 +19,8 @@
 //                                 with '+', that call and every later one. OP: write, fsync, syncfs,
 //                                 rename, link, unlink, mkdir, open (O_CREAT opens only), copy.
 //   CASMIG_FAULT_TRACE=FILE       at exit, append "OP CALLS" for each OP to FILE (tests use it to pick N).
+//   CASMIG_HOOK_AT=POINT[@N] with CASMIG_HOOK_CMD=CMD: the Nth time POINT is reached, run CMD (sh -c)
+//                                 and go on (a test changes a file at an exact moment of a command).
 //
 // Crash points name durable steps "command.step" (e.g. "cleanup.moved-aside"); docs/reliability.md
 // lists them. Sync semantics of the power-cut model: syncfs() makes everything durable; fsync(fd) makes
