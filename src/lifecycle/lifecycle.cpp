@@ -1007,29 +1007,119 @@ SyncResult sync_packages(store::Store& s) {
 
 // ------------------------------------------------------------------ gc
 
+namespace {
+
+/// A forward cursor over the 32-byte digests a query returns in ascending order.
+class DigestCursor {
+public:
+    DigestCursor(catalog::Db& db, const std::string& sql, const std::string& display) : m_q(db, sql), m_display(display) {
+        advance();
+    }
+    const std::optional<std::string>& head() const { return m_head; }
+    void advance() {
+        m_head.reset();
+        if (!m_q.step()) return;
+        std::string raw = m_q.str(0);
+        if (raw.size() != 32)
+            throw util::RefusedError("catalog " + m_display + " holds a damaged object digest: run casmig verify --objects, "
+                                     "or casmig rebuild-catalog");
+        m_head = std::move(raw);
+    }
+
+private:
+    catalog::Stmt m_q;
+    std::string m_display;
+    std::optional<std::string> m_head;
+};
+
+} // namespace
+
 GcResult gc(store::Store& s, DryRun dry) {
     store::StoreLock writer(gc_lock_path(s), store::LockKind::exclusive, "gc");
     auto& cat = s.catalog();
     auto& objects = s.objects();
-    // Reachable: every digest a manifest refers to.
-    std::unordered_set<hash::Digest, hash::DigestHash> live;
-    cat.for_each_referenced_digest([&](const hash::Digest& d) { live.insert(d); });
     GcResult r;
-    std::unordered_set<hash::Digest, hash::DigestHash> dead;
-    std::vector<std::string> doomed;
-    for (const auto& rel : objects.list_files()) {
-        auto d = rel.size() >= 65 ? hash::Digest::from_hex(rel.substr(0, 2) + rel.substr(3, 62)) : std::nullopt;
-        if (!d || live.count(*d)) continue; // a file not named like an object is left alone
-        struct stat st {};
-        if (::fstatat(objects.dirfd(), rel.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) continue;
-        dead.insert(*d);
-        doomed.push_back(rel);
-        r.freed_bytes += static_cast<std::uint64_t>(st.st_size);
+    // Memory independent of the store's size (issue 9): a sort-merge, one fan-out directory of objects/
+    // at a time, against two ascending cursors of one read snapshot of the catalog: the digests the
+    // manifests reference (sorted by SQLite, spilling to temporary files, not into memory) and the
+    // catalogued objects. An object is dead when neither cursor's reference set holds it: its catalog
+    // row goes first (committed per shard), then its files, so that a stop in between leaves orphan
+    // files, never a row for a file that is gone (migrate trusts rows). gc holds the store lock: no
+    // reference is added meanwhile.
+    catalog::Catalog snap(s.db_path(), catalog::OpenMode::read_only);
+    snap.db().exec("PRAGMA temp_store=FILE");
+    snap.db().exec("BEGIN"); // one snapshot for both cursors
+    DigestCursor refs(snap.db(), "SELECT DISTINCT digest FROM entries WHERE digest IS NOT NULL ORDER BY digest", s.db_path());
+    DigestCursor rows(snap.db(), "SELECT digest FROM objects ORDER BY digest", s.db_path());
+    // Everything with a first byte below `limit` (0x100: everything left): rows and files of one shard.
+    auto settle = [&](unsigned limit, const std::vector<std::string>& names) {
+        auto below = [&](const std::optional<std::string>& h) {
+            return h && static_cast<unsigned char>((*h)[0]) < limit;
+        };
+        // Files of this shard by digest (variants share it); names not shaped like an object are left alone.
+        std::vector<std::pair<std::string, std::string>> files; // (raw digest, relative name)
+        for (const auto& rel : names) {
+            auto d = rel.size() >= 65 ? hash::Digest::from_hex(rel.substr(0, 2) + rel.substr(3, 62)) : std::nullopt;
+            if (!d || d->hex() != rel.substr(0, 2) + rel.substr(3, 62)) continue;
+            files.emplace_back(d->raw(), rel);
+        }
+        std::sort(files.begin(), files.end());
+        std::vector<std::string> dead_rows;
+        std::vector<std::string> doomed;
+        size_t fi = 0;
+        std::string prev_dead;
+        for (;;) {
+            // The smallest digest still to decide among rows and files.
+            std::optional<std::string> next;
+            if (below(rows.head())) next = *rows.head();
+            if (fi < files.size() && (!next || files[fi].first < *next)) next = files[fi].first;
+            if (!next) break;
+            while (refs.head() && *refs.head() < *next) refs.advance();
+            const bool live = refs.head() && *refs.head() == *next;
+            bool counted = false;
+            if (rows.head() && *rows.head() == *next) {
+                if (!live) {
+                    dead_rows.push_back(*next);
+                    counted = true;
+                }
+                rows.advance();
+            }
+            for (; fi < files.size() && files[fi].first == *next; ++fi) {
+                if (live) continue;
+                struct stat st {};
+                if (::fstatat(objects.dirfd(), files[fi].second.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) continue;
+                r.freed_bytes += static_cast<std::uint64_t>(st.st_size);
+                doomed.push_back(files[fi].second);
+                counted = true;
+            }
+            if (counted) ++r.removed_objects;
+        }
+        if (dry == DryRun::yes) return;
+        if (!dead_rows.empty()) {
+            catalog::Transaction tx(cat.db());
+            for (const auto& d : dead_rows) cat.delete_object(hash::Digest::from_raw(d));
+            tx.commit();
+            io::crash_point("gc.recorded");
+        }
+        for (const auto& rel : doomed) {
+            if (io::unlinkat(objects.dirfd(), rel.c_str(), 0) != 0 && errno != ENOENT)
+                util::throw_errno("cannot remove object", objects.dir() + "/" + rel);
+            io::crash_point("gc.unlinked");
+        }
+    };
+    objects.for_each_shard([&](const std::vector<std::string>& names) {
+        if (names.empty()) return;
+        const unsigned shard = static_cast<unsigned>(std::stoul(names.front().substr(0, 2), nullptr, 16));
+        settle(shard, {});        // rows of shards that have no directory
+        settle(shard + 1, names); // this shard
+    });
+    settle(0x100, {}); // rows after the last directory
+    snap.db().exec("COMMIT");
+    if (dry == DryRun::no && r.removed_objects) {
+        catalog::Transaction tx(cat.db());
+        cat.journal("gc", "", "", "", std::to_string(r.removed_objects) + " objects, " + std::to_string(r.freed_bytes) + " bytes");
+        tx.commit();
     }
-    // Catalogued objects already gone from disk count as removed too (their rows are dropped).
-    auto rows = cat.unreferenced_objects();
-    for (const auto& o : rows) dead.insert(o.digest);
-    r.removed_objects = dead.size();
     // packages/ follows the catalog: refs of packages it does not hold (a stop between a catalog commit
     // and the ref's removal) go, and so do manifest objects no package of the catalog names.
     auto& index = s.packages();
@@ -1065,18 +1155,6 @@ GcResult gc(store::Store& s, DryRun dry) {
     r.removed_manifests = dead_manifests.size();
     r.removed_refs = stale_refs.size();
     if (dry == DryRun::yes) return r;
-    // Rows first, then files: either order is safe for unreferenced objects, and a crash between the
-    // two leaves orphan files the next gc removes.
-    catalog::Transaction tx(cat.db());
-    for (const auto& d : dead) cat.delete_object(d);
-    cat.journal("gc", "", "", "", std::to_string(r.removed_objects) + " objects, " + std::to_string(r.freed_bytes) + " bytes");
-    tx.commit();
-    io::crash_point("gc.recorded");
-    for (const auto& rel : doomed) {
-        if (io::unlinkat(objects.dirfd(), rel.c_str(), 0) != 0 && errno != ENOENT)
-            util::throw_errno("cannot remove object", objects.dir() + "/" + rel);
-        io::crash_point("gc.unlinked");
-    }
     for (const auto& n : stale_refs) index.drop_ref(n);
     if (!wrong_refs.empty()) {
         for (const auto& [n, d] : wrong_refs) {

@@ -344,6 +344,65 @@ def remove_and_gc(t):
 
 
 @test
+def gc_deletes_exactly_the_unreferenced_objects_in_every_shard(t):
+    """gc decides per fan-out directory (a sort-merge, memory independent of the store): 60 packages'
+    contents spread over most shards; removing every other package must delete exactly the contents
+    only those held, their .zst twins and stray files included, and keep every other object."""
+    import shutil
+
+    def extra(root):
+        for i in range(60):
+            for k in range(8):
+                put(os.path.join(root, f"p{i:02d}"), f"f{k}", f"package {i} file {k}\n".encode() * (k + 1))
+            put(os.path.join(root, f"p{i:02d}"), "shared", b"in every package\n")
+    s = t.store("gc-shards", 0, extra)
+    t.run(s, "migrate", code=0)
+    objs = lambda: {os.path.relpath(os.path.join(d, f), os.path.join(s, "objects"))
+                    for d, _, fs in os.walk(os.path.join(s, "objects")) for f in fs}
+    before = objs()
+    expect(len({o[:2] for o in before}) > 100, f"the store should span many shards: {len(before)} objects")
+    for i in range(0, 60, 2):
+        t.run(s, "remove", f"p{i:02d}", code=0)
+    # What the removed packages alone held: from the catalog of a copy before gc.
+    db = sqlite3.connect(os.path.join(s, "store.db"))
+    live = {bytes(r[0]).hex() for r in db.execute("SELECT DISTINCT digest FROM entries WHERE digest IS NOT NULL")}
+    rows = {bytes(r[0]).hex() for r in db.execute("SELECT digest FROM objects")}
+    db.close()
+    dead = {o for o in before if o[:2] + o[3:67] not in live}
+    expect(len(dead) == 30 * 8, f"expected the removed packages' 240 own contents, found {len(dead)}")
+    # A stray file in a shard of its own (no row) and a .zst twin of a dead object: both go; a file not
+    # named like an object stays.
+    victim = sorted(dead)[0]
+    twin = os.path.join(s, "objects", victim + ".zst")
+    shutil.copy(os.path.join(s, "objects", victim), twin)
+    gone_file = os.path.join(s, "objects", sorted(dead)[1])  # a dead object's row whose file is already gone
+    os.chmod(os.path.dirname(gone_file), 0o755)
+    os.remove(gone_file)
+    stray_hex = "ff" * 32
+    os.makedirs(os.path.join(s, "objects", "ff"), exist_ok=True)
+    put(os.path.join(s, "objects", "ff"), stray_hex[2:], b"stray")
+    put(os.path.join(s, "objects", "ff"), "not-an-object", b"keep me")
+    mid = objs()
+    dry = t.json(s, "gc", "--dry-run")
+    expect(dry["removed_objects"] == len(dead) + 1, f"gc --dry-run: {dry} (expected {len(dead) + 1})")
+    expect(objs() == mid, "gc --dry-run deleted something")
+    out = t.json(s, "gc")
+    expect(out["removed_objects"] == len(dead) + 1 and out["freed_bytes"] == dry["freed_bytes"], f"gc: {out} vs {dry}")
+    after = objs()
+    expect(after == (before - dead) | {"ff/not-an-object"}, f"gc deleted the wrong files: kept dead "
+           f"{sorted(after & dead)[:3]}, deleted live {sorted((before - dead) - after)[:3]}")
+    db = sqlite3.connect(os.path.join(s, "store.db"))
+    rows_after = {bytes(r[0]).hex() for r in db.execute("SELECT digest FROM objects")}
+    db.close()
+    expect(rows_after == {r for r in rows if r in live}, "catalog rows of dead objects kept, or live rows dropped")
+    os.remove(os.path.join(s, "objects", "ff", "not-an-object"))  # verify --objects would quarantine it
+    t.run(s, "verify", "--objects", code=0)
+    for i in range(1, 60, 2):
+        t.run(s, "verify", f"p{i:02d}", code=0)
+    expect(t.json(s, "gc")["removed_objects"] == 0, "a second gc found more")
+
+
+@test
 def kill9_during_rollback_then_rerun(t):
     def extra(root):
         for i in range(30):
