@@ -190,6 +190,8 @@ private:
 /// connection (opened on first need, at most one per concurrent caller) and gives it back.
 class ReaderPool {
 public:
+    /// Page cache of each pooled connection, KiB.
+    static constexpr int k_reader_cache_kib = 2048;
     explicit ReaderPool(std::string path) : m_path(std::move(path)) {}
     /// Catalog::has_object through a borrowed connection; sees committed rows only. Thread-safe.
     bool has_object(const hash::Digest& d);
