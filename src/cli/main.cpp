@@ -393,6 +393,22 @@ int cmd_add(Ctx& c, const std::string& pkg, const std::string& dir) {
     return r.failed || c.problems ? k_failed : k_ok;
 }
 
+int cmd_doctor(Ctx& c) {
+    auto r = lifecycle::doctor(*c.store, lifecycle::DoctorOptions{});
+    nlohmann::json findings = nlohmann::json::array();
+    std::string text;
+    for (const auto& f : r.findings) {
+        findings.push_back({{"severity", lifecycle::to_string(f.severity)}, {"check", f.check}, {"message", f.message}});
+        text += std::string(lifecycle::to_string(f.severity)) + ": " + f.check + ": " + f.message + "\n";
+    }
+    if (r.healthy) text += "doctor: " + c.store->root() + " is healthy (mode " + r.mode + ")\n";
+    if (!r.lock_holder.empty()) text += "note: the store lock is held by " + r.lock_holder + "\n";
+    c.out({{"healthy", r.healthy}, {"mode", r.mode}, {"findings", findings}, {"lock_holder", r.lock_holder},
+           {"free_bytes", r.free_bytes}, {"pending_bytes", r.pending_bytes}},
+          text);
+    return r.healthy ? k_ok : k_failed;
+}
+
 int cmd_remove(Ctx& c, const std::string& pkg) {
     auto lock = c.lock("remove", store::Purpose::destroy);
     if (auto w = lifecycle::remove_package(*c.store, pkg)) c.bar->println("casmig: warning: " + *w);
@@ -499,6 +515,7 @@ int main(int argc, char** argv) {
     std::string add_pkg, add_dir;
     add->add_option("package", add_pkg, "New package id")->required();
     add->add_option("dir", add_dir, "Staging directory holding the package's files (only read)")->required();
+    auto* doc = app.add_subcommand("doctor", "Check the store's health: catalog, failures, progress, integrity, space, temp/, lock");
     auto* rem = app.add_subcommand("remove", "Drop a package: manifest and legacy tree (objects stay for gc)");
     std::string rem_pkg;
     rem->add_option("package", rem_pkg, "Package id")->required();
@@ -570,6 +587,7 @@ int main(int argc, char** argv) {
         if (*rb) return cmd_rollback(c, !rb_no_space_check);
         if (*mat) return cmd_materialize(c, mat_pkg, mat_dest, mat_link);
         if (*add) return cmd_add(c, add_pkg, add_dir);
+        if (*doc) return cmd_doctor(c);
         if (*rem) return cmd_remove(c, rem_pkg);
         if (*gcc) return cmd_gc(c, gc_dry);
         if (*rbc) return cmd_rebuild_catalog(c, rbc_force);

@@ -17,7 +17,7 @@ _casmig() {
     local cur prev cmd i
     cur=${COMP_WORDS[COMP_CWORD]}
     prev=${COMP_WORDS[COMP_CWORD - 1]}
-    local commands="plan migrate convert status verify cutover cleanup rollback materialize add remove gc rebuild-catalog list show help"
+    local commands="plan migrate convert status verify cutover cleanup rollback materialize add remove gc rebuild-catalog list show doctor help"
     local globals="--store --db -j --jobs --json --progress -q --quiet -v --verbose --config --lock-wait --version --help"
     for ((i = 1; i < COMP_CWORD; i++)); do
         case ${COMP_WORDS[i]} in

@@ -113,6 +113,29 @@ struct MaterializeResult {
 /// Rebuilds package `name` at `dest` (absent or an empty directory) from its manifest.
 MaterializeResult materialize(store::Store& store, const std::string& name, const std::string& dest, LinkMode link);
 
+enum class Severity { warning, critical };
+const char* to_string(Severity s);
+struct Finding {
+    Severity severity;
+    std::string check;   // catalog, failures, speed, integrity, space, temp, lock
+    std::string message; // one line: what, where, what to do
+};
+struct DoctorOptions {
+    double max_failure_percent = 5;  // the strategy's rollback trigger
+    double stall_hours = 48;         // pending work but no migrate progress (or a lock held) this long
+};
+struct DoctorReport {
+    bool healthy = true;
+    std::string mode = "legacy";
+    std::vector<Finding> findings;
+    std::string lock_holder;          // "" when the store lock is free
+    std::uint64_t free_bytes = 0, pending_bytes = 0; // pending: allocated bytes of trees still to migrate
+};
+/// The store's health, read-only, no lock taken (issue 10): the catalog fits its store and passes
+/// quick_check; failure rate; migration progress; quarantined objects; space for the pending work;
+/// temp/ leftovers; how long the lock has been held. Never throws for what it finds.
+DoctorReport doctor(store::Store& store, const DoctorOptions& opts);
+
 struct AddResult {
     std::uint64_t files = 0, bytes = 0;
     std::uint64_t new_objects = 0, new_object_bytes = 0; // contents the store did not hold yet

@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""`casmig doctor [--json]` (issue 10, item 7): one read-only pass over the store's health. Each finding
+is one line with its severity and what to do; exit 0 when healthy, 1 when anything was found; it never
+takes or probes the store lock, so it runs beside a migrate."""
+import fcntl
+import os
+import sqlite3
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+from harness import test, put, expect  # noqa: E402
+
+
+def doctor(t, s):
+    code, out, err = t.run(s, "--json", "doctor")
+    import json
+    return code, json.loads(out), err
+
+
+def checks(report):
+    return {(f["severity"], f["check"]) for f in report["findings"]}
+
+
+@test
+def a_healthy_store_exits_0_and_every_finding_names_what_to_do(t):
+    s = t.store("doc-ok", 3)
+    code, out, err = t.run(s, "doctor")
+    expect(code == 0 and "healthy" in out, f"legacy store: {code} {out!r} {err!r}")
+    t.run(s, "migrate", code=0)
+    code, rep, _ = doctor(t, s)
+    expect(code == 0 and rep["healthy"] and rep["findings"] == [] and rep["mode"] == "dual", f"{rep}")
+    expect(rep["pending_bytes"] == 0 and rep["free_bytes"] > 0, f"space numbers: {rep}")
+
+
+@test
+def failures_over_five_percent_are_critical_and_fewer_a_warning(t):
+    def extra(root):
+        os.mkfifo(os.path.join(root, "pkg00", "fifo"))
+    s = t.store("doc-fail", 30, extra)
+    t.run(s, "migrate", code=1)
+    code, rep, _ = doctor(t, s)
+    expect(code == 1 and ("warning", "failures") in checks(rep), f"1 of 30 failed (3.3%): {rep['findings']}")
+    msg = [f["message"] for f in rep["findings"] if f["check"] == "failures"][0]
+    expect("pkg00" in msg and "--retry-failed" in msg, f"the finding names the package and what to do: {msg}")
+    for i in (1, 2):
+        os.mkfifo(os.path.join(s, f"pkg{i:02d}", "fifo"))
+        put(os.path.join(s, f"pkg{i:02d}"), "LICENSE", b"changed\n")  # the tree changed: migrated again
+    t.run(s, "verify", code=1)
+    code, rep, _ = doctor(t, s)
+    expect(code == 1 and ("critical", "failures") in checks(rep), f"3 of 30 failed (10%): {rep['findings']}")
+
+
+@test
+def quarantined_objects_temp_leftovers_and_a_damaged_catalog_are_found(t):
+    s = t.store("doc-bad", 2)
+    t.run(s, "migrate", code=0)
+    os.makedirs(os.path.join(s, "migration", "corrupt"))
+    put(os.path.join(s, "migration", "corrupt"), "ab" * 32 + ".1", b"bad")
+    os.makedirs(os.path.join(s, "temp", "casmig-999999-0123456789abcdef"))  # a dead process's staging dir
+    put(os.path.join(s, "temp"), "not-ours", b"x")
+    code, rep, _ = doctor(t, s)
+    expect(code == 1 and {("critical", "integrity"), ("warning", "temp")} <= checks(rep), f"{rep['findings']}")
+    expect(sum(1 for f in rep["findings"] if f["check"] == "temp") == 2, f"stale and foreign temp entries: {rep}")
+    # A live staging directory (its lock held) is not stale.
+    live = os.path.join(s, "temp", "casmig-1-fedcba9876543210")
+    os.makedirs(live)
+    with open(os.path.join(live, "lock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        _, rep2, _ = doctor(t, s)
+        stale = [x["message"] for x in rep2["findings"] if x["check"] == "temp" and "stopped" in x["message"]]
+        expect(stale and stale[0].startswith("1 entry"), f"a live staging directory counted as stale: {stale}")
+    # The lock: a holder is named, and doctor does not disturb it (no probe).
+    with open(os.path.join(s, "migration", "lock"), "r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.truncate(0)
+        f.write("casmig migrate pid 4242\n")
+        f.flush()
+        _, rep3, _ = doctor(t, s)
+        expect(rep3["lock_holder"] == "casmig migrate pid 4242", f"lock holder: {rep3['lock_holder']!r}")
+    # A damaged catalog is critical and names the way back.
+    db = os.path.join(s, "store.db")
+    with open(db, "r+b") as f:
+        f.seek(4096 * 2)
+        f.write(b"\xff" * 4096)
+    code, out, err = t.run(s, "doctor")
+    expect(code == 1 and "critical: catalog" in out and ("rebuild-catalog" in out or "backup" in out),
+           f"damaged catalog: {code} {out!r} {err!r}")
+
+
+@test
+def no_progress_for_days_is_a_warning(t):
+    s = t.store("doc-stall", 3)
+    t.run(s, "migrate", "pkg00", code=0)
+    db = sqlite3.connect(os.path.join(s, "store.db"))
+    db.execute("UPDATE journal SET at_ns = at_ns - 72 * 3600 * 1000000000")
+    db.commit()
+    db.close()
+    code, rep, _ = doctor(t, s)
+    expect(code == 1 and ("warning", "speed") in checks(rep), f"{rep['findings']}")
+    t.run(s, "migrate", code=0)
+    code, rep, _ = doctor(t, s)
+    expect(code == 0, f"nothing pending any more: {rep['findings']}")
+
+
+if __name__ == "__main__":
+    sys.exit(harness.main("e2e-doctor"))
