@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <chrono>
 #include <set>
 #include <unistd.h>
 
@@ -30,10 +31,17 @@ namespace {
 enum Exit { k_ok = 0, k_failed = 1, k_usage = 2, k_refused = 3, k_busy = 4 };
 
 struct Globals {
-    std::string store, db, progress = "auto";
+    std::string store, db, progress = "auto", metrics_file;
     unsigned jobs = 0;
     bool json = false, quiet = false, verbose = false;
 };
+
+/// What the metrics file needs once main's command has returned (see main() at the end).
+struct MetricsRun {
+    std::string path, command, store, db;
+    std::uint64_t* problems = nullptr;
+    std::uint64_t problems_seen = 0;
+} g_metrics;
 
 struct Ctx {
     Globals& g;
@@ -433,7 +441,7 @@ int cmd_gc(Ctx& c, bool dry) {
 
 } // namespace
 
-int main(int argc, char** argv) {
+int casmig_main(int argc, char** argv) {
     casmig::hash::init(); // BLAKE3's CPU probe, before any worker thread exists (see its contract)
     Globals g;
     CLI::App app{"casmig: migrate a package store from per-package trees to a file-level content-addressed store"};
@@ -448,6 +456,8 @@ int main(int argc, char** argv) {
         ->check(CLI::IsMember({"auto", "always", "never"}));
     app.add_flag("-q,--quiet", g.quiet, "Print only errors");
     app.add_flag("-v,--verbose", g.verbose, "Print more");
+    app.add_option("--metrics-file", g.metrics_file,
+                   "Write Prometheus metrics (store counts, this run's outcome) to FILE at the end, atomically");
 
     migrate::Options mo;
     std::string time_budget, io_limit, limit; // parsed below, where a bad value is one usage line
@@ -577,6 +587,16 @@ int main(int argc, char** argv) {
                 co.time_budget = option("--time-budget", [&] { return util::parse_duration(conv_budget); });
         }
         Ctx c(g);
+        if (!g.metrics_file.empty()) {
+            for (auto* sub : app.get_subcommands()) g_metrics.command = sub->get_name();
+            g_metrics.path = g.metrics_file;
+            g_metrics.store = c.store->root();
+            g_metrics.db = g.db;
+        }
+        struct Problems {
+            Ctx& c;
+            ~Problems() { g_metrics.problems_seen = c.problems; }
+        } problems_on_exit{c};
         if (*plan) return cmd_plan(c, mo);
         if (*mig) return cmd_migrate(c, mo);
         if (*conv) return cmd_convert(c, co);
@@ -605,4 +625,21 @@ int main(int argc, char** argv) {
         return k_failed;
     }
     return k_usage;
+}
+
+int main(int argc, char** argv) {
+    const auto started = std::chrono::steady_clock::now();
+    int rc = casmig_main(argc, argv);
+    if (!g_metrics.path.empty()) {
+        try {
+            store::Store s(g_metrics.store, g_metrics.db);
+            casmig::lifecycle::RunInfo run{g_metrics.command, rc,
+                                           std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count(),
+                                           g_metrics.problems_seen};
+            casmig::lifecycle::write_metrics(s, g_metrics.path, run);
+        } catch (const std::exception& e) {
+            std::fprintf(stderr, "casmig: warning: metrics file %s not written: %s\n", g_metrics.path.c_str(), e.what());
+        }
+    }
+    return rc;
 }

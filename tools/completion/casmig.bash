@@ -18,16 +18,16 @@ _casmig() {
     cur=${COMP_WORDS[COMP_CWORD]}
     prev=${COMP_WORDS[COMP_CWORD - 1]}
     local commands="plan migrate convert status verify cutover cleanup rollback materialize add remove gc rebuild-catalog list show doctor help"
-    local globals="--store --db -j --jobs --json --progress -q --quiet -v --verbose --config --lock-wait --version --help"
+    local globals="--store --db -j --jobs --json --progress -q --quiet -v --verbose --config --lock-wait --metrics-file --version --help"
     for ((i = 1; i < COMP_CWORD; i++)); do
         case ${COMP_WORDS[i]} in
-        --store | --db | -j | --jobs | --progress | --config | --lock-wait) ((i++)) ;;
+        --store | --db | -j | --jobs | --progress | --config | --lock-wait | --metrics-file) ((i++)) ;;
         -*) ;;
         *) cmd=${COMP_WORDS[i]}; break ;;
         esac
     done
     case $prev in
-    --store | --config | --db) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+    --store | --config | --db | --metrics-file) COMPREPLY=($(compgen -f -- "$cur")); return ;;
     --progress) COMPREPLY=($(compgen -W "auto always never" -- "$cur")); return ;;
     --link) COMPREPLY=($(compgen -W "copy reflink hardlink" -- "$cur")); return ;;
     --state) COMPREPLY=($(compgen -W "pending in_progress migrated verified failed rolled_back" -- "$cur")); return ;;

@@ -113,6 +113,18 @@ struct MaterializeResult {
 /// Rebuilds package `name` at `dest` (absent or an empty directory) from its manifest.
 MaterializeResult materialize(store::Store& store, const std::string& name, const std::string& dest, LinkMode link);
 
+/// One command's outcome, for write_metrics().
+struct RunInfo {
+    std::string command;
+    int exit_code = 0;
+    double seconds = 0;
+    std::uint64_t failures = 0; // problems reported (failed packages, mismatches)
+};
+/// Writes the store's counts (when its catalog can be read) and the run's outcome to `path` in the
+/// Prometheus text format, replacing it atomically (node_exporter textfile collector). The last
+/// success time of other commands is carried over from the file being replaced. Throws util::Error.
+void write_metrics(store::Store& store, const std::string& path, const RunInfo& run);
+
 enum class Severity { warning, critical };
 const char* to_string(Severity s);
 struct Finding {
