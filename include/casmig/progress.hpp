@@ -12,6 +12,7 @@ struct Progress {
     std::uint64_t packages_done = 0, packages_total = 0;
     std::uint64_t files_done = 0;
     std::uint64_t bytes_done = 0, bytes_total = 0; // bytes_total 0: unknown
+    const char* unit = "pkgs";         // what packages_done counts ("objects", "shards" in some phases)
 };
 
 /// Called from one thread at a time, often; it should be cheap (the CLI rate-limits drawing).

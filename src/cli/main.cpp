@@ -58,7 +58,9 @@ struct Ctx {
         store = std::make_unique<store::Store>(root, g.db);
         bool tty = ::isatty(STDERR_FILENO);
         bool on = g.progress == "always" || (g.progress == "auto" && tty && !g.quiet);
-        bar = std::make_unique<cli::ProgressBar>(on);
+        bar = std::make_unique<cli::ProgressBar>(!on ? cli::ProgressBar::Style::off
+                                                 : tty ? cli::ProgressBar::Style::redraw
+                                                       : cli::ProgressBar::Style::log);
         store->set_warning_sink([this](const std::string& m) { bar->println("casmig: warning: " + m); });
     }
     /// The store lock, then recovery of whatever a stopped run left half done (lifecycle::recover).

@@ -186,6 +186,7 @@ RebuildResult rebuild_catalog(store::Store& s, bool force, unsigned threads, con
     std::mutex mu;
     Progress prog;
     prog.phase = "rebuild-catalog: objects";
+    prog.unit = "objects";
     prog.packages_total = cands.size();
     for (const auto& o : todo) prog.bytes_total += o.second;
     const unsigned nthreads = util::thread_count(threads);

@@ -219,6 +219,7 @@ ConvertResult convert(store::Store& s, const ConvertOptions& opts, const Progres
 
     Progress report;
     report.phase = "convert";
+    report.unit = "objects";
     report.packages_total = total;
     tbb::task_arena arena(static_cast<int>(util::thread_count(opts.threads)));
     auto report_object = [&](const hash::Digest& d, cas::Form f, const std::string& msg, bool warning) {

@@ -487,6 +487,7 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
     }
     Progress report;
     report.phase = "verify objects";
+    report.unit = "objects";
     // The objects are listed one fan-out directory at a time (memory stays one shard's names, not the
     // store's): the total shown is the catalog's count, the number checked is what was found.
     report.packages_total = static_cast<std::uint64_t>(std::max<std::int64_t>(0, cat.totals().objects));
