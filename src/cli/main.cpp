@@ -75,6 +75,8 @@ struct Ctx {
     }
     ProblemSink problem_sink() {
         return [this](const Problem& p) {
+            if (g.json && reported.size() < k_max_reported)
+                reported.push_back({{"package", p.package}, {"path", p.path}, {"message", p.message}, {"warning", p.warning}});
             if (p.warning) {
                 bar->println("casmig: warning: " + p.line());
                 return;
@@ -83,10 +85,19 @@ struct Ctx {
             bar->println("casmig: " + p.line());
         };
     }
+    /// With --json, every problem and warning of the run goes into the document too ("problems"),
+    /// as it also went to stderr; at most k_max_reported of them.
+    static constexpr std::size_t k_max_reported = 10000;
+    json reported = json::array();
     void out(const json& j, const std::string& human) {
         bar->finish();
-        if (g.json) std::cout << j.dump(2) << std::endl;
-        else if (!g.quiet && !human.empty()) std::cout << human << std::flush;
+        if (g.json) {
+            json doc = j;
+            if (doc.is_object()) doc["problems"] = reported;
+            std::cout << doc.dump(2) << std::endl;
+        } else if (!g.quiet && !human.empty()) {
+            std::cout << human << std::flush;
+        }
     }
 };
 
@@ -443,6 +454,13 @@ int cmd_gc(Ctx& c, bool dry) {
 
 } // namespace
 
+/// With --json, a command that stops on an error still prints one JSON document on stdout: {"error":
+/// {"kind", "message", "exit_code"}} (the one line also went to stderr). Returns code.
+int json_error(const Globals& g, int code, const char* kind, const std::string& message) {
+    if (g.json) std::cout << json{{"error", {{"kind", kind}, {"message", message}, {"exit_code", code}}}}.dump(2) << std::endl;
+    return code;
+}
+
 int casmig_main(int argc, char** argv) {
     casmig::hash::init(); // BLAKE3's CPU probe, before any worker thread exists (see its contract)
     Globals g;
@@ -615,16 +633,16 @@ int casmig_main(int argc, char** argv) {
         if (*rbc) return cmd_rebuild_catalog(c, rbc_force);
     } catch (const util::UsageError& e) {
         std::fprintf(stderr, "casmig: %s\n", e.what());
-        return k_usage;
+        return json_error(g, k_usage, "usage", e.what());
     } catch (const util::RefusedError& e) {
         std::fprintf(stderr, "casmig: refused: %s\n", e.what());
-        return k_refused;
+        return json_error(g, k_refused, "refused", e.what());
     } catch (const util::BusyError& e) {
         std::fprintf(stderr, "casmig: %s\n", e.what());
-        return k_busy;
+        return json_error(g, k_busy, "busy", e.what());
     } catch (const std::exception& e) {
         std::fprintf(stderr, "casmig: error: %s\n", e.what());
-        return k_failed;
+        return json_error(g, k_failed, "error", e.what());
     }
     return k_usage;
 }

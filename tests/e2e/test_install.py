@@ -97,7 +97,7 @@ def the_systemd_units_verify(t):
            f"systemd-analyze verify: {p.returncode} {(p.stdout + p.stderr).strip()[-600:]}")
     svc = open(os.path.join(d, "casmig-migrate.service")).read()
     for key in ("IOSchedulingClass=idle", "Nice=", "--time-budget", "--io-limit", "ProtectSystem=strict",
-                "ReadWritePaths=", "--lock-wait"):
+                "ReadWritePaths=", "--lock-wait", "--metrics-file"):
         expect(key in svc, f"the service lacks {key}")
     # A typo in a unit is seen (the check can fail).
     open(os.path.join(d, "casmig-migrate.service"), "a").write("IOSchedulingClas=idle\n")

@@ -135,5 +135,30 @@ def an_unwritable_metrics_file_is_a_warning_not_a_failure(t):
            f"{code} {err!r}")
 
 
+@test
+def json_carries_every_problem_and_errors_as_an_error_object(t):
+    """--json: one document on stdout in every case: the command's keys plus "problems" (package, path,
+    message, warning), or {"error": {kind, message, exit_code}} when the command stops on an error."""
+    import json
+    s = t.store("json-problems", 2, extra=lambda root: os.mkfifo(os.path.join(root, "pkg01", "a-fifo")))
+    code, out, err = t.run(s, "--json", "migrate")
+    doc = json.loads(out)
+    expect(code == 1 and doc["failed"] == 1, f"{code} {doc}")
+    expect([(p["package"], p["path"], p["warning"]) for p in doc["problems"]] == [("pkg01", "a-fifo", False)]
+           and "fifo" in doc["problems"][0]["message"], f"problems: {doc['problems']}")
+    expect("a-fifo" in err, "the problem also goes to stderr")
+    code, out, _ = t.run(s, "--json", "status")
+    expect(code == 0 and json.loads(out)["problems"] == [], "a clean run has an empty problems list")
+    for args, want_code, kind in [(["remove", "no-such"], 2, "usage"), (["cleanup"], 3, "refused")]:
+        code, out, err = t.run(s, "--json", *args)
+        doc = json.loads(out)
+        expect(code == want_code and doc["error"]["kind"] == kind and doc["error"]["exit_code"] == want_code
+               and doc["error"]["message"] and doc["error"]["message"] in err, f"{args}: {code} {out!r} {err!r}")
+    with open(os.path.join(s, "migration", "lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, out, _ = t.run(s, "--json", "verify")
+        expect(code == 4 and json.loads(out)["error"]["kind"] == "busy", f"busy: {code} {out!r}")
+
+
 if __name__ == "__main__":
     sys.exit(harness.main("e2e-metrics"))
