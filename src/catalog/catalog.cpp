@@ -215,6 +215,19 @@ struct Catalog::Stmts {
         get_identity, claim, advance, journal, journal_tail;
 };
 
+std::vector<Catalog::JournalRow> Catalog::last_run(const std::string& command) {
+    std::vector<JournalRow> out;
+    Stmt who(m_db, "SELECT who FROM journal WHERE command = ? ORDER BY id DESC LIMIT 1");
+    who.bind(1, command);
+    if (!who.step()) return out;
+    const std::string w = who.str(0);
+    Stmt q(m_db, "SELECT at_ns, who, command, COALESCE(package,''), COALESCE(from_state,''), COALESCE(to_state,''), "
+                 "COALESCE(detail,'') FROM journal WHERE command = ? AND who = ? ORDER BY id");
+    q.bind(1, command).bind(2, w);
+    while (q.step()) out.push_back({q.i64(0), q.str(1), q.str(2), q.str(3), q.str(4), q.str(5), q.str(6)});
+    return out;
+}
+
 static std::string who_am_i() {
     std::string user = "uid" + std::to_string(::getuid());
     if (passwd* pw = ::getpwuid(::getuid())) user = pw->pw_name;

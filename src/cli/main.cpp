@@ -8,6 +8,7 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <chrono>
+#include <ctime>
 #include <set>
 #include <unistd.h>
 
@@ -221,6 +222,23 @@ int cmd_status(Ctx& c, int journal_lines) {
               {"compressed_saved_bytes", t.object_bytes - t.stored_bytes},
               {"compression_ratio", ratio}};
     for (auto& [k, v] : states) j["packages"][k] = v;
+    const auto& lr = st.last_migrate;
+    auto iso = [](std::int64_t ns) {
+        std::time_t secs = static_cast<std::time_t>(ns / 1'000'000'000);
+        char b[32];
+        std::strftime(b, sizeof b, "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&secs));
+        return std::string(b);
+    };
+    const double run_secs = lr.found ? static_cast<double>(lr.ended_ns - lr.started_ns) / 1e9 : 0;
+    if (lr.found)
+        j["last_migrate"] = {{"started", iso(lr.started_ns)}, {"ended", iso(lr.ended_ns)}, {"by", lr.who},
+                             {"migrated", lr.migrated}, {"failed", lr.failed}, {"files", lr.files}, {"bytes", lr.bytes},
+                             {"seconds", run_secs},
+                             {"bytes_per_second", run_secs > 0 ? static_cast<double>(lr.bytes) / run_secs : 0.0}};
+    else
+        j["last_migrate"] = nullptr;
+    j["lock_holder"] = st.lock_holder.empty() ? json(nullptr) : json(st.lock_holder);
+    j["eta_seconds"] = st.eta_seconds < 0 ? json(nullptr) : json(std::llround(st.eta_seconds));
     std::string h = fmt("store      %s\nmode       %s\n", s.root().c_str(), mode.c_str());
     h += fmt("packages   %llu total: %llu pending, %llu in progress, %llu migrated, %llu verified, %llu failed, "
              "%llu rolled back\n",
@@ -233,6 +251,15 @@ int cmd_status(Ctx& c, int journal_lines) {
     h += fmt("objects    %lld, %s stored, %s saved (%.1f%%)\n", (long long)t.objects, hb(t.stored_bytes).c_str(),
              util::human_bytes(static_cast<double>(saved)).c_str(),
              t.logical_bytes ? 100.0 * static_cast<double>(saved) / static_cast<double>(t.logical_bytes) : 0.0);
+    if (lr.found)
+        h += fmt("last run   migrate %s .. %s (%s): %llu migrated, %llu failed, %s in %.0f s (%s/s)\n",
+                 iso(lr.started_ns).c_str(), iso(lr.ended_ns).c_str(), lr.who.c_str(), (unsigned long long)lr.migrated,
+                 (unsigned long long)lr.failed, hb(lr.bytes).c_str(), run_secs,
+                 util::human_bytes(run_secs > 0 ? static_cast<double>(lr.bytes) / run_secs : 0.0).c_str());
+    if (st.eta_seconds > 0)
+        h += st.eta_seconds < 120 ? fmt("eta        %.0f s for what is pending, at the last run's pace\n", st.eta_seconds)
+                                  : fmt("eta        %.0f min for what is pending, at the last run's pace\n", st.eta_seconds / 60);
+    if (!st.lock_holder.empty()) h += fmt("lock       held by %s\n", st.lock_holder.c_str());
     if (compression != "none")
         h += fmt("compress   %s: %s of contents stored in %s (ratio %.2f, %s saved by compression)\n", compression.c_str(),
                  hb(t.object_bytes).c_str(), hb(t.stored_bytes).c_str(), ratio,

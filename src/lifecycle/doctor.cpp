@@ -218,8 +218,7 @@ DoctorReport doctor(store::Store& s, const DoctorOptions& opts) {
     {
         const std::string lock = s.migration_dir() + "/lock";
         if (long pid = flock_holder(lock)) {
-            r.lock_holder = first_line_of(lock);
-            if (r.lock_holder.empty()) r.lock_holder = "pid " + std::to_string(pid);
+            r.lock_holder = lock_holder(s);
             // How long it has run: /proc/<pid>/stat field 22 (start, clock ticks after boot).
             std::string stat = first_line_of("/proc/" + std::to_string(pid) + "/stat");
             std::istringstream up(first_line_of("/proc/uptime"));
@@ -242,6 +241,14 @@ DoctorReport doctor(store::Store& s, const DoctorOptions& opts) {
     }
     r.healthy = r.findings.empty();
     return r;
+}
+
+std::string lock_holder(store::Store& s) {
+    const std::string lock = s.migration_dir() + "/lock";
+    long pid = flock_holder(lock);
+    if (!pid) return {};
+    std::string text = first_line_of(lock);
+    return text.empty() ? "pid " + std::to_string(pid) : text;
 }
 
 const char* to_string(Severity s) { return s == Severity::critical ? "critical" : "warning"; }

@@ -12,6 +12,7 @@
 
 #include <array>
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <sys/statvfs.h>
@@ -913,11 +914,31 @@ StatusReport status(store::Store& s, int journal_lines) {
         r.totals = cat.totals();
         if (auto z = store::read_compression(cat)) r.compression = z->setting();
         r.journal = cat.journal_tail(journal_lines);
+        // The last migrate run, from its journal rows: when, how much, how fast.
+        auto& lr = r.last_migrate;
+        for (const auto& row : cat.last_run("migrate")) {
+            if (!lr.found) lr.started_ns = row.at_ns, lr.who = row.who;
+            lr.found = true;
+            lr.ended_ns = row.at_ns;
+            if (row.to == "failed") ++lr.failed;
+            if (row.to != "migrated") continue;
+            ++lr.migrated;
+            unsigned long long f = 0, b = 0;
+            if (std::sscanf(row.detail.c_str(), "%llu files, %llu bytes", &f, &b) == 2) lr.files += f, lr.bytes += b;
+        }
     }
     // Legacy directories the catalog does not know yet: pending, present.
     r.total += on_disk.size();
     r.states["pending"] += on_disk.size();
     r.trees["present"] += on_disk.size();
+    const auto& lr = r.last_migrate;
+    const std::uint64_t pending = r.states["pending"] + r.states["rolled_back"] + r.states["in_progress"];
+    if (lr.migrated && lr.ended_ns > lr.started_ns && pending)
+        r.eta_seconds = static_cast<double>(lr.ended_ns - lr.started_ns) / 1e9 / static_cast<double>(lr.migrated) *
+                        static_cast<double>(pending);
+    else if (!pending)
+        r.eta_seconds = 0;
+    r.lock_holder = lock_holder(s);
     return r;
 }
 

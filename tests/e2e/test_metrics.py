@@ -160,5 +160,32 @@ def json_carries_every_problem_and_errors_as_an_error_object(t):
         expect(code == 4 and json.loads(out)["error"]["kind"] == "busy", f"busy: {code} {out!r}")
 
 
+@test
+def status_shows_the_last_run_its_pace_the_eta_and_the_lock_holder(t):
+    import json
+    s = t.store("status-extras", 4)
+    st = json.loads(t.run(s, "--json", "status", code=0)[1])
+    expect(st["last_migrate"] is None and st["lock_holder"] is None and st["eta_seconds"] is None,
+           f"before any migrate: {st}")
+    t.run(s, "migrate", "pkg00", "pkg01", code=0)
+    st = json.loads(t.run(s, "--json", "status", code=0)[1])
+    lm = st["last_migrate"]
+    expect(lm["migrated"] == 2 and lm["failed"] == 0 and lm["files"] == 6 and lm["bytes"] > 0 and
+           lm["started"] <= lm["ended"] and "pid" in lm["by"], f"last_migrate: {lm}")
+    expect(st["eta_seconds"] is not None and st["eta_seconds"] >= 0, f"eta with 2 pending: {st['eta_seconds']}")
+    with open(os.path.join(s, "migration", "lock"), "r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f.truncate(0)
+        f.write("casmig migrate pid 777\n")
+        f.flush()
+        st = json.loads(t.run(s, "--json", "status", code=0)[1])
+        expect(st["lock_holder"] == "casmig migrate pid 777", f"lock holder: {st['lock_holder']!r}")
+        code, out, _ = t.run(s, "status", code=0)
+        expect("held by casmig migrate pid 777" in out and "last run   migrate" in out, out)
+    t.run(s, "migrate", code=0)
+    st = json.loads(t.run(s, "--json", "status", code=0)[1])
+    expect(st["eta_seconds"] == 0 and st["last_migrate"]["migrated"] == 2, f"after the rest: {st}")
+
+
 if __name__ == "__main__":
     sys.exit(harness.main("e2e-metrics"))

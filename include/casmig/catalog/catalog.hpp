@@ -177,6 +177,9 @@ public:
         std::string who, command, package, from, to, detail;
     };
     std::vector<JournalRow> journal_tail(int n);
+    /// Every journal row of the newest run of `command` (the rows written by the process, user@host
+    /// pid N, that wrote the newest such row), oldest first.
+    std::vector<JournalRow> last_run(const std::string& command);
 
 private:
     Db m_db;

@@ -50,7 +50,17 @@ std::unique_ptr<store::StoreLock> lock_store(store::Store& store, const std::str
 
 /// What `status` shows, read without the store lock (a read-only catalog connection: it never blocks a
 /// running command and writes nothing). Shared by the CLI and the C library.
+/// The newest run of one command, from the journal (the rows one process wrote).
+struct LastRun {
+    bool found = false;
+    std::string who;                        // user@host pid N
+    std::int64_t started_ns = 0, ended_ns = 0; // first and last journal row of that run
+    std::uint64_t migrated = 0, failed = 0, files = 0, bytes = 0;
+};
 struct StatusReport {
+    LastRun last_migrate;
+    std::string lock_holder;           // "" when the store lock is free ("casmig migrate pid N" otherwise)
+    double eta_seconds = -1;           // pending packages at the last run's pace; -1: unknown
     std::string mode = "legacy";       // catalog::to_string(StoreMode)
     std::string compression = "none";  // cas::Compression::setting(), or "none"
     std::uint64_t total = 0;           // packages, counting legacy directories not cataloged yet
@@ -143,6 +153,10 @@ struct DoctorReport {
     std::string lock_holder;          // "" when the store lock is free
     std::uint64_t free_bytes = 0, pending_bytes = 0; // pending: allocated bytes of trees still to migrate
 };
+/// Who holds the store lock ("" when nobody does), from /proc/locks and the lock file's text: never
+/// probes the lock (a probe could make another command's non-blocking lock attempt fail).
+std::string lock_holder(store::Store& store);
+
 /// The store's health, read-only, no lock taken (issue 10): the catalog fits its store and passes
 /// quick_check; failure rate; migration progress; quarantined objects; space for the pending work;
 /// temp/ leftovers; how long the lock has been held. Never throws for what it finds.
