@@ -769,7 +769,7 @@ RollbackResult rollback(store::Store& s, unsigned threads, SpaceCheck space, con
 MaterializeResult materialize(store::Store& s, const std::string& name, const std::string& dest, LinkMode link) {
     if (!s.has_catalog()) throw util::UsageError("store " + s.root() + " has no catalog yet: run casmig migrate first");
     util::ensure_dir(s.migration_dir());
-    store::StoreLock reader(gc_lock_path(s), store::LockKind::shared, "materialize");
+    store::StoreLock reader(gc_lock_path(s), store::LockKind::shared, "materialize", s.lock_wait());
     catalog::Catalog cat(s.db_path(), catalog::OpenMode::read_only);
     auto p = cat.package(name);
     if (!p) throw util::UsageError("package " + util::printable(name) + " is not in store " + s.root() + ": check the id with casmig status");
@@ -1035,7 +1035,7 @@ private:
 } // namespace
 
 GcResult gc(store::Store& s, DryRun dry) {
-    store::StoreLock writer(gc_lock_path(s), store::LockKind::exclusive, "gc");
+    store::StoreLock writer(gc_lock_path(s), store::LockKind::exclusive, "gc", s.lock_wait());
     auto& cat = s.catalog();
     auto& objects = s.objects();
     GcResult r;
