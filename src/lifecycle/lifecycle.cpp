@@ -3,6 +3,7 @@
 #include "casmig/manifest/manifest.hpp"
 #include "casmig/store/packages.hpp"
 #include "casmig/util/error.hpp"
+#include "casmig/util/interrupt.hpp"
 #include "casmig/util/io.hpp"
 #include "casmig/util/parse.hpp"
 #include "casmig/util/threads.hpp"
@@ -391,6 +392,7 @@ CleanupResult cleanup(store::Store& s, DryRun dry, unsigned threads, const Progr
         catalog::Package pkg;
         std::vector<catalog::Entry> manifest;
         bool present = false, proven = false;
+        bool left = false; // not started: a stop was requested first
         std::string trash;
     };
     std::vector<Candidate> todo;
@@ -445,6 +447,12 @@ CleanupResult cleanup(store::Store& s, DryRun dry, unsigned threads, const Progr
     arena.execute([&] {
         tbb::parallel_for_each(todo.begin(), todo.end(), [&](Candidate& c) {
             const std::string pid = util::printable(c.pkg.name);
+            // A stop request: no further tree is moved; those in flight finish (proven and deleted, or
+            // put back), so that temp/ holds none of this run's trees after it.
+            if (util::stop_requested()) {
+                c.left = true;
+                return;
+            }
             try {
                 if (!c.present) {
                     // Nothing at its name (it vanished): nothing to delete; record it removed only if
@@ -487,9 +495,11 @@ CleanupResult cleanup(store::Store& s, DryRun dry, unsigned threads, const Progr
         });
     });
     for (const auto& c : todo) {
-        if (c.proven) ++r.trees;
+        if (c.left) ++r.left;
+        else if (c.proven) ++r.trees;
         else ++r.skipped;
     }
+    r.interrupted = r.left > 0;
     if (dry == DryRun::yes) {
         r.bytes = bytes.load();
         r.allocated = allocated.load();
@@ -549,6 +559,7 @@ RollbackResult rollback(store::Store& s, unsigned threads, SpaceCheck space, con
         catalog::Package pkg;
         std::vector<catalog::Entry> manifest;
         bool rebuild = false, aside = false, built = false, done = false;
+        bool left = false; // to rebuild, not started: a stop was requested first
         std::string why; // of the rebuild
     };
     std::vector<Job> jobs;
@@ -631,6 +642,11 @@ RollbackResult rollback(store::Store& s, unsigned threads, SpaceCheck space, con
     arena.execute([&] {
         tbb::parallel_for_each(jobs.begin(), jobs.end(), [&](Job& j) {
             if (!j.rebuild) return;
+            // A stop request: no further tree is built; those built are put in place and recorded.
+            if (util::stop_requested()) {
+                j.left = true;
+                return;
+            }
             const std::string pid = util::printable(j.pkg.name);
             std::string stage = stage_name(j.pkg);
             try {
@@ -643,6 +659,7 @@ RollbackResult rollback(store::Store& s, unsigned threads, SpaceCheck space, con
                 util::Fd fd = util::open_dir_at(objects.temp_dirfd(), stage, s.temp_dir() + "/" + stage);
                 MaterializeResult mr;
                 detail::build_tree(fd.get(), s.root() + "/" + pid, j.manifest, objects, LinkMode::reflink, mr);
+                io::crash_point("rollback.staged"); // built in temp/, not durable yet: recover() deletes it
                 j.built = true;
                 std::lock_guard lk(mutex);
                 r.files += mr.files;
@@ -702,6 +719,10 @@ RollbackResult rollback(store::Store& s, unsigned threads, SpaceCheck space, con
             continue;
         }
         const std::string pid = util::printable(j.pkg.name);
+        if (j.left) {
+            ++r.left;
+            continue;
+        }
         if (!j.built) {
             failed.push_back(pid);
             continue;
@@ -752,13 +773,15 @@ RollbackResult rollback(store::Store& s, unsigned threads, SpaceCheck space, con
         }
     }
     r.failed = failed.size();
-    if (failed.empty() && mode != StoreMode::legacy) {
+    r.interrupted = r.left > 0;
+    const bool all_back = failed.empty() && !r.interrupted;
+    if (all_back && mode != StoreMode::legacy) {
         cat.set_mode(StoreMode::legacy);
         cat.journal("rollback", "", catalog::to_string(mode), "legacy", std::to_string(r.rebuilt) + " legacy trees rebuilt");
     }
     tx.commit();
     io::crash_point("rollback.recorded");
-    if (failed.empty() && mode != StoreMode::legacy)
+    if (all_back && mode != StoreMode::legacy)
         if (auto w = store::mirror_step([&] { store::record_mode(s.packages(), catalog::to_string(StoreMode::legacy)); }))
             problems({"-", "packages/store", *w, true});
     return r;
