@@ -8,7 +8,8 @@
  * Threads: a casmig_store handle is used by one thread at a time (calls on one handle must not
  * overlap); separate handles, in one process or several, may be used at the same time. The store lock
  * serialises what changes the store (casmig_migrate, casmig_verify, casmig_add, casmig_remove): a call
- * made while another process holds it returns CASMIG_BUSY at once. Reading (casmig_status,
+ * made while another process holds it returns CASMIG_BUSY at once, unless casmig_set_lock_wait() lets
+ * the handle wait for it. Reading (casmig_status,
  * casmig_package_entries, casmig_open_file, casmig_materialize) takes no store lock and never blocks on
  * a running migrate.
  *
@@ -52,6 +53,15 @@ typedef struct casmig_store casmig_store;
 CASMIG_API int casmig_open(const char *root, const char *db_path, casmig_store **out);
 /* Closes the handle (NULL is allowed). */
 CASMIG_API void casmig_close(casmig_store *store);
+
+/* How long the handle's calls wait for a lock another process holds, in milliseconds (default 0: not
+ * at all, CASMIG_BUSY at once). It applies to the store lock that casmig_migrate, casmig_verify,
+ * casmig_add and casmig_remove take, and to migration/gc.lock, which casmig_materialize takes shared
+ * (a running `casmig gc` holds it). The lock is tried again every 50 ms; when the wait is over,
+ * CASMIG_BUSY, and casmig_last_error() names the holder and how long the call waited. Values above ten
+ * years count as ten years. Like `casmig --lock-wait DUR`, e.g. so that an upgrade during the nightly
+ * batch waits for it instead of failing. CASMIG_USAGE for a NULL handle. */
+CASMIG_API int casmig_set_lock_wait(casmig_store *store, uint64_t milliseconds);
 
 /* Progress of a long call, reported from one thread at a time. */
 typedef struct casmig_progress {
@@ -153,8 +163,9 @@ enum casmig_link_mode { CASMIG_LINK_COPY = 0, CASMIG_LINK_REFLINK = 1, CASMIG_LI
  * materialize` does: COPY and REFLINK are exact (REFLINK falls back to a copy where the filesystem
  * cannot clone); HARDLINK links files to the read-only objects (write bits may differ; a compressed
  * object is copied). Takes no store lock; holds migration/gc.lock shared so that gc never deletes an
- * object it is linking (CASMIG_BUSY while a gc runs). CASMIG_USAGE for an unknown package or a dest that
- * is not usable (inside the store, not empty); CASMIG_REFUSED for a package with no manifest yet. */
+ * object it is linking (CASMIG_BUSY while a gc runs, once the casmig_set_lock_wait() wait is over).
+ * CASMIG_USAGE for an unknown package or a dest that is not usable (inside the store, not empty);
+ * CASMIG_REFUSED for a package with no manifest yet. */
 CASMIG_API int casmig_materialize(casmig_store *store, const char *package, const char *dest, int link_mode);
 
 #ifdef __cplusplus

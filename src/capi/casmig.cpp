@@ -11,10 +11,13 @@
 #include "casmig/store/store.hpp"
 #include "casmig/util/error.hpp"
 #include "casmig/util/fd.hpp"
+#include "casmig/util/parse.hpp"
 #include "casmig/verify/verify.hpp"
 #include "casmig/walk/walker.hpp"
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <fcntl.h>
 #include <new>
@@ -188,6 +191,16 @@ int casmig_open(const char* root, const char* db_path, casmig_store** out) {
 }
 
 void casmig_close(casmig_store* store) { delete store; }
+
+int casmig_set_lock_wait(casmig_store* handle, uint64_t milliseconds) {
+    return guarded([&]() -> int {
+        auto& s = store_of(handle);
+        // Beyond ten years (UINT64_MAX included) is ten years: a wait that long is "wait for it".
+        const auto ms = std::min<uint64_t>(milliseconds, static_cast<uint64_t>(util::k_max_duration.count()));
+        s.set_lock_wait({std::chrono::milliseconds(static_cast<std::int64_t>(ms)), nullptr});
+        return CASMIG_OK;
+    });
+}
 
 int casmig_migrate(casmig_store* handle, const char* const* packages, size_t n, casmig_progress_fn progress,
                    casmig_problem_fn problem, void* user, casmig_migrate_result* out) {

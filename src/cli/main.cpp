@@ -1,8 +1,11 @@
 // casmig — command line. Parses with CLI11, prints with nlohmann::json, maps errors to exit codes:
 // 0 success; 1 finished but something failed; 2 usage error or unusable input; 3 refused (store
-// unchanged); 4 store busy.
+// unchanged); 4 store busy; 128 + signal (130, 143) stopped by SIGINT/SIGTERM at a safe point.
 #include <CLI/CLI.hpp>
+#include <cerrno>
+#include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -20,6 +23,7 @@
 #include "casmig/store/packages.hpp"
 #include "casmig/store/store.hpp"
 #include "casmig/util/error.hpp"
+#include "casmig/util/interrupt.hpp"
 #include "casmig/util/parse.hpp"
 #include "casmig/verify/verify.hpp"
 #include "progress.hpp"
@@ -35,6 +39,8 @@ struct Globals {
     std::string store, db, progress = "auto", metrics_file;
     unsigned jobs = 0;
     bool json = false, quiet = false, verbose = false;
+    std::string lock_wait;               // --lock-wait DUR, as given
+    std::chrono::milliseconds lock_wait_ms{0};
 };
 
 /// What the metrics file needs once main's command has returned (see main() at the end).
@@ -63,6 +69,13 @@ struct Ctx {
                                                  : tty ? cli::ProgressBar::Style::redraw
                                                        : cli::ProgressBar::Style::log);
         store->set_warning_sink([this](const std::string& m) { bar->println("casmig: warning: " + m); });
+        set_lock_wait();
+    }
+    /// --lock-wait: the store lock (and gc.lock) are waited for; one line says who holds it.
+    void set_lock_wait() {
+        store->set_lock_wait({g.lock_wait_ms, [this](const std::string& m) {
+                                  if (!g.quiet) bar->println("casmig: " + m);
+                              }});
     }
     /// The store lock, then recovery of whatever a stopped run left half done (lifecycle::recover).
     std::unique_ptr<store::StoreLock> lock(const std::string& command, store::Purpose purpose = store::Purpose::write) {
@@ -103,6 +116,51 @@ struct Ctx {
 };
 
 std::string hb(std::uint64_t b) { return util::human_bytes(static_cast<double>(b)); }
+
+// ------------------------------------------------------------------ signals
+
+/// First SIGINT or SIGTERM: records it (util::request_stop, one atomic store) and gives both signals
+/// their default action back, so that a second one stops the process at once. Async-signal-safe; it
+/// never throws.
+void on_stop_signal(int sig) {
+    const int saved = errno;
+    util::request_stop(sig);
+    struct sigaction dfl {};
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    ::sigaction(SIGINT, &dfl, nullptr);
+    ::sigaction(SIGTERM, &dfl, nullptr);
+    errno = saved;
+}
+
+/// For the commands with safe points (migrate, convert, verify, cleanup, rollback, add): SIGINT and
+/// SIGTERM make them stop there — what is durable is committed, staged files are removed, one line
+/// says what was done (interrupted()) — and a second signal stops at once (every command is
+/// crash-safe). The other commands keep the default action; a signal the caller ignores (nohup) stays
+/// ignored. The library installs no handler: the package manager owns its signals.
+void stop_at_safe_points() {
+    struct sigaction sa {};
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaddset(&sa.sa_mask, SIGINT);
+    sigaddset(&sa.sa_mask, SIGTERM);
+    sa.sa_flags = SA_RESTART;
+    for (int sig : {SIGINT, SIGTERM}) {
+        struct sigaction old {};
+        if (::sigaction(sig, nullptr, &old) == 0 && old.sa_handler == SIG_IGN) continue;
+        ::sigaction(sig, &sa, nullptr);
+    }
+}
+
+/// A command stopped at a safe point by SIGINT/SIGTERM: `j` says so ("interrupted": "SIGTERM").
+void note_interrupted(json& j) { j["interrupted"] = util::signal_name(util::stop_signal()); }
+
+/// ... and one line on stderr says what was done and how to resume; exit 128 + signal (130, 143).
+int interrupted(const std::string& what) {
+    const int sig = util::stop_signal();
+    std::fprintf(stderr, "casmig: interrupted (%s): %s\n", util::signal_name(sig).c_str(), what.c_str());
+    return 128 + sig;
+}
 
 std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
 std::string fmt(const char* f, ...) {
@@ -157,6 +215,7 @@ int cmd_migrate(Ctx& c, const migrate::Options& o) {
                         (unsigned long long)r.failed, (unsigned long long)r.files, hb(r.bytes).c_str(),
                         (unsigned long long)r.new_objects, hb(r.new_object_bytes).c_str(), r.seconds,
                         r.stopped_by_budget ? "; time budget reached, rerun to continue" : "");
+    if (r.interrupted) note_interrupted(j);
     c.out(j, h);
     // A full disk that left nothing undone (the packages went through one at a time) is a success.
     const bool left = r.disk_full && (r.not_started || r.unverified);
@@ -166,6 +225,11 @@ int cmd_migrate(Ctx& c, const migrate::Options& o) {
                      (unsigned long long)r.not_started,
                      !left ? "; nothing left to do" : r.not_started ? "; free space and rerun"
                                                    : "; some are not verified yet: free space and run casmig verify");
+    if (r.interrupted)
+        return interrupted(fmt("%llu packages migrated (%llu verified), %llu left pending%s; run casmig migrate to continue",
+                               (unsigned long long)r.migrated, (unsigned long long)r.verified, (unsigned long long)r.left,
+                               r.left_unverified ? fmt(", %llu migrated but not verified yet",
+                                                       (unsigned long long)r.left_unverified).c_str() : ""));
     return r.failed || c.problems || left ? k_failed : k_ok;
 }
 
@@ -187,7 +251,12 @@ int cmd_convert(Ctx& c, const migrate::ConvertOptions& o) {
     h += fmt("%llu failed%s in %.1fs%s\n", (unsigned long long)r.failed,
              r.failed ? " (listed above; they stay as they were)" : "", r.seconds,
              r.stopped_by_budget ? "; time budget reached, rerun to continue" : "");
+    if (r.interrupted) note_interrupted(j);
     c.out(j, h);
+    if (r.interrupted)
+        return interrupted(fmt("%llu objects converted, %u of objects/'s 256 fan-out directories left; run casmig convert %s "
+                               "to continue",
+                               (unsigned long long)r.converted, r.shards_left, zstd ? "--compress" : "--raw"));
     return r.failed || c.problems ? k_failed : k_ok;
 }
 
@@ -338,7 +407,13 @@ int cmd_verify(Ctx& c, const std::vector<std::string>& names, bool objects, bool
         h = (objects_only ? std::string("verify: ") : h + "; ") +
             fmt("%llu objects and %llu manifests re-hashed, %llu bad", (unsigned long long)ro.objects_checked,
                 (unsigned long long)ro.manifests_checked, (unsigned long long)(ro.objects_bad + ro.manifests_bad));
+    if (r.interrupted || ro.interrupted) note_interrupted(j);
     c.out(j, h + "\n");
+    if (r.interrupted || ro.interrupted)
+        return interrupted(fmt("%llu packages checked (%llu with problems), %llu not checked%s; what was checked is "
+                               "recorded: run casmig verify again",
+                               (unsigned long long)r.packages, (unsigned long long)r.mismatched, (unsigned long long)r.left,
+                               objects ? ", the objects check stopped part-way" : ""));
     return r.mismatched || ro.objects_bad || ro.manifests_bad || c.problems ? k_failed : k_ok;
 }
 
@@ -359,12 +434,18 @@ int cmd_cleanup(Ctx& c, bool dry) {
                                 c.problem_sink());
     // freed_bytes keeps its meaning (apparent sizes, as before); freed_allocated_bytes is the disk space
     // the filesystem got back, which is what the text reports first.
-    c.out({{"dry_run", dry}, {"trees", r.trees}, {"freed_bytes", r.bytes}, {"freed_allocated_bytes", r.allocated},
-           {"skipped", r.skipped}},
+    json j = {{"dry_run", dry}, {"trees", r.trees}, {"freed_bytes", r.bytes}, {"freed_allocated_bytes", r.allocated},
+              {"skipped", r.skipped}};
+    if (r.interrupted) note_interrupted(j);
+    c.out(j,
           fmt("cleanup%s: %llu legacy trees %s, %s %s on disk (%s of file contents)%s\n", dry ? " --dry-run" : "",
               (unsigned long long)r.trees, dry ? "would be removed" : "removed", hb(r.allocated).c_str(),
               dry ? "would be freed" : "freed", hb(r.bytes).c_str(),
               r.skipped ? fmt(", %llu skipped (see above)", (unsigned long long)r.skipped).c_str() : ""));
+    if (r.interrupted)
+        return interrupted(fmt("%llu legacy trees %s, %llu left marked for cleanup; run casmig cleanup%s to continue",
+                               (unsigned long long)r.trees, dry ? "checked" : "removed", (unsigned long long)r.left,
+                               dry ? " --dry-run" : ""));
     return r.skipped || c.problems ? k_failed : k_ok;
 }
 
@@ -373,9 +454,15 @@ int cmd_rollback(Ctx& c, bool space_check) {
     auto r = lifecycle::rollback(*c.store, c.g.jobs, space_check ? lifecycle::SpaceCheck::yes : lifecycle::SpaceCheck::no,
                                  c.progress(), c.problem_sink());
     std::string mode = catalog::to_string(c.store->catalog().mode());
-    c.out({{"mode", mode}, {"packages", r.packages}, {"rebuilt", r.rebuilt}, {"files", r.files}, {"bytes", r.bytes},
-           {"failed", r.failed}, {"linked_across_packages", r.linked_across}},
-          r.failed ? fmt("rollback: %llu package(s) could not be restored (listed above), store stays %s; %llu packages "
+    json j = {{"mode", mode}, {"packages", r.packages}, {"rebuilt", r.rebuilt}, {"files", r.files}, {"bytes", r.bytes},
+              {"failed", r.failed}, {"linked_across_packages", r.linked_across}};
+    if (r.interrupted) note_interrupted(j);
+    c.out(j,
+          r.interrupted ? fmt("rollback: %llu packages rolled back, %llu legacy trees rebuilt, %llu left to rebuild; "
+                              "store stays %s\n",
+                              (unsigned long long)r.packages, (unsigned long long)r.rebuilt, (unsigned long long)r.left,
+                              mode.c_str())
+          : r.failed ? fmt("rollback: %llu package(s) could not be restored (listed above), store stays %s; %llu packages "
                          "rolled back, %llu legacy trees rebuilt; fix the cause and rollback again\n",
                          (unsigned long long)r.failed, mode.c_str(), (unsigned long long)r.packages,
                          (unsigned long long)r.rebuilt)
@@ -386,6 +473,10 @@ int cmd_rollback(Ctx& c, bool space_check) {
                          r.linked_across ? fmt("; %llu hard links across packages restored",
                                                (unsigned long long)r.linked_across).c_str()
                                          : ""));
+    if (r.interrupted)
+        return interrupted(fmt("%llu legacy trees rebuilt, %llu left to rebuild (store stays %s); run casmig rollback to "
+                               "continue",
+                               (unsigned long long)r.rebuilt, (unsigned long long)r.left, mode.c_str()));
     return r.failed || c.problems ? k_failed : k_ok;
 }
 
@@ -432,8 +523,15 @@ int cmd_materialize(Ctx& c, const std::string& pkg, const std::string& dest, con
 int cmd_add(Ctx& c, const std::string& pkg, const std::string& dir) {
     auto lock = c.lock("add");
     auto r = lifecycle::add_package(*c.store, pkg, dir, c.g.jobs, c.problem_sink());
-    c.out({{"package", pkg}, {"added", !r.failed}, {"files", r.files}, {"bytes", r.bytes}, {"new_objects", r.new_objects},
-           {"new_object_bytes", r.new_object_bytes}, {"seconds", r.seconds}},
+    json j = {{"package", pkg}, {"added", !r.failed && !r.interrupted}, {"files", r.files}, {"bytes", r.bytes},
+              {"new_objects", r.new_objects}, {"new_object_bytes", r.new_object_bytes}, {"seconds", r.seconds}};
+    if (r.interrupted) {
+        note_interrupted(j);
+        c.out(j, "");
+        return interrupted("package " + util::printable(pkg) + " was not added, nothing recorded; run casmig add " +
+                           util::printable(pkg) + " " + dir + " again");
+    }
+    c.out(j,
           r.failed ? fmt("add: %s not added (problems above): nothing recorded; gc removes what it wrote\n", util::printable(pkg).c_str())
                    : fmt("add: %s added, verified: %llu files, %s (%llu new objects, %s) in %.2fs\n",
                          util::printable(pkg).c_str(), (unsigned long long)r.files, hb(r.bytes).c_str(),
@@ -505,6 +603,8 @@ int casmig_main(int argc, char** argv) {
     app.add_flag("-v,--verbose", g.verbose, "Print more");
     app.add_option("--metrics-file", g.metrics_file,
                    "Write Prometheus metrics (store counts, this run's outcome) to FILE at the end, atomically");
+    app.add_option("--lock-wait", g.lock_wait,
+                   "Wait up to DUR for the store lock another casmig holds (e.g. 30s, 10m; default 0: exit 4 at once)");
 
     migrate::Options mo;
     std::string time_budget, io_limit, limit; // parsed below, where a bad value is one usage line
@@ -608,6 +708,7 @@ int casmig_main(int argc, char** argv) {
         };
         constexpr std::uint64_t k_max_packages = 1'000'000'000;
         if (!limit.empty()) mo.limit = util::parse_count(limit, 1, k_max_packages, "--limit");
+        if (!g.lock_wait.empty()) g.lock_wait_ms = option("--lock-wait", [&] { return util::parse_duration(g.lock_wait); });
         if (!time_budget.empty()) mo.time_budget = option("--time-budget", [&] { return util::parse_duration(time_budget); });
         // At least 1 byte/s (0 would mean "unlimited" to the pipeline), at most 1024T/s.
         if (!io_limit.empty()) mo.io_limit = option("--io-limit", [&] { return util::parse_bytes(io_limit, 1, 1ull << 50); });
@@ -633,6 +734,7 @@ int casmig_main(int argc, char** argv) {
             if (!conv_budget.empty())
                 co.time_budget = option("--time-budget", [&] { return util::parse_duration(conv_budget); });
         }
+        if (*mig || *conv || *ver || *clean || *rb || *add) stop_at_safe_points();
         Ctx c(g);
         if (!g.metrics_file.empty()) {
             for (auto* sub : app.get_subcommands()) g_metrics.command = sub->get_name();
@@ -658,6 +760,9 @@ int casmig_main(int argc, char** argv) {
         if (*rem) return cmd_remove(c, rem_pkg);
         if (*gcc) return cmd_gc(c, gc_dry);
         if (*rbc) return cmd_rebuild_catalog(c, rbc_force);
+    } catch (const util::InterruptedError& e) {
+        std::fprintf(stderr, "casmig: %s\n", e.what());
+        return json_error(g, 128 + e.signal(), "interrupted", e.what());
     } catch (const util::UsageError& e) {
         std::fprintf(stderr, "casmig: %s\n", e.what());
         return json_error(g, k_usage, "usage", e.what());

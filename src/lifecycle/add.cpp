@@ -10,6 +10,8 @@
 // transaction record the package, verified, its tree `removed`. A stop anywhere before that commit
 // leaves the catalog as it was; what was written is unreferenced (gc deletes the objects and the
 // manifest; the next locked command's sync drops the ref, since the catalog does not list the package).
+// A stop request (util/interrupt.hpp) is honoured until the staged files are published (the add is
+// then dropped: staged files deleted, nothing recorded), not after (what is left is short).
 #include "casmig/lifecycle/lifecycle.hpp"
 
 #include "casmig/ingest/ingest.hpp"
@@ -17,6 +19,7 @@
 #include "casmig/migrate/store_mode.hpp"
 #include "casmig/store/packages.hpp"
 #include "casmig/util/error.hpp"
+#include "casmig/util/interrupt.hpp"
 #include "casmig/util/io.hpp"
 #include "casmig/util/threads.hpp"
 #include "casmig/verify/verify.hpp"
@@ -131,6 +134,7 @@ AddResult add_package(store::Store& s, const std::string& name, const std::strin
         auto& w = *walker;
         walk::Item it;
         for (;;) {
+            if (util::stop_requested()) break; // nothing is published yet: the add is dropped below
             try {
                 if (!w.next(it)) break;
             } catch (const walk::PackageError& e) {
@@ -147,10 +151,17 @@ AddResult add_package(store::Store& s, const std::string& name, const std::strin
             it = walk::Item{};
             if (group.size() >= k_group_files || group_dirs.size() >= k_group_dirs) flush();
         }
-        flush();
+        if (!util::stop_requested()) flush();
     } catch (...) {
         objects.discard_staged([](const hash::Digest&) { return false; });
         throw;
+    }
+    if (util::stop_requested()) {
+        // A stop request before anything is published: the staged files go, nothing is recorded.
+        objects.discard_staged([](const hash::Digest&) { return false; });
+        r.interrupted = true;
+        r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+        return r;
     }
     for (const auto& e : entries)
         if (e.type == catalog::EntryType::file) r.bytes += e.size;

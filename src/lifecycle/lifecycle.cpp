@@ -3,6 +3,7 @@
 #include "casmig/manifest/manifest.hpp"
 #include "casmig/store/packages.hpp"
 #include "casmig/util/error.hpp"
+#include "casmig/util/interrupt.hpp"
 #include "casmig/util/io.hpp"
 #include "casmig/util/parse.hpp"
 #include "casmig/util/threads.hpp"
@@ -392,6 +393,7 @@ CleanupResult cleanup(store::Store& s, DryRun dry, unsigned threads, const Progr
         catalog::Package pkg;
         std::vector<catalog::Entry> manifest;
         bool present = false, proven = false;
+        bool left = false; // not started: a stop was requested first
         std::string trash;
     };
     std::vector<Candidate> todo;
@@ -446,6 +448,12 @@ CleanupResult cleanup(store::Store& s, DryRun dry, unsigned threads, const Progr
     arena.execute([&] {
         tbb::parallel_for_each(todo.begin(), todo.end(), [&](Candidate& c) {
             const std::string pid = util::printable(c.pkg.name);
+            // A stop request: no further tree is moved; those in flight finish (proven and deleted, or
+            // put back), so that temp/ holds none of this run's trees after it.
+            if (util::stop_requested()) {
+                c.left = true;
+                return;
+            }
             try {
                 if (!c.present) {
                     // Nothing at its name (it vanished): nothing to delete; record it removed only if
@@ -488,9 +496,11 @@ CleanupResult cleanup(store::Store& s, DryRun dry, unsigned threads, const Progr
         });
     });
     for (const auto& c : todo) {
-        if (c.proven) ++r.trees;
+        if (c.left) ++r.left;
+        else if (c.proven) ++r.trees;
         else ++r.skipped;
     }
+    r.interrupted = r.left > 0;
     if (dry == DryRun::yes) {
         r.bytes = bytes.load();
         r.allocated = allocated.load();
@@ -550,6 +560,7 @@ RollbackResult rollback(store::Store& s, unsigned threads, SpaceCheck space, con
         catalog::Package pkg;
         std::vector<catalog::Entry> manifest;
         bool rebuild = false, aside = false, built = false, done = false;
+        bool left = false; // to rebuild, not started: a stop was requested first
         std::string why; // of the rebuild
     };
     std::vector<Job> jobs;
@@ -632,6 +643,11 @@ RollbackResult rollback(store::Store& s, unsigned threads, SpaceCheck space, con
     arena.execute([&] {
         tbb::parallel_for_each(jobs.begin(), jobs.end(), [&](Job& j) {
             if (!j.rebuild) return;
+            // A stop request: no further tree is built; those built are put in place and recorded.
+            if (util::stop_requested()) {
+                j.left = true;
+                return;
+            }
             const std::string pid = util::printable(j.pkg.name);
             std::string stage = stage_name(j.pkg);
             try {
@@ -644,6 +660,7 @@ RollbackResult rollback(store::Store& s, unsigned threads, SpaceCheck space, con
                 util::Fd fd = util::open_dir_at(objects.temp_dirfd(), stage, s.temp_dir() + "/" + stage);
                 MaterializeResult mr;
                 detail::build_tree(fd.get(), s.root() + "/" + pid, j.manifest, objects, LinkMode::reflink, mr);
+                io::crash_point("rollback.staged"); // built in temp/, not durable yet: recover() deletes it
                 j.built = true;
                 std::lock_guard lk(mutex);
                 r.files += mr.files;
@@ -703,6 +720,10 @@ RollbackResult rollback(store::Store& s, unsigned threads, SpaceCheck space, con
             continue;
         }
         const std::string pid = util::printable(j.pkg.name);
+        if (j.left) {
+            ++r.left;
+            continue;
+        }
         if (!j.built) {
             failed.push_back(pid);
             continue;
@@ -753,13 +774,15 @@ RollbackResult rollback(store::Store& s, unsigned threads, SpaceCheck space, con
         }
     }
     r.failed = failed.size();
-    if (failed.empty() && mode != StoreMode::legacy) {
+    r.interrupted = r.left > 0;
+    const bool all_back = failed.empty() && !r.interrupted;
+    if (all_back && mode != StoreMode::legacy) {
         cat.set_mode(StoreMode::legacy);
         cat.journal("rollback", "", catalog::to_string(mode), "legacy", std::to_string(r.rebuilt) + " legacy trees rebuilt");
     }
     tx.commit();
     io::crash_point("rollback.recorded");
-    if (failed.empty() && mode != StoreMode::legacy)
+    if (all_back && mode != StoreMode::legacy)
         if (auto w = store::mirror_step([&] { store::record_mode(s.packages(), catalog::to_string(StoreMode::legacy)); }))
             problems({"-", "packages/store", *w, true});
     return r;
@@ -770,7 +793,7 @@ RollbackResult rollback(store::Store& s, unsigned threads, SpaceCheck space, con
 MaterializeResult materialize(store::Store& s, const std::string& name, const std::string& dest, LinkMode link) {
     if (!s.has_catalog()) throw util::UsageError("store " + s.root() + " has no catalog yet: run casmig migrate first");
     util::ensure_dir(s.migration_dir());
-    store::StoreLock reader(gc_lock_path(s), store::LockKind::shared, "materialize");
+    store::StoreLock reader(gc_lock_path(s), store::LockKind::shared, "materialize", s.lock_wait());
     catalog::Catalog cat(s.db_path(), catalog::OpenMode::read_only);
     auto p = cat.package(name);
     if (!p) throw util::UsageError("package " + util::printable(name) + " is not in store " + s.root() + ": check the id with casmig status");
@@ -1056,7 +1079,7 @@ private:
 } // namespace
 
 GcResult gc(store::Store& s, DryRun dry) {
-    store::StoreLock writer(gc_lock_path(s), store::LockKind::exclusive, "gc");
+    store::StoreLock writer(gc_lock_path(s), store::LockKind::exclusive, "gc", s.lock_wait());
     auto& cat = s.catalog();
     auto& objects = s.objects();
     GcResult r;

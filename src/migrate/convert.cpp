@@ -5,6 +5,7 @@
 #include "casmig/store/packages.hpp"
 #include "casmig/util/aligned_buffer.hpp"
 #include "casmig/util/error.hpp"
+#include "casmig/util/interrupt.hpp"
 #include "casmig/util/io.hpp"
 #include "casmig/util/threads.hpp"
 
@@ -231,8 +232,14 @@ ConvertResult convert(store::Store& s, const ConvertOptions& opts, const Progres
     // shard looked at again); the final commit below is a full one again.
     catalog::RelaxedDurability relaxed(cat.db());
     for (unsigned shard = first; shard < 256; ++shard) {
+        if (util::stop_requested()) {
+            r.interrupted = true; // between shards: everything before is recorded, the cursor stays
+            r.shards_left = 256 - shard;
+            break;
+        }
         if (opts.time_budget && std::chrono::steady_clock::now() - start >= *opts.time_budget) {
             r.stopped_by_budget = true;
+            r.shards_left = 256 - shard;
             break;
         }
         auto& sh = shards[shard];
@@ -373,9 +380,10 @@ ConvertResult convert(store::Store& s, const ConvertOptions& opts, const Progres
     }
     {
         catalog::Transaction tx(cat.db());
-        if (!r.stopped_by_budget) cat.delete_setting(k_cursor_key);
+        if (!r.stopped_by_budget && !r.interrupted) cat.delete_setting(k_cursor_key);
         cat.journal("convert", "", "", "",
-                    std::string(r.stopped_by_budget ? "time budget reached, " : "") + "to " + r.compression + ": " +
+                    std::string(r.stopped_by_budget ? "time budget reached, " : r.interrupted ? "interrupted, " : "") +
+                        "to " + r.compression + ": " +
                         std::to_string(r.converted) + " converted (" + std::to_string(r.bytes_before) +
                         " -> " + std::to_string(r.bytes_after) + " bytes), " + std::to_string(r.kept_raw) + " kept raw, " +
                         std::to_string(r.failed) + " failed");

@@ -6,6 +6,7 @@
 #include "casmig/migrate/store_mode.hpp"
 #include "casmig/store/packages.hpp"
 #include "casmig/util/error.hpp"
+#include "casmig/util/interrupt.hpp"
 #include "casmig/util/io.hpp"
 #include "casmig/util/parse.hpp"
 #include "casmig/util/threads.hpp"
@@ -314,9 +315,12 @@ private:
             return u;
         }
         if (!m_walker) {
-            if (m_next == m_packages.size() ||
+            // A stop request ends a migrate like the time budget (plan, and migrate's space check,
+            // always count the whole selection).
+            const bool stop = m_mode == Mode::migrate && util::stop_requested();
+            if (m_next == m_packages.size() || stop ||
                 (m_opts.time_budget && Clock::now() - m_start >= *m_opts.time_budget)) {
-                if (m_next < m_packages.size()) m_result.stopped_by_budget = true;
+                if (m_next < m_packages.size() && !stop) m_result.stopped_by_budget = true;
                 fc.stop();
                 return nullptr;
             }
@@ -891,6 +895,7 @@ std::vector<catalog::Package> one_at_a_time(store::Store& store, const Options& 
     if (first.commit_failed()) return leave_from(0);
     const unsigned threads = util::thread_count(opts.threads);
     for (size_t i = 0; i < rest.size(); ++i) {
+        if (util::stop_requested()) return leave_from(i); // migrate() counts what is left
         if (opts.time_budget && Clock::now() - started >= *opts.time_budget) {
             r.stopped_by_budget = true;
             return leave_from(i);
@@ -935,6 +940,21 @@ void restore_states(catalog::Catalog& cat, const std::vector<catalog::Package>& 
     } catch (const std::exception& e) {
         if (!is_disk_full(e)) throw;
     }
+}
+
+/// After a stop request: what of the selection (ids) is left, from the catalog — not started (pending
+/// again, or never begun) or migrated but not verified yet.
+void count_left(catalog::Catalog& cat, const std::vector<std::int64_t>& ids, Result& r) {
+    std::unordered_set<std::int64_t> selected(ids.begin(), ids.end());
+    for (const auto& p : cat.packages()) {
+        if (!selected.count(p.id)) continue;
+        if (p.state == PackageState::pending || p.state == PackageState::in_progress ||
+            p.state == PackageState::rolled_back)
+            ++r.left;
+        else if (p.state == PackageState::migrated)
+            ++r.left_unverified;
+    }
+    r.interrupted = r.left || r.left_unverified;
 }
 
 } // namespace
@@ -1024,6 +1044,8 @@ Result migrate(store::Store& store, const Options& opts, const ProgressSink& pro
     store.objects().trust_catalog([pool = std::make_shared<catalog::ReaderPool>(store.db_path())](const hash::Digest& d) {
         return pool->has_object(d);
     });
+    std::vector<std::int64_t> selected_ids;
+    for (const auto& pk : selected) selected_ids.push_back(pk.id);
     Pipeline p(store, Mode::migrate, opts, std::move(selected), progress, problems);
     p.run(util::thread_count(opts.threads));
     Result r = p.result();
@@ -1051,6 +1073,7 @@ Result migrate(store::Store& store, const Options& opts, const ProgressSink& pro
             }
         }
     }
+    if (util::stop_requested()) count_left(cat, selected_ids, r);
     r.seconds = std::chrono::duration<double>(Clock::now() - started).count();
     return r;
 }

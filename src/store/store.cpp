@@ -2,17 +2,22 @@
 #include "casmig/store/packages.hpp"
 
 #include "casmig/util/error.hpp"
+#include "casmig/util/interrupt.hpp"
 #include "casmig/util/io.hpp"
 
 #include <algorithm>
 #include <cerrno>
 #include <charconv>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
 #include <dirent.h>
 #include <fcntl.h>
 #include <set>
 #include <sys/file.h>
 #include <sys/random.h>
 #include <sys/stat.h>
+#include <thread>
 #include <unistd.h>
 
 namespace casmig::store {
@@ -26,18 +31,73 @@ bool is_package_name(std::string_view name) {
     return catalog::is_path_component(name) && !is_reserved(std::string(name));
 }
 
-StoreLock::StoreLock(const std::string& path, LockKind kind, const std::string& command) {
+namespace {
+
+/// Who holds the lock on fd, as its exclusive holder wrote it ("casmig migrate pid 123"); "" when
+/// unknown. Only an exclusive holder writes: what a shared holder (materialize on gc.lock) finds is
+/// an earlier holder's, so a pid that is no longer running names nobody.
+std::string lock_holder(int fd) {
+    char buf[128] = "";
+    ssize_t n = ::pread(fd, buf, sizeof buf - 1, 0);
+    std::string holder = n > 0 ? std::string(buf, static_cast<size_t>(n)) : std::string();
+    while (!holder.empty() && (holder.back() == '\n' || holder.back() == ' ')) holder.pop_back();
+    if (auto at = holder.rfind(" pid "); at != std::string::npos) {
+        long pid = std::strtol(holder.c_str() + at + 5, nullptr, 10);
+        if (pid > 0 && ::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) return {};
+    }
+    return holder;
+}
+
+/// "3s", "1.5s", "250ms", "2m", "1h30m": how a wait reads in a message.
+std::string wait_text(std::chrono::milliseconds d) {
+    auto ms = d.count();
+    if (ms < 1000) return std::to_string(ms) + "ms";
+    if (ms % 1000) {
+        char b[32];
+        std::snprintf(b, sizeof b, "%.1fs", static_cast<double>(ms) / 1000.0);
+        return b;
+    }
+    auto s = ms / 1000;
+    std::string out;
+    if (s >= 3600) out += std::to_string(s / 3600) + "h";
+    if (s % 3600 >= 60) out += std::to_string(s % 3600 / 60) + "m";
+    if (s % 60 || out.empty()) out += std::to_string(s % 60) + "s";
+    return out;
+}
+
+} // namespace
+
+StoreLock::StoreLock(const std::string& path, LockKind kind, const std::string& command, const LockWait& wait) {
     int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     if (fd < 0) util::throw_errno("cannot open lock file", path);
     m_fd = util::Fd(fd);
-    if (::flock(fd, (kind == LockKind::exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) != 0) {
+    // Polled, not a blocking flock(): a blocked flock can only be ended by a signal (which the library
+    // must not use) or by leaving a thread behind that would take the lock later; 50 ms between tries
+    // costs nothing and lets a stop request end the wait.
+    using Clock = std::chrono::steady_clock;
+    const auto deadline = Clock::now() + wait.max;
+    bool waiting = false;
+    for (;;) {
+        if (::flock(fd, (kind == LockKind::exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB) == 0) break;
+        if (errno == EINTR) continue;
         if (errno != EWOULDBLOCK) util::throw_errno("cannot lock", path);
-        char buf[128] = "";
-        ssize_t n = ::pread(fd, buf, sizeof buf - 1, 0);
-        std::string holder = n > 0 ? std::string(buf, static_cast<size_t>(n)) : std::string();
-        while (!holder.empty() && (holder.back() == '\n' || holder.back() == ' ')) holder.pop_back();
-        throw util::BusyError("store is busy: " + path + " is held" + (holder.empty() ? "" : " by " + holder) +
-                              "; wait for that run to finish (status works meanwhile), then retry " + command);
+        const std::string holder = lock_holder(fd);
+        const std::string by = holder.empty() ? "" : " by " + holder;
+        const auto now = Clock::now();
+        if (now >= deadline)
+            throw util::BusyError("store is busy: " + path + " is held" + by +
+                                  (waiting ? " (waited " + wait_text(wait.max) + " for it)" : "") +
+                                  "; wait for that run to finish (status works meanwhile), then retry " + command +
+                                  (waiting ? ", or wait longer (--lock-wait DUR)" : " (--lock-wait DUR waits for it)"));
+        if (int sig = util::stop_signal())
+            throw util::InterruptedError("interrupted (" + util::signal_name(sig) + ") while waiting for " + path +
+                                             " (held" + by + "): nothing was done; run " + command + " again",
+                                         sig);
+        if (!waiting) {
+            waiting = true;
+            if (wait.waiting) wait.waiting("waiting up to " + wait_text(wait.max) + " for " + path + ", held" + by);
+        }
+        std::this_thread::sleep_for(std::min<Clock::duration>(std::chrono::milliseconds(50), deadline - now));
     }
     if (kind == LockKind::exclusive) {
         // Best effort: the holder's pid and command, for the message a second writer prints.
@@ -86,7 +146,7 @@ void Store::ensure_layout() {
 
 std::unique_ptr<StoreLock> Store::lock(const std::string& command, Purpose purpose) {
     util::ensure_dir(migration_dir());
-    auto l = std::make_unique<StoreLock>(migration_dir() + "/lock", LockKind::exclusive, command);
+    auto l = std::make_unique<StoreLock>(migration_dir() + "/lock", LockKind::exclusive, command, m_lock_wait);
     check_catalog(purpose, command);
     // temp/ is casmig's alone: a symlink there (or a file) is refused before anything is created or
     // removed, and its target is never touched.

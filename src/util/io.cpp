@@ -16,7 +16,9 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <spawn.h>
 #include <string>
+#include <sys/wait.h>
 #include <utility>
 #include <vector>
 #endif
@@ -290,6 +292,19 @@ void make_parents(const std::string& path) {
     ::_exit(137);
 }
 
+/// Runs cmd with sh -c and waits for it; its exit status, or -1. Not std::system(): that ignores
+/// SIGINT and SIGQUIT in the whole process while the command runs, so a hook that signals casmig
+/// (`kill -INT $PPID`, tests of the stop at a safe point) would be lost.
+int run_hook(const std::string& cmd) noexcept {
+    const char* argv[] = {"sh", "-c", cmd.c_str(), nullptr};
+    pid_t pid = 0;
+    if (::posix_spawn(&pid, "/bin/sh", nullptr, nullptr, const_cast<char* const*>(argv), environ) != 0) return -1;
+    int status = 0;
+    while (::waitpid(pid, &status, 0) < 0)
+        if (errno != EINTR) return -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
 template <class F>
 auto with_fault(Op op, F&& call) -> decltype(call()) {
     if (int e = state().fault(op)) {
@@ -317,7 +332,7 @@ void crash_point(const char* name) noexcept {
             std::lock_guard lk(s.mutex);
             run = ++s.hook_hits == s.hook_n;
         }
-        if (run && !s.hook_cmd.empty() && std::system(s.hook_cmd.c_str()) != 0)
+        if (run && !s.hook_cmd.empty() && run_hook(s.hook_cmd) != 0)
             std::fprintf(stderr, "casmig: test hook at %s: '%s' failed\n", name, s.hook_cmd.c_str());
     }
     if (s.crash_name.empty() || s.crash_name != name) return;

@@ -5,6 +5,7 @@
 
 #include "casmig/ingest/ingest.hpp"
 #include "casmig/util/error.hpp"
+#include "casmig/util/interrupt.hpp"
 #include "casmig/util/io.hpp"
 #include "casmig/util/threads.hpp"
 #include "casmig/walk/walker.hpp"
@@ -282,7 +283,10 @@ Result verify_packages(store::Store& store, const std::vector<catalog::Package>&
             tbb::make_filter<void, std::shared_ptr<Task>>(
                 tbb::filter_mode::serial_in_order,
                 [&](tbb::flow_control& fc) -> std::shared_ptr<Task> {
-                    if (next == packages.size()) {
+                    if (next == packages.size() || util::stop_requested()) {
+                        // A stop request: the packages in flight are finished and recorded, no other starts.
+                        r.left = packages.size() - next;
+                        r.interrupted = r.left > 0;
                         fc.stop();
                         return nullptr;
                     }
@@ -576,12 +580,16 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
         });
     };
     objects.for_each_shard([&](const std::vector<std::string>& names) {
+        if (util::stop_requested()) {
+            r.interrupted = true; // what was found bad so far is still quarantined below
+            return;
+        }
         pending.insert(pending.end(), names.begin(), names.end());
         if (pending.size() < k_objects_batch) return;
         check_batch(pending);
         pending.clear();
     });
-    if (!pending.empty()) check_batch(pending);
+    if (!pending.empty() && !r.interrupted) check_batch(pending);
     if (progress) progress(report);
     r.objects_checked = checked;
     r.objects_bad += bad.size() + unreadable;
@@ -622,6 +630,7 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
         }
         tx.commit();
     }
+    if (r.interrupted) return r; // the whole-store checks below are for a complete run
     // Catalogued objects that are missing on disk.
     cat.for_each_object([&](const catalog::ObjectRow& o) {
         if (!objects.on_disk(o.digest)) {

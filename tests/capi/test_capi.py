@@ -8,6 +8,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "e2e"))
 import harness  # noqa: E402
@@ -75,6 +77,7 @@ class Lib:
                                  ctypes.POINTER(AddResult)]
         c.casmig_remove.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
         c.casmig_materialize.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int]
+        c.casmig_set_lock_wait.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
 
     def add(self, h, name, staging):
         problems = []
@@ -224,6 +227,44 @@ def the_library_refuses_paths_that_leave_the_package_and_names_what_failed(t):
             expect(rc == 4 and lib.error(), f"busy: {rc} {lib.error()!r}")
         rc, r, _ = lib.migrate(h, ["pkg00"])
         expect(rc == 0, f"after the lock: {rc} {lib.error()}")
+    finally:
+        lib.c.casmig_close(h)
+
+
+@test
+def the_library_waits_for_the_store_lock_as_long_as_casmig_set_lock_wait_says(t):
+    lib = lib_of(t)
+    s = t.store("lockwait", 2)
+    os.makedirs(os.path.join(s, "migration"))
+    h = lib.open(s)
+    try:
+        expect(lib.c.casmig_set_lock_wait(None, 1000) == 2, "a NULL handle is not a usage error")
+        lock = os.path.join(s, "migration", "lock")
+        # Held throughout: CASMIG_BUSY once the wait is over, and the message says it waited.
+        with open(lock, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            expect(lib.c.casmig_set_lock_wait(h, 700) == 0, f"set_lock_wait: {lib.error()}")
+            t0 = time.time()
+            rc, r, _ = lib.migrate(h, ["pkg00"])
+            took = time.time() - t0
+            expect(rc == 4 and 0.7 <= took < 10 and "waited 700ms" in lib.error(),
+                   f"held throughout: {rc} after {took:.2f}s, {lib.error()!r}")
+            # Released after 1 s by another thread: the call waits and then migrates.
+            expect(lib.c.casmig_set_lock_wait(h, 10000) == 0, f"set_lock_wait: {lib.error()}")
+            releaser = threading.Timer(1.0, f.close)
+            releaser.start()
+            t0 = time.time()
+            rc, r, _ = lib.migrate(h, ["pkg00"])
+            took = time.time() - t0
+            releaser.join()
+        expect(rc == 0 and r.verified == 1 and took >= 0.9, f"released after 1s: {rc} after {took:.2f}s, {lib.error()!r}")
+        # Back to the default: busy at once.
+        with open(lock, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            expect(lib.c.casmig_set_lock_wait(h, 0) == 0, "set_lock_wait 0")
+            t0 = time.time()
+            rc, r, _ = lib.migrate(h, ["pkg01"])
+            expect(rc == 4 and time.time() - t0 < 0.5, f"no wait: {rc} after {time.time() - t0:.2f}s")
     finally:
         lib.c.casmig_close(h)
 

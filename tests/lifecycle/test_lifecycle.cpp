@@ -3,8 +3,12 @@
 #include "../support/fixture.hpp"
 #include "casmig/lifecycle/lifecycle.hpp"
 #include "casmig/migrate/pipeline.hpp"
+#include "casmig/util/interrupt.hpp"
+#include "casmig/verify/verify.hpp"
 
+#include <csignal>
 #include <fcntl.h>
+#include <filesystem>
 #include <sys/stat.h>
 
 using namespace casmig;
@@ -229,5 +233,67 @@ TEST_SUITE("lifecycle") {
         CHECK(m.store->catalog().totals().objects == before - 3);
         auto out = lifecycle::materialize(*m.store, "pkg1", m.elsewhere / "still", lifecycle::LinkMode::copy);
         CHECK(out.files == 3);
+    }
+}
+
+TEST_SUITE("stop requests") {
+    // util::request_stop as the CLI's SIGINT/SIGTERM handler makes it; cleared even when a check fails.
+    struct Stop {
+        Stop() { util::request_stop(SIGINT); }
+        ~Stop() { util::clear_stop(); }
+    };
+    // What the lifecycle left in temp/ (the process's own casmig-<pid>-<hex>/ staging directory lives
+    // as long as the store object).
+    std::vector<std::string> lifecycle_temp(store::Store& s) {
+        std::vector<std::string> out;
+        for (const auto& e : std::filesystem::directory_iterator(s.temp_dir()))
+            if (e.path().filename().string().rfind("casmig-", 0) != 0) out.push_back(e.path().filename().string());
+        return out;
+    }
+    TEST_CASE("verify, cleanup, rollback and add start nothing after a stop request and say what is left") {
+        Migrated m;
+        auto& s = *m.store;
+        auto pkgs = s.catalog().packages();
+        {
+            Stop stop;
+            auto v = verify::verify_packages(s, pkgs, {}, nullptr, nullptr);
+            CHECK(v.interrupted);
+            CHECK(v.left == 3);
+            CHECK(v.packages == 0);
+        }
+        lifecycle::cutover(s, 0, nullptr, nullptr);
+        {
+            Stop stop;
+            auto c = lifecycle::cleanup(s, lifecycle::DryRun::no, 0, nullptr, nullptr);
+            CHECK(c.interrupted);
+            CHECK(c.left == 3);
+            CHECK(c.trees == 0);
+            CHECK(c.skipped == 0);
+        }
+        for (auto& p : s.catalog().packages()) CHECK(p.tree == TreeState::marked);
+        CHECK(lifecycle_temp(s).empty());
+        CHECK_FALSE(lifecycle::cleanup(s, lifecycle::DryRun::no, 0, nullptr, nullptr).interrupted);
+        {
+            Stop stop;
+            auto r = lifecycle::rollback(s, 0, lifecycle::SpaceCheck::yes, nullptr, nullptr);
+            CHECK(r.interrupted);
+            CHECK(r.left == 3);
+            CHECK(r.failed == 0);
+            CHECK(s.catalog().mode() == catalog::StoreMode::file_level);
+        }
+        CHECK(lifecycle_temp(s).empty());
+        auto back = lifecycle::rollback(s, 0, lifecycle::SpaceCheck::yes, nullptr, nullptr);
+        CHECK_FALSE(back.interrupted);
+        CHECK(back.rebuilt == 3);
+        CHECK(s.catalog().mode() == catalog::StoreMode::legacy);
+        test::write_file(m.elsewhere / "stage/bin/new", "new tool", 0755);
+        {
+            Stop stop;
+            auto a = lifecycle::add_package(s, "newpkg", m.elsewhere / "stage", 0, nullptr);
+            CHECK(a.interrupted);
+            CHECK_FALSE(s.catalog().package("newpkg"));
+        }
+        CHECK_FALSE(lifecycle::add_package(s, "newpkg", m.elsewhere / "stage", 0, nullptr).interrupted);
+        CHECK(s.catalog().package("newpkg"));
     }
 }

@@ -2,7 +2,9 @@
 
 #include "../support/fixture.hpp"
 #include "casmig/migrate/pipeline.hpp"
+#include "casmig/util/interrupt.hpp"
 
+#include <csignal>
 #include <sys/stat.h>
 
 using namespace casmig;
@@ -56,6 +58,30 @@ TEST_SUITE("migrate::Pipeline") {
         auto r2 = migrate::migrate(s, o, nullptr, nullptr);
         CHECK(r2.verified == 1);
         CHECK(s.catalog().package("bad")->state == PackageState::verified);
+    }
+    TEST_CASE("a stop request starts no package: all left pending, then a run without it migrates all") {
+        test::TempDir t;
+        test::make_small_store(t.path());
+        store::Store s(t.path());
+        auto lock = s.lock("test");
+        util::request_stop(SIGTERM);
+        migrate::Result r;
+        try {
+            r = migrate::migrate(s, {}, nullptr, nullptr);
+        } catch (...) {
+            util::clear_stop();
+            throw;
+        }
+        util::clear_stop();
+        CHECK(r.interrupted);
+        CHECK(r.migrated == 0);
+        CHECK(r.left == 3);
+        CHECK(r.left_unverified == 0);
+        CHECK_FALSE(r.stopped_by_budget);
+        for (auto& p : s.catalog().packages()) CHECK(p.state == PackageState::pending);
+        auto again = migrate::migrate(s, {}, nullptr, nullptr);
+        CHECK_FALSE(again.interrupted);
+        CHECK(again.verified == 3);
     }
     TEST_CASE("--limit, named packages and a zero time budget bound a run") {
         test::TempDir t;

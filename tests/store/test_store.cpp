@@ -3,8 +3,16 @@
 #include "../support/fixture.hpp"
 #include "casmig/store/store.hpp"
 #include "casmig/util/error.hpp"
+#include "casmig/util/interrupt.hpp"
 
+#include <chrono>
+#include <csignal>
+#include <cstring>
 #include <filesystem>
+#include <sys/file.h>
+#include <sys/wait.h>
+#include <thread>
+#include <vector>
 
 using namespace casmig;
 using store::Purpose;
@@ -136,5 +144,102 @@ TEST_SUITE("store::Store") {
         store::Store s(t.path());
         CHECK_THROWS_AS(s.read_marker(), util::RefusedError);
         CHECK_THROWS_AS(s.lock("test"), util::RefusedError);
+    }
+}
+
+TEST_SUITE("store::StoreLock") {
+    // flock() locks belong to an open file description: a second open of the file in this process
+    // conflicts like another process would.
+    struct Holder {
+        explicit Holder(const std::string& path, const char* text) {
+            fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+            REQUIRE(fd >= 0);
+            REQUIRE(::flock(fd, LOCK_EX | LOCK_NB) == 0);
+            REQUIRE(::pwrite(fd, text, std::strlen(text), 0) == static_cast<ssize_t>(std::strlen(text)));
+        }
+        ~Holder() { release(); }
+        void release() {
+            if (fd >= 0) ::close(fd);
+            fd = -1;
+        }
+        int fd = -1;
+    };
+    using namespace std::chrono_literals;
+    using Clock = std::chrono::steady_clock;
+
+    TEST_CASE("no wait by default: busy at once, naming the holder") {
+        test::TempDir t;
+        std::string path = t / "lock";
+        Holder h(path, ("casmig migrate pid " + std::to_string(::getpid()) + "\n").c_str());
+        auto start = Clock::now();
+        try {
+            store::StoreLock l(path, store::LockKind::exclusive, "migrate");
+            FAIL("the lock was taken while held");
+        } catch (const util::BusyError& e) {
+            CHECK(std::string(e.what()).find("held by casmig migrate pid " + std::to_string(::getpid())) != std::string::npos);
+            CHECK(std::string(e.what()).find("waited") == std::string::npos);
+        }
+        CHECK(Clock::now() - start < 200ms);
+    }
+    TEST_CASE("a wait takes the lock once the holder lets go, and says so once") {
+        test::TempDir t;
+        std::string path = t / "lock";
+        Holder h(path, ("casmig migrate pid " + std::to_string(::getpid()) + "\n").c_str());
+        std::vector<std::string> told;
+        std::thread release([&] {
+            std::this_thread::sleep_for(300ms);
+            h.release();
+        });
+        auto start = Clock::now();
+        {
+            store::StoreLock l(path, store::LockKind::exclusive, "migrate",
+                               {5000ms, [&](const std::string& m) { told.push_back(m); }});
+            CHECK(Clock::now() - start >= 250ms);
+            CHECK(Clock::now() - start < 3000ms);
+            CHECK(test::read_file(path) == "casmig migrate pid " + std::to_string(::getpid()) + "\n");
+        }
+        release.join();
+        REQUIRE(told.size() == 1);
+        CHECK(told[0] == "waiting up to 5s for " + path + ", held by casmig migrate pid " + std::to_string(::getpid()));
+    }
+    TEST_CASE("a wait that runs out is busy and says how long it waited; a dead holder's pid is not named") {
+        test::TempDir t;
+        std::string path = t / "lock";
+        // A shared holder writes nothing: the text is an earlier holder's, whose pid is gone.
+        pid_t gone = ::fork();
+        if (gone == 0) ::_exit(0);
+        REQUIRE(gone > 0);
+        ::waitpid(gone, nullptr, 0);
+        Holder h(path, ("casmig gc pid " + std::to_string(gone) + "\n").c_str());
+        auto start = Clock::now();
+        try {
+            store::StoreLock l(path, store::LockKind::shared, "materialize", {400ms, nullptr});
+            FAIL("the lock was taken while held");
+        } catch (const util::BusyError& e) {
+            std::string m = e.what();
+            CHECK(m.find("waited 400ms") != std::string::npos);
+            CHECK(m.find("pid " + std::to_string(gone)) == std::string::npos);
+        }
+        CHECK(Clock::now() - start >= 400ms);
+    }
+    TEST_CASE("a stop request ends a wait: interrupted, nothing taken") {
+        test::TempDir t;
+        std::string path = t / "lock";
+        Holder h(path, "casmig migrate pid 1\n");
+        std::thread stop([] {
+            std::this_thread::sleep_for(200ms);
+            util::request_stop(SIGTERM);
+        });
+        auto start = Clock::now();
+        try {
+            store::StoreLock l(path, store::LockKind::exclusive, "migrate", {10000ms, nullptr});
+            FAIL("the lock was taken while held");
+        } catch (const util::InterruptedError& e) {
+            CHECK(e.signal() == SIGTERM);
+            CHECK(std::string(e.what()).find("interrupted (SIGTERM)") != std::string::npos);
+        }
+        stop.join();
+        util::clear_stop();
+        CHECK(Clock::now() - start < 5000ms);
     }
 }

@@ -89,6 +89,10 @@ struct CleanupResult {
     std::uint64_t allocated = 0; // on disk: st_blocks × 512 of each file whose last name was deleted
                                  // (a sparse file counts its data, a file hard-linked from elsewhere
                                  // nothing); JSON freed_allocated_bytes
+    // A stop was requested (util::request_stop): `left` marked trees were not started (they stay
+    // marked, untouched); those in flight were finished — proven, recorded and deleted, or put back.
+    bool interrupted = false;
+    std::uint64_t left = 0;
 };
 /// Deletes each marked legacy tree (and each tree verified after cutover) only after proving, in this
 /// run, that it equals its manifest (path set, types, modes, owners, mtimes, symlink targets, hard
@@ -96,13 +100,18 @@ struct CleanupResult {
 /// tree renamed into temp/ (out of readers' way, so the proven tree is the deleted one); proven (a
 /// corrupt object is rewritten from the proven legacy file, the bad copy quarantined); recorded
 /// removed; deleted. A tree that differs goes back under its name and is reported (skipped). Refuses
-/// before cutover, and as non-root when a manifest holds what only root can restore.
+/// before cutover, and as non-root when a manifest holds what only root can restore. A stop request
+/// starts no further tree (CleanupResult::interrupted); a rerun continues.
 CleanupResult cleanup(store::Store& store, DryRun dry, unsigned threads, const ProgressSink& progress,
                       const ProblemSink& problems);
 
 struct RollbackResult {
     std::uint64_t packages = 0, rebuilt = 0, files = 0, bytes = 0, failed = 0;
     std::uint64_t linked_across = 0; // rebuilt files made hard links of another package's file again
+    // A stop was requested (util::request_stop): `left` trees to rebuild were not started; the trees
+    // already built were put in place and recorded, the mode stays until a rerun brings back the rest.
+    bool interrupted = false;
+    std::uint64_t left = 0;
 };
 /// Back to mode legacy: every package with a manifest whose legacy tree is not exactly present (absent,
 /// not a directory, or — after cleanup or cutover — different from its manifest) is rebuilt from the CAS
@@ -111,7 +120,8 @@ struct RollbackResult {
 /// equal (detail::link_across()). Package by package: one that cannot be rebuilt is reported and
 /// counted in `failed`, the others carry on, and the mode stays until every package is back.
 /// Refuses (store unchanged) when free space is short (unless SpaceCheck::no) and, as non-root, when
-/// a tree to rebuild has foreign owners or capabilities. Idempotent.
+/// a tree to rebuild has foreign owners or capabilities. Idempotent. A stop request starts no further
+/// rebuild (RollbackResult::interrupted); a rerun continues.
 RollbackResult rollback(store::Store& store, unsigned threads, SpaceCheck space, const ProgressSink& progress,
                         const ProblemSink& problems);
 
@@ -166,6 +176,7 @@ struct AddResult {
     std::uint64_t files = 0, bytes = 0;
     std::uint64_t new_objects = 0, new_object_bytes = 0; // contents the store did not hold yet
     bool failed = false; // nothing recorded; each reason went to `problems`
+    bool interrupted = false; // a stop request came before the package was published: nothing recorded
     double seconds = 0;
 };
 /// Adds package `name` straight in file-level form from the directory `source` (the package manager's

@@ -58,6 +58,8 @@ struct ConvertResult {
     std::uint64_t quarantined = 0; // bad files found at a new form's name, moved to migration/corrupt/
     std::uint64_t bytes_before = 0, bytes_after = 0; // on disk, of the converted objects
     bool stopped_by_budget = false; // shards are left: a rerun continues at the cursor
+    bool interrupted = false;       // a stop request (util::request_stop) left shards: likewise
+    unsigned shards_left = 0;       // of objects/'s 256 fan-out directories, when stopped
     std::string compression;     // the store's setting after the run ("none": raw)
     double seconds = 0;
 };

@@ -17,6 +17,10 @@
 // finished packages (that progress is durable), then tries each unfinished package alone, only if it
 // fits; what does not fit stays pending (Result::not_started) and temp/ is left empty.
 //
+// Stop requests (casmig/util/interrupt.hpp): the walk stage starts no package once one is made, as
+// with the time budget; what is in flight is published, committed and verified as usual (verify
+// itself stops between packages), and Result::interrupted says what is left.
+//
 // Locking: migrate() requires the caller to hold the store lock; plan() takes none and writes nothing.
 #pragma once
 #include <chrono>
@@ -57,6 +61,12 @@ struct Result {
     std::string disk_full_error;                  // the first such error (one line, names the path)
     std::uint64_t not_started = 0;                // selected packages left pending because they did not fit
     bool unverified = false;                      // the disk filled up before verify could record its result
+    // A stop was requested (util::request_stop: SIGINT/SIGTERM in the CLI) and work is left: no package
+    // was started after it, the packages in flight were committed (and verified, unless the verify
+    // stopped too). Of the selection, `left` are still to migrate and `left_unverified` migrated but
+    // not verified yet; a rerun continues with both.
+    bool interrupted = false;
+    std::uint64_t left = 0, left_unverified = 0;
     double seconds = 0;
 };
 

@@ -12,6 +12,7 @@
 //   <store>/packages/       the store's own description: manifests, refs, settings (store/packages.hpp)
 //   <store>/store.db        the catalog (catalog/catalog.hpp); --db may put it elsewhere
 #pragma once
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -46,11 +47,21 @@ enum class Purpose {
 
 enum class LockKind { shared, exclusive };
 
-/// An flock() on a lock file, released in the destructor. Never waits: a held lock throws BusyError
-/// (exit 4) naming the holder's pid when it is known.
+/// How long taking a lock may wait for its holder (`--lock-wait`, casmig_set_lock_wait()).
+struct LockWait {
+    std::chrono::milliseconds max{0}; // 0: never wait, a held lock is BusyError at once
+    /// Told once, when a wait starts: one line (no prefix) naming the lock file and its holder.
+    std::function<void(const std::string&)> waiting;
+};
+
+/// An flock() on a lock file, released in the destructor. A held lock is retried (LOCK_NB every
+/// 50 ms, so that neither a thread nor a signal is needed and a stop request ends the wait) for up
+/// to wait.max, then throws BusyError (exit 4) naming the holder's pid and command when they are
+/// known and how long it waited. A stop requested while waiting (util::stop_requested()) throws
+/// util::InterruptedError. The exclusive holder writes "casmig <command> pid <pid>" into the file.
 class StoreLock {
 public:
-    StoreLock(const std::string& path, LockKind kind, const std::string& command);
+    StoreLock(const std::string& path, LockKind kind, const std::string& command, const LockWait& wait = {});
     StoreLock(const StoreLock&) = delete;
     StoreLock& operator=(const StoreLock&) = delete;
 
@@ -74,11 +85,14 @@ public:
 
     /// Creates objects/ (with its 256 fan-out directories), temp/, migration/ and packages/ if missing.
     void ensure_layout();
-    /// Takes migration/lock exclusively, runs check_catalog(purpose) (before anything else is touched),
+    /// Takes migration/lock exclusively (waiting as set_lock_wait() says), runs check_catalog(purpose) (before anything else is touched),
     /// refuses a temp/ that is a symlink or not a directory (RefusedError), creates the layout, then
     /// removes the staging directories of dead casmig processes from temp/ and reports foreign entries
     /// there to the warning sink (one line). Throws BusyError, RefusedError.
     std::unique_ptr<StoreLock> lock(const std::string& command, Purpose purpose = Purpose::write);
+    /// How long lock() (and the lifecycle's migration/gc.lock) waits for a held lock; default: not at all.
+    void set_lock_wait(LockWait wait) { m_lock_wait = std::move(wait); }
+    const LockWait& lock_wait() const { return m_lock_wait; }
     /// Where lock() reports what is worth a warning but is no failure (one line each, no prefix).
     void set_warning_sink(std::function<void(const std::string&)> sink) { m_warn = std::move(sink); }
     /// Opens the catalog read-write (creating it on a new store), after check_catalog(Purpose::write)
@@ -136,6 +150,7 @@ private:
     std::unique_ptr<cas::ObjectStore> m_objects;
     std::unique_ptr<PackageIndex> m_packages;
     std::function<void(const std::string&)> m_warn;
+    LockWait m_lock_wait;
 };
 
 /// The store's compression mode (cas/compression.hpp): nullopt for a raw store. Read from the catalog's

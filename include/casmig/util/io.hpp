@@ -21,6 +21,8 @@
 //   CASMIG_FAULT_TRACE=FILE       at exit, append "OP CALLS" for each OP to FILE (tests use it to pick N).
 //   CASMIG_HOOK_AT=POINT[@N] with CASMIG_HOOK_CMD=CMD: the Nth time POINT is reached, run CMD (sh -c)
 //                                 and go on (a test changes a file at an exact moment of a command).
+//                                 $PPID in CMD is casmig; signals stay as they were while CMD runs
+//                                 (not std::system(), which ignores SIGINT), so CMD may signal casmig.
 //
 // Crash points name durable steps "command.step" (e.g. "cleanup.moved-aside"); docs/reliability.md
 // lists them. Sync semantics of the power-cut model: syncfs() makes everything durable; fsync(fd) makes

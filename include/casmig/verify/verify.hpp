@@ -26,6 +26,11 @@ struct Result {
     std::uint64_t packages = 0, ok = 0, mismatched = 0;
     std::uint64_t objects_checked = 0, objects_bad = 0;
     std::uint64_t manifests_checked = 0, manifests_bad = 0; // packages/manifests (verify --objects)
+    // A stop was requested (util::request_stop) before every package or object was checked: `left`
+    // packages were not started (what was checked is recorded), or verify_objects checked only part
+    // of objects/ (a rerun checks everything again).
+    bool interrupted = false;
+    std::uint64_t left = 0;
 };
 
 /// Checks each package against its manifest: with its legacy tree present, the path set, types,
