@@ -108,7 +108,7 @@ util::Fd open_legacy(store::Store& s, const std::string& package, const std::str
     util::Fd pkg(::openat(s.root_fd(), package.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
     if (!pkg && (errno == ENOENT || errno == ENOTDIR || errno == ELOOP))
         throw util::UsageError("package " + util::printable(package) + " is not in store " + s.root() +
-                               ": check the id with casmig status");
+                               ": check the id with casmig list");
     if (!pkg) util::throw_errno("cannot open the legacy tree of package " + util::printable(package), s.root());
     util::Fd fd;
     try {
@@ -302,25 +302,7 @@ int casmig_package_entries(casmig_store* handle, const char* package, casmig_ent
             }
             return fn(&c, user) == 0;
         };
-        s.check_catalog(store::Purpose::read, "entries");
-        if (s.has_catalog()) {
-            catalog::Catalog cat(s.db_path(), catalog::OpenMode::read_only);
-            auto p = cat.package(name);
-            if (p && p->has_manifest && p->state == catalog::PackageState::verified) {
-                for (const auto& e : cat.manifest(p->id))
-                    if (!emit(e)) break;
-                return CASMIG_OK;
-            }
-        }
-        struct stat st {};
-        if (!catalog::is_path_component(name) || ::fstatat(s.root_fd(), name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 ||
-            !S_ISDIR(st.st_mode))
-            throw util::UsageError("package " + util::printable(name) + " is not in store " + s.root() +
-                                   ": check the id with casmig status");
-        walk::PackageWalker w(s.root_fd(), name);
-        walk::Item it;
-        while (w.next(it))
-            if (!emit(it.entry)) break;
+        lifecycle::package_entries(s, name, emit);
         return CASMIG_OK;
     });
 }
@@ -348,8 +330,10 @@ int casmig_open_file(casmig_store* handle, const char* package, const char* path
                 throw util::UsageError(display + " is not in the manifest of package " + util::printable(name));
             }
         }
-        if (!catalog::is_path_component(name))
-            throw util::UsageError("package " + util::printable(name) + " is not a package id (one directory name)");
+        // Only a package directory: never objects/, migration/ or another of the store's own.
+        if (!store::is_package_name(name))
+            throw util::UsageError("package " + util::printable(name) + " is not a package id (one directory name, "
+                                   "not one of the store's own): check the id with casmig list");
         *fd_out = open_legacy(s, name, rel).release();
         return CASMIG_OK;
     });

@@ -2,6 +2,8 @@
 // 0 success; 1 finished but something failed; 2 usage error or unusable input; 3 refused (store
 // unchanged); 4 store busy; 128 + signal (130, 143) stopped by SIGINT/SIGTERM at a safe point.
 #include <CLI/CLI.hpp>
+#include <algorithm>
+#include <array>
 #include <cerrno>
 #include <chrono>
 #include <cmath>
@@ -9,9 +11,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
+#include <map>
 #include <nlohmann/json.hpp>
-#include <chrono>
 #include <ctime>
+#include <optional>
 #include <set>
 #include <unistd.h>
 
@@ -25,6 +28,7 @@
 #include "casmig/util/error.hpp"
 #include "casmig/util/interrupt.hpp"
 #include "casmig/util/parse.hpp"
+#include "casmig/util/suggest.hpp"
 #include "casmig/verify/verify.hpp"
 #include "progress.hpp"
 
@@ -377,7 +381,7 @@ int cmd_verify(Ctx& c, const std::vector<std::string>& names, bool objects, bool
         for (const auto& n : names) {
             auto p = cat.package(n);
             if (!p) throw util::UsageError("package " + util::printable(n) + " is not in store " + s.root() +
-                                           ": check the id with casmig status");
+                                           ": check the id with casmig list");
             todo.push_back(*p);
         }
     } else {
@@ -577,6 +581,249 @@ int cmd_gc(Ctx& c, bool dry) {
     return k_ok;
 }
 
+// ------------------------------------------------------------------ list, show
+
+int cmd_list(Ctx& c, const std::string& state) {
+    auto rows = lifecycle::list_packages(*c.store);
+    json arr = json::array();
+    std::vector<std::array<std::string, 6>> cells;
+    for (const auto& r : rows) {
+        if (!state.empty() && state != catalog::to_string(r.state)) continue;
+        const std::string id = util::printable(r.name);
+        arr.push_back({{"id", id}, {"state", catalog::to_string(r.state)}, {"tree", catalog::to_string(r.tree)},
+                       {"files", r.files ? json(*r.files) : json(nullptr)}, {"bytes", r.bytes ? json(*r.bytes) : json(nullptr)},
+                       {"error", r.error.empty() ? json(nullptr) : json(r.error)}});
+        cells.push_back({id, catalog::to_string(r.state), catalog::to_string(r.tree),
+                         r.files ? std::to_string(*r.files) : "-", r.bytes ? std::to_string(*r.bytes) : "-", r.error});
+    }
+    // Columns: id, state, tree (left-aligned), files, bytes (right-aligned, exact), error (only if any).
+    // Built by concatenation, not fmt(): an id or an error can be longer than its buffer.
+    std::array<size_t, 5> w{};
+    for (const auto& row : cells)
+        for (size_t i = 0; i < w.size(); ++i) w[i] = std::max(w[i], row[i].size());
+    std::string h;
+    for (const auto& row : cells) {
+        std::string line;
+        for (size_t i = 0; i < w.size(); ++i) {
+            const std::string pad(w[i] - row[i].size(), ' ');
+            line += (i ? "  " : "") + (i < 3 ? row[i] + pad : pad + row[i]);
+        }
+        if (!row[5].empty()) line += "  " + row[5];
+        else line.erase(line.find_last_not_of(' ') + 1);
+        h += line + "\n";
+    }
+    c.out({{"packages", arr}}, h);
+    return k_ok;
+}
+
+int cmd_show(Ctx& c, const std::string& pkg) {
+    std::vector<manifest::Entry> entries;
+    auto source = lifecycle::package_entries(*c.store, pkg, [&](const manifest::Entry& e) {
+        entries.push_back(e);
+        return true;
+    });
+    const bool from_manifest = source == lifecycle::EntrySource::manifest;
+    auto type_name = [](manifest::EntryType t) {
+        return t == manifest::EntryType::dir ? "dir" : t == manifest::EntryType::symlink ? "symlink" : "file";
+    };
+    json arr = json::array();
+    size_t size_w = 1;
+    for (const auto& e : entries) size_w = std::max(size_w, std::to_string(e.size).size());
+    std::string h;
+    for (const auto& e : entries) {
+        const bool link = e.type == manifest::EntryType::symlink;
+        arr.push_back({{"path", util::printable(e.path)}, {"type", type_name(e.type)}, {"mode", e.mode & 07777},
+                       {"size", e.size}, {"digest", e.digest ? json(e.digest->hex()) : json(nullptr)},
+                       {"target", link ? json(util::printable(e.target)) : json(nullptr)}});
+        // Like `ostree ls -R`: type, mode, size, digest, path (from the package root), "-> target"; the
+        // path and target by concatenation (fmt()'s buffer is smaller than a path can be).
+        const char type = e.type == manifest::EntryType::dir ? 'd' : link ? 'l' : '-';
+        std::string digest = e.digest ? e.digest->hex() : "-";
+        if (from_manifest) digest.resize(64, ' ');
+        h += fmt("%c %04o %*llu  ", type, e.mode & 07777, (int)size_w, (unsigned long long)e.size) + digest + "  /" +
+             util::printable(e.path) + (link ? " -> " + util::printable(e.target) : "") + "\n";
+    }
+    c.out({{"package", util::printable(pkg)}, {"source", from_manifest ? "manifest" : "legacy_tree"}, {"entries", arr}}, h);
+    return k_ok;
+}
+
+// ------------------------------------------------------------------ the frame: help, config, usage errors
+
+constexpr const char* k_default_config = "/etc/casmig.conf";
+
+/// The end of every command's --help: one example, then the exit codes (the same for every command).
+void add_help_footers(CLI::App& app) {
+    const std::string codes = "Exit codes: 0 success; 1 finished, but something failed; 2 usage error or unusable input;\n"
+                              "            3 refused, the store is unchanged; 4 busy: another casmig holds the store lock;\n"
+                              "            130/143 stopped by SIGINT/SIGTERM at a safe point (rerun to continue)";
+    const std::map<std::string, std::string> examples{
+        {"", "casmig --store /opt/pm/store plan"},
+        {"plan", "casmig plan --limit 500"},
+        {"migrate", "casmig migrate --limit 2000 --time-budget 45m --io-limit 100M"},
+        {"convert", "casmig convert --compress=6 --time-budget 2h"},
+        {"status", "casmig --json status"},
+        {"list", "casmig list --state failed"},
+        {"show", "casmig show hello-1.0"},
+        {"verify", "casmig verify --sample 100"},
+        {"cutover", "casmig cutover"},
+        {"cleanup", "casmig cleanup --dry-run"},
+        {"rollback", "casmig rollback"},
+        {"materialize", "casmig materialize hello-1.0 /srv/hello --link hardlink"},
+        {"add", "casmig add hello-1.1 /var/cache/pm/staging/hello-1.1"},
+        {"remove", "casmig remove hello-1.0"},
+        {"doctor", "casmig --json doctor"},
+        {"gc", "casmig gc --dry-run"},
+        {"rebuild-catalog", "casmig rebuild-catalog"},
+        {"help", "casmig help migrate"},
+    };
+    auto footer = [&](CLI::App* a, const std::string& name) {
+        auto it = examples.find(name);
+        a->footer("Example: " + (it != examples.end() ? it->second : "casmig " + name) + "\n\n" + codes);
+    };
+    footer(&app, "");
+    for (auto* sc : app.get_subcommands([](CLI::App*) { return true; })) footer(sc, sc->get_name());
+}
+
+/// The config file (TOML or INI, through CLI11): top-level keys set the global options (json excepted:
+/// the output format is the caller's), sections [plan] and [migrate] their limits. Any other key is a
+/// usage error (see config_error()); the command line overrides the file. docs/operations.md lists the keys.
+void setup_config(CLI::App& app) {
+    app.set_config("--config", k_default_config,
+                   std::string("Read options from this TOML/INI file (default ") + k_default_config +
+                       ", if it exists); the command line overrides it");
+    app.allow_config_extras(CLI::config_extras_mode::error);
+    if (auto* j = app.get_option_no_throw("--json")) j->configurable(false);
+    const std::set<std::string> limits{"limit", "time-budget", "io-limit"};
+    for (auto* sc : app.get_subcommands([](CLI::App*) { return true; })) {
+        const bool selects = sc->get_name() == "plan" || sc->get_name() == "migrate";
+        for (auto* o : sc->get_options()) o->configurable(selects && limits.count(o->get_single_name()) > 0);
+    }
+}
+
+std::vector<std::string> command_names(const CLI::App& app) {
+    std::vector<std::string> out;
+    for (const auto* sc : app.get_subcommands([](const CLI::App*) { return true; })) out.push_back(sc->get_name());
+    return out;
+}
+
+/// "unknown command 'migrat': did you mean 'migrate'? (see casmig --help)"
+std::string unknown_command(const CLI::App& app, const std::string& word) {
+    auto near = util::closest(word, command_names(app));
+    return "unknown command '" + util::printable(word) + "'" + (near ? ": did you mean '" + *near + "'?" : "") +
+           " (see casmig --help)";
+}
+
+/// Long option names (without "--") of `cmd` and of the global options, which every command accepts.
+std::vector<std::string> long_options(const CLI::App& app, const CLI::App* cmd) {
+    std::vector<std::string> out;
+    for (const CLI::App* a : {cmd, &app})
+        if (a)
+            for (const auto* o : a->get_options())
+                for (const auto& n : o->get_lnames()) out.push_back(n);
+    return out;
+}
+
+/// Names the first unknown command or option of a command line CLI11 refused, with the closest valid
+/// one (CLI11 itself says "A subcommand is required" for a mistyped command); nullopt when every word
+/// is known (then CLI11's own message is the better one).
+std::optional<std::string> diagnose(const CLI::App& app, const std::vector<std::string>& args) {
+    const CLI::App* cmd = nullptr;
+    for (size_t i = 0; i < args.size(); ++i) {
+        const std::string& a = args[i];
+        if (a == "--") break; // operands only from here on
+        if (a.size() > 1 && a[0] == '-') {
+            const bool is_long = a[1] == '-';
+            const size_t eq = a.find('=');
+            const std::string name = is_long ? a.substr(0, eq) : a.substr(0, 2);
+            const CLI::Option* o = cmd ? cmd->get_option_no_throw(name) : nullptr;
+            if (!o) o = app.get_option_no_throw(name);
+            if (!o) {
+                const std::string where = cmd ? " for " + cmd->get_name() : "";
+                auto near = is_long ? util::closest(name.substr(2), long_options(app, cmd)) : std::nullopt;
+                return "unknown option '" + util::printable(name) + "'" + where +
+                       (near ? ": did you mean '--" + *near + "'?" : "") + " (see casmig" +
+                       (cmd ? " " + cmd->get_name() : "") + " --help)";
+            }
+            // An option that takes a value takes the next word unless it came attached ("--limit=5", "-j4").
+            const bool attached = is_long ? eq != std::string::npos : a.size() > 2;
+            if (o->get_items_expected_min() > 0 && !attached) ++i;
+            continue;
+        }
+        if (cmd) continue; // an operand of the command: CLI11 says whether it takes one
+        for (const auto* sc : app.get_subcommands([](const CLI::App*) { return true; }))
+            if (sc->get_name() == a) cmd = sc;
+        if (!cmd) return unknown_command(app, a);
+    }
+    return std::nullopt;
+}
+
+/// A config file CLI11 refused, in one line naming the file and the key.
+std::string config_error(CLI::App& app, const CLI::ConfigError& e) {
+    std::string file = k_default_config;
+    if (auto* o = app.get_config_ptr()) file = o->as<std::string>();
+    // CLI11 names a key "SECTION.KEY"; the file spells it "KEY" under "[SECTION]".
+    auto shown = [](const std::string& k) {
+        auto dot = k.rfind('.');
+        return dot == std::string::npos ? "'" + k + "'" : "'" + k.substr(dot + 1) + "' in [" + k.substr(0, dot) + "]";
+    };
+    auto in_file = [&](const std::string& k) { return (k.find('.') == std::string::npos ? " in" : " of") + std::string(" config file ") + file; };
+    const std::string msg = e.what();
+    const std::string unknown = "INI was not able to parse ", refused = ": This option is not allowed in a configuration file";
+    if (msg.rfind(unknown, 0) == 0) {
+        const std::string key = msg.substr(unknown.size());
+        // CLI11 marks a section's start and end with the keys "SECTION.++" and "SECTION.--": an unknown one
+        // is a section that names no command with keys.
+        if (key.size() > 3 && (key.compare(key.size() - 3, 3, ".++") == 0 || key.compare(key.size() - 3, 3, ".--") == 0)) {
+            const std::string section = key.substr(0, key.size() - 3);
+            std::vector<std::string> sections;
+            for (const auto* sc : app.get_subcommands([](const CLI::App*) { return true; }))
+                if (!sc->get_options([](const CLI::Option* o) { return o->get_configurable(); }).empty())
+                    sections.push_back(sc->get_name());
+            auto near = util::closest(section, sections);
+            return "unknown section [" + section + "] in config file " + file +
+                   (near ? ": did you mean [" + *near + "]?" : "") + " (the keys: docs/operations.md, Configuration)";
+        }
+        // The keys a file may hold: the configurable global options, then "SECTION.KEY".
+        std::vector<std::string> keys;
+        for (const auto* o : app.get_options())
+            if (o->get_configurable() && !o->get_lnames().empty()) keys.push_back(o->get_lnames()[0]);
+        for (const auto* sc : app.get_subcommands([](const CLI::App*) { return true; }))
+            for (const auto* o : sc->get_options())
+                if (o->get_configurable() && !o->get_lnames().empty()) keys.push_back(sc->get_name() + "." + o->get_lnames()[0]);
+        // A valid key in the wrong place ("limit" at the top, "jobs" in [migrate]) is suggested where it
+        // belongs (the last match: [migrate] rather than [plan]); else the nearest key.
+        std::optional<std::string> near;
+        const std::string tail = key.substr(key.rfind('.') + 1);
+        for (const auto& k : keys)
+            if (k != key && (k == tail || (k.size() > tail.size() &&
+                                           k.compare(k.size() - tail.size() - 1, std::string::npos, "." + tail) == 0)))
+                near = k;
+        if (!near) near = util::closest(key, keys);
+        return "unknown key " + shown(key) + in_file(key) + (near ? ": did you mean " + shown(*near) + "?" : "") +
+               " (the keys: docs/operations.md, Configuration)";
+    }
+    if (msg.size() > refused.size() && msg.compare(msg.size() - refused.size(), std::string::npos, refused) == 0) {
+        const std::string key = msg.substr(0, msg.size() - refused.size());
+        return "key " + shown(key) + in_file(key) + " is for the command line only: give --" +
+               key.substr(key.rfind('.') + 1) + " on the command line";
+    }
+    return "config file " + file + ": " + msg;
+}
+
+/// `casmig help [CMD]`: exactly what `casmig --help` and `casmig CMD --help` print.
+int cmd_help(const CLI::App& app, const std::string& topic) {
+    if (topic.empty()) {
+        std::cout << app.get_formatter()->make_help(&app, app.get_name(), CLI::AppFormatMode::Normal);
+        return k_ok;
+    }
+    for (const auto* sc : app.get_subcommands([](const CLI::App*) { return true; }))
+        if (sc->get_name() == topic) {
+            std::cout << sc->get_formatter()->make_help(sc, app.get_name() + " " + topic, CLI::AppFormatMode::Normal);
+            return k_ok;
+        }
+    throw util::UsageError(unknown_command(app, topic));
+}
+
 } // namespace
 
 /// With --json, a command that stops on an error still prints one JSON document on stdout: {"error":
@@ -589,10 +836,11 @@ int json_error(const Globals& g, int code, const char* kind, const std::string& 
 int casmig_main(int argc, char** argv) {
     casmig::hash::init(); // BLAKE3's CPU probe, before any worker thread exists (see its contract)
     Globals g;
-    CLI::App app{"casmig: migrate a package store from per-package trees to a file-level content-addressed store"};
+    CLI::App app{"casmig: migrate a package store from per-package trees to a file-level content-addressed store", "casmig"};
     app.fallthrough(); // global options are accepted after COMMAND too
     app.require_subcommand(1);
     app.set_help_all_flag("--help-all", "Show help for every command");
+    app.set_version_flag("--version", std::string("casmig ") + CASMIG_VERSION, "Print casmig's version and exit");
     app.add_option("--store", g.store, "Store directory (default: $CASMIG_STORE, then /opt/pm/store)");
     app.add_option("--db", g.db, "Catalog file (default: STORE/store.db)");
     app.add_option("-j,--jobs", g.jobs, "Worker threads (default: all cores)")->check(CLI::Range(1u, 1024u));
@@ -607,19 +855,25 @@ int casmig_main(int argc, char** argv) {
                    "Wait up to DUR for the store lock another casmig holds (e.g. 30s, 10m; default 0: exit 4 at once)");
 
     migrate::Options mo;
-    std::string time_budget, io_limit, limit; // parsed below, where a bad value is one usage line
-    bool retry = false, no_verify = false, no_space_check = false;
-    auto add_selection = [&](CLI::App* sc) {
-        sc->add_option("packages", mo.packages, "Package ids (legacy directory names); default: all pending");
-        sc->add_option("--limit", limit, "At most N packages this run (1 to 1000000000)");
-        sc->add_option("--time-budget", time_budget, "Start no package after this long (e.g. 90s, 30m, 2h; 0 to 3650d)");
-        sc->add_option("--io-limit", io_limit, "Read at most this many bytes/s from legacy trees (e.g. 50M; 1 to 1024T)");
-        sc->add_flag("--retry-failed", retry, "Also retry packages that failed before");
+    // Raw values, parsed below where a bad value is one usage line. plan and migrate each have their
+    // own: a config file's [migrate] keys are migrate's only (and a bad one never stops another command).
+    struct Selection {
+        std::vector<std::string> packages;
+        std::string time_budget, io_limit, limit;
+        bool retry = false;
+    } plan_sel, mig_sel;
+    bool no_verify = false, no_space_check = false;
+    auto add_selection = [&](CLI::App* sc, Selection& sel) {
+        sc->add_option("packages", sel.packages, "Package ids (legacy directory names); default: all pending");
+        sc->add_option("--limit", sel.limit, "At most N packages this run (1 to 1000000000)");
+        sc->add_option("--time-budget", sel.time_budget, "Start no package after this long (e.g. 90s, 30m, 2h; 0 to 3650d)");
+        sc->add_option("--io-limit", sel.io_limit, "Read at most this many bytes/s from legacy trees (e.g. 50M; 1 to 1024T)");
+        sc->add_flag("--retry-failed", sel.retry, "Also retry packages that failed before");
     };
     auto* plan = app.add_subcommand("plan", "Dry run: hash what migrate would read and report counts; writes nothing");
-    add_selection(plan);
+    add_selection(plan, plan_sel);
     auto* mig = app.add_subcommand("migrate", "Migrate pending (or the named) packages into the CAS, then verify them");
-    add_selection(mig);
+    add_selection(mig, mig_sel);
     mig->add_flag("--no-verify", no_verify, "Skip the verify pass after writing");
     std::string compress;
     bool no_dictionary = false;
@@ -682,6 +936,18 @@ int casmig_main(int argc, char** argv) {
     auto* rbc = app.add_subcommand("rebuild-catalog", "Recreate store.db from the store itself (packages/, objects/, legacy trees)");
     bool rbc_force = false;
     rbc->add_flag("--force", rbc_force, "Rebuild even a catalog that fits its store (the old one is kept aside)");
+    auto* listc = app.add_subcommand("list", "One line per package: id, state, legacy tree, files, bytes, error");
+    std::string list_state;
+    listc->add_option("--state", list_state, "Only packages in this state")
+        ->check(CLI::IsMember({"pending", "in_progress", "migrated", "verified", "failed", "rolled_back"}));
+    auto* showc = app.add_subcommand("show", "A package's entries (its manifest, or its legacy tree before it is verified)");
+    std::string show_pkg;
+    showc->add_option("package", show_pkg, "Package id")->required();
+    auto* helpc = app.add_subcommand("help", "Show help for casmig or for one command (as --help does)");
+    std::string help_topic;
+    helpc->add_option("command", help_topic, "A command");
+    add_help_footers(app); // after every command exists
+    setup_config(app);
 
     try {
         app.parse(argc, argv);
@@ -689,10 +955,23 @@ int casmig_main(int argc, char** argv) {
         return app.exit(e);
     } catch (const CLI::CallForAllHelp& e) {
         return app.exit(e);
+    } catch (const CLI::CallForVersion& e) {
+        return app.exit(e);
+    } catch (const CLI::ConfigError& e) {
+        std::fprintf(stderr, "casmig: %s\n", config_error(app, e).c_str());
+        return k_usage;
+    } catch (const CLI::FileError& e) { // the --config file only: a missing default file is no error
+        std::fprintf(stderr, "casmig: config file %s cannot be read (missing, or not a file): check --config\n",
+                     app.get_config_ptr()->as<std::string>().c_str());
+        return k_usage;
     } catch (const CLI::ParseError& e) {
         std::string msg = e.what();
         if (msg.empty()) msg = "invalid command line";
-        std::fprintf(stderr, "casmig: %s (see casmig --help)\n", msg.c_str());
+        if (msg == "A subcommand is required") msg = "no command given";
+        if (auto d = diagnose(app, std::vector<std::string>(argv + 1, argv + argc)))
+            std::fprintf(stderr, "casmig: %s\n", d->c_str());
+        else
+            std::fprintf(stderr, "casmig: %s (see casmig --help)\n", msg.c_str());
         return k_usage;
     }
 
@@ -707,15 +986,19 @@ int casmig_main(int argc, char** argv) {
             }
         };
         constexpr std::uint64_t k_max_packages = 1'000'000'000;
-        if (!limit.empty()) mo.limit = util::parse_count(limit, 1, k_max_packages, "--limit");
+        const Selection none{}, &sel = *plan ? plan_sel : *mig ? mig_sel : none; // the running command's only
+        mo.packages = sel.packages;
+        if (!sel.limit.empty()) mo.limit = util::parse_count(sel.limit, 1, k_max_packages, "--limit");
+        if (!sel.time_budget.empty())
+            mo.time_budget = option("--time-budget", [&] { return util::parse_duration(sel.time_budget); });
         if (!g.lock_wait.empty()) g.lock_wait_ms = option("--lock-wait", [&] { return util::parse_duration(g.lock_wait); });
-        if (!time_budget.empty()) mo.time_budget = option("--time-budget", [&] { return util::parse_duration(time_budget); });
         // At least 1 byte/s (0 would mean "unlimited" to the pipeline), at most 1024T/s.
-        if (!io_limit.empty()) mo.io_limit = option("--io-limit", [&] { return util::parse_bytes(io_limit, 1, 1ull << 50); });
+        if (!sel.io_limit.empty())
+            mo.io_limit = option("--io-limit", [&] { return util::parse_bytes(sel.io_limit, 1, 1ull << 50); });
         std::optional<std::uint64_t> sample_n;
         if (!sample.empty()) sample_n = util::parse_count(sample, 1, k_max_packages, "--sample");
         const int journal_n = static_cast<int>(util::parse_count(journal_lines, 0, 1'000'000, "--journal"));
-        mo.retry_failed = retry ? migrate::RetryFailed::yes : migrate::RetryFailed::no;
+        mo.retry_failed = sel.retry ? migrate::RetryFailed::yes : migrate::RetryFailed::no;
         if (!compress.empty()) mo.compress = static_cast<int>(util::parse_count(compress, 1, 22, "--compress"));
         mo.dictionary = no_dictionary ? migrate::Dictionary::no : migrate::Dictionary::yes;
         mo.verify = no_verify ? migrate::Verify::no : migrate::Verify::yes;
@@ -734,6 +1017,7 @@ int casmig_main(int argc, char** argv) {
             if (!conv_budget.empty())
                 co.time_budget = option("--time-budget", [&] { return util::parse_duration(conv_budget); });
         }
+        if (*helpc) return cmd_help(app, help_topic); // needs no store
         if (*mig || *conv || *ver || *clean || *rb || *add) stop_at_safe_points();
         Ctx c(g);
         if (!g.metrics_file.empty()) {
@@ -760,6 +1044,8 @@ int casmig_main(int argc, char** argv) {
         if (*rem) return cmd_remove(c, rem_pkg);
         if (*gcc) return cmd_gc(c, gc_dry);
         if (*rbc) return cmd_rebuild_catalog(c, rbc_force);
+        if (*listc) return cmd_list(c, list_state);
+        if (*showc) return cmd_show(c, show_pkg);
     } catch (const util::InterruptedError& e) {
         std::fprintf(stderr, "casmig: %s\n", e.what());
         return json_error(g, 128 + e.signal(), "interrupted", e.what());

@@ -796,7 +796,7 @@ MaterializeResult materialize(store::Store& s, const std::string& name, const st
     store::StoreLock reader(gc_lock_path(s), store::LockKind::shared, "materialize", s.lock_wait());
     catalog::Catalog cat(s.db_path(), catalog::OpenMode::read_only);
     auto p = cat.package(name);
-    if (!p) throw util::UsageError("package " + util::printable(name) + " is not in store " + s.root() + ": check the id with casmig status");
+    if (!p) throw util::UsageError("package " + util::printable(name) + " is not in store " + s.root() + ": check the id with casmig list");
     if (!p->has_manifest)
         throw util::RefusedError("package " + util::printable(name) + " has no manifest (state " +
                                  catalog::to_string(p->state) + "): run casmig migrate " + util::printable(name) + " first");
@@ -854,7 +854,7 @@ std::optional<std::string> remove_package(store::Store& s, const std::string& na
     s.discover();
     auto& cat = s.catalog();
     auto p = cat.package(name);
-    if (!p) throw util::UsageError("package " + util::printable(name) + " is not in store " + s.root() + ": check the id with casmig status");
+    if (!p) throw util::UsageError("package " + util::printable(name) + " is not in store " + s.root() + ": check the id with casmig list");
     auto& objects = s.objects();
     const std::string pid = util::printable(name);
     std::string trash = trash_name(*p);
@@ -924,11 +924,7 @@ StatusReport status(store::Store& s, int journal_lines) {
         catalog::Catalog cat(s.db_path(), catalog::OpenMode::read_only);
         r.mode = catalog::to_string(cat.mode());
         for (const auto& p : cat.packages()) {
-            bool present = on_disk.erase(p.name) > 0;
-            bool droppable = p.state == PackageState::pending || p.state == PackageState::failed ||
-                             p.state == PackageState::rolled_back;
-            if (!present && p.tree == catalog::TreeState::present && droppable && !p.has_manifest)
-                continue; // vanished before it was migrated: the next locked command drops it
+            if (vanished_unmigrated(p, on_disk.erase(p.name) > 0)) continue; // the next locked command drops it
             ++r.total;
             ++r.states[catalog::to_string(p.state)];
             ++r.trees[catalog::to_string(p.tree)];

@@ -5,6 +5,38 @@
 
 namespace casmig::util {
 
+namespace {
+
+/// Length of the well-formed UTF-8 sequence of a printable character at bytes[i] (RFC 3629: no overlong
+/// form, no surrogate, nothing above U+10FFFF; not a C1 control, which some terminals take for a line
+/// break), or 0. Anything else is escaped: the result must be valid UTF-8 (JSON output needs it).
+size_t printable_utf8(std::string_view bytes, size_t i) {
+    auto at = [&](size_t k) { return static_cast<unsigned char>(bytes[i + k]); };
+    const unsigned char c = at(0);
+    size_t len = 0;
+    unsigned char lo = 0x80, hi = 0xBF; // the second byte's range
+    if (c >= 0xC2 && c <= 0xDF) {
+        len = 2;
+        if (c == 0xC2) lo = 0xA0; // U+0080..U+009F: C1 controls
+    } else if (c >= 0xE0 && c <= 0xEF) {
+        len = 3;
+        if (c == 0xE0) lo = 0xA0; // overlong
+        if (c == 0xED) hi = 0x9F; // surrogates
+    } else if (c >= 0xF0 && c <= 0xF4) {
+        len = 4;
+        if (c == 0xF0) lo = 0x90; // overlong
+        if (c == 0xF4) hi = 0x8F; // above U+10FFFF
+    } else {
+        return 0;
+    }
+    if (i + len > bytes.size() || at(1) < lo || at(1) > hi) return 0;
+    for (size_t k = 2; k < len; ++k)
+        if ((at(k) & 0xC0) != 0x80) return 0;
+    return len;
+}
+
+} // namespace
+
 std::string printable(std::string_view bytes) {
     static const char* hex = "0123456789abcdef";
     std::string out;
@@ -12,13 +44,9 @@ std::string printable(std::string_view bytes) {
     size_t i = 0;
     while (i < bytes.size()) {
         auto c = static_cast<unsigned char>(bytes[i]);
-        // keep valid UTF-8 multi-byte sequences as they are
-        int len = c >= 0xF0 && c < 0xF5 ? 4 : c >= 0xE0 ? 3 : c >= 0xC2 && c < 0xE0 ? 2 : 1;
-        if (c >= 0x80 && len > 1 && i + len <= bytes.size()) {
-            bool ok = true;
-            for (int k = 1; k < len; ++k)
-                if ((static_cast<unsigned char>(bytes[i + k]) & 0xC0) != 0x80) ok = false;
-            if (ok) {
+        if (c >= 0x80) {
+            // keep well-formed UTF-8 multi-byte sequences as they are
+            if (size_t len = printable_utf8(bytes, i)) {
                 out.append(bytes.substr(i, len));
                 i += len;
                 continue;

@@ -294,6 +294,38 @@ def the_library_never_hands_out_bytes_an_object_name_does_not_vouch_for(t):
             lib.c.casmig_close(h)
 
 
+@test
+def the_library_reads_no_package_out_of_the_stores_own_directories(t):
+    """objects/, migration/, temp/, packages/ and dot-directories are not packages: neither their
+    entries nor their files are handed out as if they were (casmig show, list and the library agree)."""
+    lib = lib_of(t)
+    s = t.store("capi-reserved", 1)
+    t.run(s, "migrate", code=0)
+    digest = [e for e in lib_entries_of(lib, s, "pkg00") if e[0] == "LICENSE"][0][4]
+    os.makedirs(os.path.join(s, ".hidden"))
+    put(os.path.join(s, ".hidden"), "f", b"x")
+    h = lib.open(s)
+    try:
+        for pkg, path in [("objects", digest[:2] + "/" + digest[2:]), ("migration", "lock"), (".hidden", "f")]:
+            rc, data = lib.read(h, pkg, path)
+            expect(rc == 2 and data is None and pkg in lib.error(), f"read {pkg}/{path}: {rc} {lib.error()!r}")
+        for pkg in ("objects", "migration", "packages", "temp", ".hidden"):
+            rc, es = lib.entries(h, pkg)
+            expect(rc == 2 and not es and pkg in lib.error(), f"entries of {pkg}: {rc} {es[:2]} {lib.error()!r}")
+    finally:
+        lib.c.casmig_close(h)
+
+
+def lib_entries_of(lib, store, pkg):
+    h = lib.open(store)
+    try:
+        rc, es = lib.entries(h, pkg)
+        expect(rc == 0, f"entries of {pkg}: {rc} {lib.error()}")
+        return es
+    finally:
+        lib.c.casmig_close(h)
+
+
 def make_staging(t, name, extra=None):
     d = os.path.join(t.work, "staging-" + name)
     put(d, "LICENSE", b"shared license\n" * 20)

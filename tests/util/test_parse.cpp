@@ -76,6 +76,16 @@ TEST_SUITE("util::parse") {
         CHECK(printable("new\nline") == "new\\x0aline");
         CHECK(printable(std::string("bad\xff\xfe", 5)) == "bad\\xff\\xfe");
         CHECK(printable("\xc3\xbcnic") == "\xc3\xbcnic");
+        CHECK(printable("\xf0\x9f\x98\x80") == "\xf0\x9f\x98\x80"); // U+1F600 stays
+    }
+    TEST_CASE("printable escapes every byte that is not well-formed printable UTF-8") {
+        // Each of these passed through before and made `--json` output invalid (nlohmann refuses it).
+        CHECK(printable("\xf8\x80\x80") == "\\xf8\\x80\\x80");         // no such lead byte
+        CHECK(printable("\xe0\x80\xaf") == "\\xe0\\x80\\xaf");         // overlong '/'
+        CHECK(printable("\xed\xa0\x80") == "\\xed\\xa0\\x80");         // a UTF-16 surrogate
+        CHECK(printable("\xf4\x90\x80\x80") == "\\xf4\\x90\\x80\\x80"); // above U+10FFFF
+        CHECK(printable("a\xc2\x85" "b") == "a\\xc2\\x85b");            // C1 control NEL
+        CHECK(printable("\xc2\xa0") == "\xc2\xa0");                     // U+00A0 stays
     }
     TEST_CASE("RateLimiter bounds throughput") {
         RateLimiter l(1 << 20); // 1 MiB/s with a 1 MiB bucket

@@ -74,6 +74,38 @@ struct StatusReport {
 /// (Purpose::read) throws for a catalog that does not fit the store.
 StatusReport status(store::Store& store, int journal_lines);
 
+/// True for a package row that status and list leave out: pending, failed or rolled back, without a
+/// manifest, its tree recorded present but its directory gone (`on_disk` false). The next locked
+/// command drops it from the catalog (Store::discover); until then it is nobody's business.
+bool vanished_unmigrated(const catalog::Package& p, bool on_disk);
+
+/// One package as `casmig list` shows it.
+struct PackageListing {
+    std::string name;                  // the package id (bytes, not necessarily UTF-8)
+    catalog::PackageState state = catalog::PackageState::pending;
+    catalog::TreeState tree = catalog::TreeState::present;
+    std::optional<std::uint64_t> files, bytes; // from its manifest; nullopt while it has none
+    std::string error;                 // the reason of a failed package, else ""
+};
+/// Every package of the store, sorted by id bytes: the catalog's (as status counts them) and the legacy
+/// directories it does not know yet (pending, tree present). Read without the store lock (a read-only
+/// catalog connection, like status; a store without a catalog lists its legacy directories). Throws what
+/// Store::check_catalog (Purpose::read) throws.
+std::vector<PackageListing> list_packages(store::Store& store);
+
+/// Where package_entries() read a package from.
+enum class EntrySource { manifest, legacy_tree };
+/// Calls `f` for each entry of package `name` as a reader sees it in dual mode (docs/api.md): from its
+/// manifest once the package is verified (in path-byte order, digests set), else from a walk of its
+/// legacy tree (preorder, each directory's names in byte order, no digests). Stops early when `f`
+/// returns false. Takes no lock: the catalog is read through a read-only connection and the tree is
+/// only read, never followed through a symlink. Throws util::UsageError for an id that is neither a
+/// verified package nor a legacy directory of the store (reserved names such as objects/ included),
+/// util::Error naming the package and path when the walk meets something it cannot read (a fifo, a
+/// tree changing under it), and what Store::check_catalog (Purpose::read) throws.
+EntrySource package_entries(store::Store& store, const std::string& name,
+                            const std::function<bool(const manifest::Entry&)>& f);
+
 enum class LinkMode { copy, reflink, hardlink };
 
 struct CutoverResult {
