@@ -86,15 +86,21 @@ struct State {
     std::set<std::pair<dev_t, ino_t>> dirty;
     std::vector<NameOp> names;
 
-    State() {
-        if (const char* c = std::getenv("CASMIG_CRASH_AT"); c && *c) {
-            crash_name = c;
-            if (auto at = crash_name.find('@'); at != std::string::npos) {
-                crash_n = std::strtoul(crash_name.c_str() + at + 1, nullptr, 10);
-                crash_name.resize(at);
-                if (crash_n == 0) crash_n = 1;
-            }
+    /// "<point>[@N]" from the environment variable var (N defaults to 1); false when unset or empty.
+    static bool point_from_env(const char* var, std::string& name, unsigned long& n) {
+        const char* v = std::getenv(var);
+        if (!v || !*v) return false;
+        name = v;
+        if (auto at = name.find('@'); at != std::string::npos) {
+            n = std::strtoul(name.c_str() + at + 1, nullptr, 10);
+            name.resize(at);
+            if (n == 0) n = 1;
         }
+        return true;
+    }
+
+    State() {
+        point_from_env("CASMIG_CRASH_AT", crash_name, crash_n);
         if (const char* m = std::getenv("CASMIG_CRASH_MODE")) {
             std::string s = m;
             if (s == "power-data") mode = CrashMode::power_data;
@@ -114,15 +120,8 @@ struct State {
         }
         if (const char* f = std::getenv("CASMIG_FAULT")) parse_faults(f);
         if (const char* t = std::getenv("CASMIG_FAULT_TRACE")) fault_trace = t;
-        if (const char* h = std::getenv("CASMIG_HOOK_AT"); h && *h) {
-            hook_name = h;
-            if (auto at = hook_name.find('@'); at != std::string::npos) {
-                hook_n = std::strtoul(hook_name.c_str() + at + 1, nullptr, 10);
-                hook_name.resize(at);
-                if (hook_n == 0) hook_n = 1;
-            }
+        if (point_from_env("CASMIG_HOOK_AT", hook_name, hook_n))
             if (const char* c = std::getenv("CASMIG_HOOK_CMD")) hook_cmd = c;
-        }
     }
 
     ~State() {
