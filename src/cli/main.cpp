@@ -50,7 +50,6 @@ struct Globals {
 /// What the metrics file needs once main's command has returned (see main() at the end).
 struct MetricsRun {
     std::string path, command, store, db;
-    std::uint64_t* problems = nullptr;
     std::uint64_t problems_seen = 0;
 } g_metrics;
 
