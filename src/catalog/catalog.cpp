@@ -184,10 +184,12 @@ struct Catalog::Stmts {
     explicit Stmts(Db& db)
         : get_mode(db, "SELECT value FROM settings WHERE key='mode'"),
           set_mode(db, "INSERT INTO settings(key, value) VALUES ('mode', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value"),
-          packages(db, "SELECT id, name, state, tree, has_manifest, files, bytes, COALESCE(error,''), manifest FROM packages ORDER BY name"),
-          package(db, "SELECT id, name, state, tree, has_manifest, files, bytes, COALESCE(error,''), manifest FROM packages WHERE name=?"),
+          packages(db, "SELECT id, name, state, tree, has_manifest, files, bytes, COALESCE(error,''), manifest, COALESCE(verify_error,''), COALESCE(verify_failed_at,0) FROM packages ORDER BY name"),
+          package(db, "SELECT id, name, state, tree, has_manifest, files, bytes, COALESCE(error,''), manifest, COALESCE(verify_error,''), COALESCE(verify_failed_at,0) FROM packages WHERE name=?"),
           add_package(db, "INSERT INTO packages(name, state, updated_at) VALUES (?, 'pending', ?)"),
-          set_state(db, "UPDATE packages SET state=?, error=?, updated_at=? WHERE id=?"),
+          // A new state is a new truth: a failure of verify after cutover (0006) was about the old one.
+          set_state(db, "UPDATE packages SET state=?, error=?, updated_at=?, verify_error=NULL, verify_failed_at=NULL WHERE id=?"),
+          set_verify_failure(db, "UPDATE packages SET verify_error=?, verify_failed_at=? WHERE id=?"),
           set_tree(db, "UPDATE packages SET tree=?, updated_at=? WHERE id=?"),
           del_package(db, "DELETE FROM packages WHERE id=?"),
           del_entries(db, "DELETE FROM entries WHERE package=?"),
@@ -210,7 +212,7 @@ struct Catalog::Stmts {
           advance(db, "UPDATE store_identity SET generation=generation+1 WHERE one=1 RETURNING generation"),
           journal(db, "INSERT INTO journal(at_ns, who, command, package, from_state, to_state, detail) VALUES (?,?,?,?,?,?,?)"),
           journal_tail(db, "SELECT at_ns, who, command, COALESCE(package,''), COALESCE(from_state,''), COALESCE(to_state,''), COALESCE(detail,'') FROM journal ORDER BY id DESC LIMIT ?") {}
-    Stmt get_mode, set_mode, packages, package, add_package, set_state, set_tree, del_package, del_entries, ins_entry,
+    Stmt get_mode, set_mode, packages, package, add_package, set_state, set_verify_failure, set_tree, del_package, del_entries, ins_entry,
         set_manifest, clear_manifest, set_manifest_object, manifest, add_object, has_object, objects, del_object, unreferenced, totals,
         get_identity, claim, advance, journal, journal_tail;
 };
@@ -310,6 +312,8 @@ static Package read_package(Stmt& s, const std::string& db_path) {
         }
         p.manifest_object = hash::Digest::from_raw(raw);
     }
+    p.verify_error = s.str(9);
+    p.verify_failed_at_ns = s.i64(10);
     return p;
 }
 
@@ -341,6 +345,13 @@ void Catalog::set_state(std::int64_t id, PackageState s, const std::string& erro
     if (error.empty()) st.bind_null(2);
     else st.bind(2, std::string_view(error));
     st.bind(3, now_ns()).bind(4, id).run();
+}
+
+void Catalog::set_verify_failure(std::int64_t id, const std::string& error) {
+    auto& st = m_s->set_verify_failure;
+    if (error.empty()) st.bind_null(1).bind_null(2);
+    else st.bind(1, std::string_view(error)).bind(2, now_ns());
+    st.bind(3, id).run();
 }
 
 void Catalog::set_tree(std::int64_t id, TreeState t) {
@@ -399,7 +410,7 @@ void Catalog::for_each_referenced_digest(const std::function<void(const hash::Di
 }
 
 std::vector<Package> Catalog::packages_needing(const hash::Digest& d) {
-    Stmt q(m_db, "SELECT id, name, state, tree, has_manifest, files, bytes, COALESCE(error,''), manifest FROM packages "
+    Stmt q(m_db, "SELECT id, name, state, tree, has_manifest, files, bytes, COALESCE(error,''), manifest, COALESCE(verify_error,''), COALESCE(verify_failed_at,0) FROM packages "
                  "WHERE id IN (SELECT DISTINCT package FROM entries WHERE digest = ?) ORDER BY name");
     q.bind_blob(1, d.raw());
     std::vector<Package> out;

@@ -102,6 +102,13 @@ CREATE TRIGGER object_totals_update AFTER UPDATE OF size, stored_size ON objects
     UPDATE object_totals SET bytes = bytes - OLD.size + NEW.size, stored = stored - OLD.stored_size + NEW.stored_size;
 END;
 )SQL"},
+        // A verify that fails for a package whose manifest is the truth (verified, after cutover) leaves
+        // its state verified (the manifest still says what it is) but must not be forgotten: status,
+        // list, doctor and the metrics show it until a verify passes or the state changes (issue 10).
+        {"0006-verify-failures", R"SQL(
+ALTER TABLE packages ADD COLUMN verify_error TEXT;        -- first problem, one line; NULL: none
+ALTER TABLE packages ADD COLUMN verify_failed_at INTEGER; -- unix ns of that verify; NULL: none
+)SQL"},
     };
     return k_migrations;
 }

@@ -310,6 +310,11 @@ int cmd_status(Ctx& c, int journal_lines) {
     else
         j["last_migrate"] = nullptr;
     j["lock_holder"] = st.lock_holder.empty() ? json(nullptr) : json(st.lock_holder);
+    j["failures"] = json::array();
+    for (const auto& [name, err] : failures) j["failures"].push_back({{"package", name}, {"error", err}});
+    j["verify_failures"] = json::array();
+    for (const auto& f : st.verify_failures)
+        j["verify_failures"].push_back({{"package", f.package}, {"error", f.error}, {"at", iso(f.at_ns)}});
     j["eta_seconds"] = st.eta_seconds < 0 ? json(nullptr) : json(std::llround(st.eta_seconds));
     std::string h = fmt("store      %s\nmode       %s\n", s.root().c_str(), mode.c_str());
     h += fmt("packages   %llu total: %llu pending, %llu in progress, %llu migrated, %llu verified, %llu failed, "
@@ -345,6 +350,19 @@ int cmd_status(Ctx& c, int journal_lines) {
                 break;
             }
             h += "  " + (err.empty() ? name : err) + "\n";
+        }
+    }
+    if (!st.verify_failures.empty()) {
+        h += fmt("verify failed after cutover (%zu package(s); each stays verified until fixed: docs/operations.md, "
+                 "\"A package fails verify after cutover\"):\n",
+                 st.verify_failures.size());
+        size_t n = 0;
+        for (const auto& f : st.verify_failures) {
+            if (n++ == 10) {
+                h += fmt("  ... and %zu more (casmig list --verify-failed)\n", st.verify_failures.size() - 10);
+                break;
+            }
+            h += "  " + iso(f.at_ns) + "  " + f.error + "\n";
         }
     }
     if (!journal.empty()) {
@@ -582,18 +600,22 @@ int cmd_gc(Ctx& c, bool dry) {
 
 // ------------------------------------------------------------------ list, show
 
-int cmd_list(Ctx& c, const std::string& state) {
+int cmd_list(Ctx& c, const std::string& state, bool verify_failed) {
     auto rows = lifecycle::list_packages(*c.store);
     json arr = json::array();
     std::vector<std::array<std::string, 6>> cells;
     for (const auto& r : rows) {
         if (!state.empty() && state != catalog::to_string(r.state)) continue;
+        if (verify_failed && r.verify_error.empty()) continue;
         const std::string id = util::printable(r.name);
         arr.push_back({{"id", id}, {"state", catalog::to_string(r.state)}, {"tree", catalog::to_string(r.tree)},
                        {"files", r.files ? json(*r.files) : json(nullptr)}, {"bytes", r.bytes ? json(*r.bytes) : json(nullptr)},
-                       {"error", r.error.empty() ? json(nullptr) : json(r.error)}});
+                       {"error", r.error.empty() ? json(nullptr) : json(r.error)},
+                       {"verify_error", r.verify_error.empty() ? json(nullptr) : json(r.verify_error)}});
+        // A verified package's failed verify shows in the error column, said as such.
+        std::string err = !r.error.empty() ? r.error : r.verify_error.empty() ? "" : "(verify after cutover failed) " + r.verify_error;
         cells.push_back({id, catalog::to_string(r.state), catalog::to_string(r.tree),
-                         r.files ? std::to_string(*r.files) : "-", r.bytes ? std::to_string(*r.bytes) : "-", r.error});
+                         r.files ? std::to_string(*r.files) : "-", r.bytes ? std::to_string(*r.bytes) : "-", err});
     }
     // Columns: id, state, tree (left-aligned), files, bytes (right-aligned, exact), error (only if any).
     // Built by concatenation, not fmt(): an id or an error can be longer than its buffer.
@@ -939,6 +961,9 @@ int casmig_main(int argc, char** argv) {
     std::string list_state;
     listc->add_option("--state", list_state, "Only packages in this state")
         ->check(CLI::IsMember({"pending", "in_progress", "migrated", "verified", "failed", "rolled_back"}));
+    bool list_verify_failed = false;
+    listc->add_flag("--verify-failed", list_verify_failed,
+                    "Only verified packages whose last verify after cutover failed (status shows them too)");
     auto* showc = app.add_subcommand("show", "A package's entries (its manifest, or its legacy tree before it is verified)");
     std::string show_pkg;
     showc->add_option("package", show_pkg, "Package id")->required();
@@ -1043,7 +1068,7 @@ int casmig_main(int argc, char** argv) {
         if (*rem) return cmd_remove(c, rem_pkg);
         if (*gcc) return cmd_gc(c, gc_dry);
         if (*rbc) return cmd_rebuild_catalog(c, rbc_force);
-        if (*listc) return cmd_list(c, list_state);
+        if (*listc) return cmd_list(c, list_state, list_verify_failed);
         if (*showc) return cmd_show(c, show_pkg);
     } catch (const util::InterruptedError& e) {
         std::fprintf(stderr, "casmig: %s\n", e.what());

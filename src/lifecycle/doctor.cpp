@@ -139,7 +139,15 @@ DoctorReport doctor(store::Store& s, const DoctorOptions& opts) {
                         "(systemctl list-timers) and its journal (journalctl -u casmig-migrate)");
         }
     }
-    // 4. Integrity: objects quarantined by verify, cleanup or migrate.
+    // 4. Integrity: verified packages whose verify after cutover failed, and objects quarantined by
+    // verify, cleanup or migrate.
+    if (st && !st->verify_failures.empty()) {
+        const auto& f = st->verify_failures.front();
+        add(Severity::critical, "integrity",
+            std::to_string(st->verify_failures.size()) + " verified package(s) failed verify after cutover (first: " +
+                f.error + "): restore what is damaged (docs/operations.md, \"A package fails verify after cutover\"), "
+                "then casmig verify PKG; casmig list --verify-failed names them all");
+    }
     {
         const std::string corrupt = s.migration_dir() + "/corrupt";
         std::vector<std::string> names;

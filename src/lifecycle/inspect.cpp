@@ -39,11 +39,12 @@ std::vector<PackageListing> list_packages(store::Store& s) {
                 l.bytes = static_cast<std::uint64_t>(p.bytes);
             }
             if (p.state == PackageState::failed) l.error = std::move(p.error);
+            l.verify_error = std::move(p.verify_error);
             out.push_back(std::move(l));
         }
     }
     for (const auto& n : on_disk)
-        out.push_back(PackageListing{n, PackageState::pending, catalog::TreeState::present, {}, {}, {}});
+        out.push_back(PackageListing{n, PackageState::pending, catalog::TreeState::present, {}, {}, {}, {}});
     std::sort(out.begin(), out.end(), [](const PackageListing& a, const PackageListing& b) { return a.name < b.name; });
     return out;
 }

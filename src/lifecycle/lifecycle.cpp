@@ -929,6 +929,8 @@ StatusReport status(store::Store& s, int journal_lines) {
             ++r.states[catalog::to_string(p.state)];
             ++r.trees[catalog::to_string(p.tree)];
             if (p.state == PackageState::failed) r.failures.emplace_back(util::printable(p.name), p.error);
+            if (!p.verify_error.empty())
+                r.verify_failures.push_back({util::printable(p.name), p.verify_error, p.verify_failed_at_ns});
         }
         r.totals = cat.totals();
         if (auto z = store::read_compression(cat)) r.compression = z->setting();

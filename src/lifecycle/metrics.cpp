@@ -74,6 +74,9 @@ void write_metrics(store::Store& s, const std::string& path, const RunInfo& run)
         for (const auto& [state, n] : st->states) o << "casmig_packages{state=\"" << state << "\"} " << n << '\n';
         metric("casmig_legacy_trees", "gauge", "Legacy package trees by state.");
         for (const auto& [state, n] : st->trees) o << "casmig_legacy_trees{state=\"" << state << "\"} " << n << '\n';
+        metric("casmig_packages_verify_failed", "gauge",
+               "Verified packages whose last verify after cutover failed (casmig list --verify-failed).");
+        o << "casmig_packages_verify_failed " << st->verify_failures.size() << '\n';
         metric("casmig_store_mode", "gauge", "1 for the store's current mode.");
         for (const char* m : {"legacy", "dual", "file-level"})
             o << "casmig_store_mode{mode=\"" << m << "\"} " << (st->mode == m ? 1 : 0) << '\n';

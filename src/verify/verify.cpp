@@ -334,6 +334,21 @@ Result verify_packages(store::Store& store, const std::vector<catalog::Package>&
                                 if (t->pkg.state != PackageState::failed)
                                     cat.journal("verify", pid, from, "failed", first.line());
                             }
+                        } else if (record && t->pkg.has_manifest) {
+                            // Verified after cutover: the state stays (the manifest is still the truth),
+                            // the failure is kept beside it until a verify passes (schema 0006).
+                            std::lock_guard lk(db_mutex);
+                            if (!t->problems.empty()) {
+                                Problem first{pid, util::printable(t->problems[0].first), t->problems[0].second};
+                                const std::string line = "verify: " + first.line();
+                                if (line != t->pkg.verify_error) {
+                                    cat.set_verify_failure(t->pkg.id, line);
+                                    cat.journal("verify", pid, "verified", "verified", "failed after cutover: " + first.line());
+                                }
+                            } else if (!t->pkg.verify_error.empty()) {
+                                cat.set_verify_failure(t->pkg.id, "");
+                                cat.journal("verify", pid, "verified", "verified", "passed again after: " + t->pkg.verify_error);
+                            }
                         }
                         ++report.packages_done;
                         report.files_done += t->manifest.size();

@@ -6,11 +6,19 @@
 using namespace casmig;
 using namespace casmig::catalog;
 
+/// Puts a catalog back to what a binary without migration 0006 (verify failures) left.
+static void undo_verify_failures(catalog::Catalog& c) {
+    for (const char* sql : {"ALTER TABLE packages DROP COLUMN verify_error", "ALTER TABLE packages DROP COLUMN verify_failed_at",
+                            "DELETE FROM schema_migrations WHERE name = '0006-verify-failures'", "PRAGMA user_version=5"})
+        c.db().exec(sql);
+}
+
 /// Puts a catalog back to what a binary without migration 0005 (object totals) left.
 static void undo_object_totals(catalog::Catalog& c) {
+    undo_verify_failures(c);
     for (const char* sql : {"DROP TRIGGER object_totals_insert", "DROP TRIGGER object_totals_delete",
                             "DROP TRIGGER object_totals_update", "DROP TABLE object_totals",
-                            "DELETE FROM schema_migrations WHERE name = '0005-object-totals'"})
+                            "DELETE FROM schema_migrations WHERE name = '0005-object-totals'", "PRAGMA user_version=4"})
         c.db().exec(sql);
 }
 
@@ -45,7 +53,6 @@ TEST_SUITE("catalog::Catalog") {
             c.add_object({a, 100, 40});
             c.add_object({b, 7, 7});
             undo_object_totals(c); // as a binary without 0005 leaves it
-            c.db().exec("PRAGMA user_version=" + std::to_string(schema_version() - 1));
         }
         Catalog c(t / "store.db", OpenMode::read_write);
         auto t0 = c.totals();
@@ -66,6 +73,33 @@ TEST_SUITE("catalog::Catalog") {
         CHECK(scan.i64(1) == t1.object_bytes);
         CHECK(scan.i64(2) == t1.stored_bytes);
     }
+    TEST_CASE("migration 0006 adds the verify-failure columns; set_state and a passing verify clear them") {
+        test::TempDir t;
+        std::int64_t id = 0;
+        {
+            Catalog c(t / "store.db", OpenMode::read_write);
+            id = c.add_package("pkg");
+            c.set_state(id, PackageState::verified);
+            undo_verify_failures(c); // as a binary without 0006 leaves it
+        }
+        Catalog c(t / "store.db", OpenMode::read_write);
+        auto p = c.package("pkg");
+        REQUIRE(p);
+        CHECK(p->state == PackageState::verified);
+        CHECK(p->verify_error.empty());
+        CHECK(p->verify_failed_at_ns == 0);
+        c.set_verify_failure(id, "verify: package pkg: f: object x is missing from objects/");
+        p = c.package("pkg");
+        CHECK(p->verify_error == "verify: package pkg: f: object x is missing from objects/");
+        CHECK(p->verify_failed_at_ns > 0);
+        CHECK(p->state == PackageState::verified); // the state stays
+        c.set_verify_failure(id, "");
+        CHECK(c.package("pkg")->verify_error.empty());
+        c.set_verify_failure(id, "verify: again");
+        c.set_state(id, PackageState::rolled_back); // a new state is a new truth
+        CHECK(c.package("pkg")->verify_error.empty());
+        CHECK(c.package("pkg")->verify_failed_at_ns == 0);
+    }
     TEST_CASE("migration 0004 adds entries.xlink to a catalog made before it, its rows keep no group") {
         test::TempDir t;
         std::int64_t id = 0;
@@ -84,7 +118,7 @@ TEST_SUITE("catalog::Catalog") {
             undo_object_totals(c);
             c.db().exec("ALTER TABLE entries DROP COLUMN xlink");
             c.db().exec("DELETE FROM schema_migrations WHERE name = '0004-cross-package-links'");
-            c.db().exec("PRAGMA user_version=" + std::to_string(schema_version() - 2));
+            c.db().exec("PRAGMA user_version=3");
         }
         Catalog c(t / "store.db", OpenMode::read_write);
         Stmt m(c.db(), "SELECT COUNT(*) FROM schema_migrations WHERE name = '0004-cross-package-links'");

@@ -237,6 +237,8 @@ def catalog_from_before_identities_is_adopted(t):
     db = os.path.join(s, "store.db")
     c = sqlite3.connect(db)
     c.execute("DROP TABLE store_identity")
+    c.execute("ALTER TABLE packages DROP COLUMN verify_error")  # 0006-verify-failures
+    c.execute("ALTER TABLE packages DROP COLUMN verify_failed_at")
     c.execute("ALTER TABLE packages DROP COLUMN manifest")  # schema 0003
     c.execute("ALTER TABLE entries DROP COLUMN xlink")  # added by 0004-cross-package-links
     for sql in ("DROP TRIGGER object_totals_insert", "DROP TRIGGER object_totals_delete",  # 0005-object-totals

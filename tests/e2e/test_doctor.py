@@ -104,5 +104,58 @@ def no_progress_for_days_is_a_warning(t):
     expect(code == 0, f"nothing pending any more: {rep['findings']}")
 
 
+@test
+def a_failed_verify_after_cutover_is_kept_until_a_verify_passes(t):
+    # After cutover a verified package stays verified when its verify fails (its manifest is the truth),
+    # but the failure must outlive the run: status, list, doctor and the metrics show it (schema 0006).
+    import json
+    s = t.store("doc-vfail", 3)
+    t.run(s, "migrate", code=0)
+    t.run(s, "cutover", code=0)
+    t.run(s, "cleanup", code=0)
+    others = {e["digest"] for p in ("pkg00", "pkg02") for e in t.json(s, "show", p)["entries"]}
+    digest = [e["digest"] for e in t.json(s, "show", "pkg01")["entries"] if e["digest"] and e["digest"] not in others][0]
+    obj = os.path.join(s, "objects", digest[:2], digest[2:])
+    with open(obj, "rb") as f:
+        saved = f.read()
+    os.remove(obj)
+    code, _, err = t.run(s, "verify", code=1)
+    expect("pkg01" in err and digest in err, f"verify names the package and the object: {err!r}")
+    # A later process, not the failed run, reports it.
+    st = t.json(s, "status")
+    vf = st["verify_failures"]
+    expect(st["packages"]["verified"] == 3 and len(vf) == 1 and vf[0]["package"] == "pkg01" and digest in vf[0]["error"],
+           f"status: {st['packages']} {vf}")
+    code, out, _ = t.run(s, "status", code=0)
+    expect("verify failed after cutover" in out and digest in out, f"status text: {out!r}")
+    rows = t.json(s, "list", "--verify-failed")["packages"]
+    expect([r["id"] for r in rows] == ["pkg01"] and digest in rows[0]["verify_error"], f"list --verify-failed: {rows}")
+    code, out, _ = t.run(s, "list", code=0)
+    line = [x for x in out.splitlines() if x.startswith("pkg01")][0]
+    expect("verify after cutover failed" in line, f"list line: {line!r}")
+    code, out, _ = t.run(s, "--json", "doctor")
+    rep = json.loads(out)
+    expect(code == 1 and ("critical", "integrity") in checks(rep), f"doctor: {rep['findings']}")
+    metrics = os.path.join(t.work, "vfail.prom")
+    t.run(s, "--metrics-file", metrics, "status", code=0)
+    with open(metrics) as f:
+        expect("casmig_packages_verify_failed 1\n" in f.read(), "metric casmig_packages_verify_failed")
+    # Another failing verify does not add a journal row for the same failure.
+    t.run(s, "verify", "pkg01", code=1)
+    db = sqlite3.connect(os.path.join(s, "store.db"))
+    n = db.execute("SELECT COUNT(*) FROM journal WHERE detail LIKE 'failed after cutover%'").fetchone()[0]
+    db.close()
+    expect(n == 1, f"journal rows for one failure: {n}")
+    # The object is restored (as from a backup): the next verify passes and clears it everywhere.
+    with open(obj, "wb") as f:
+        f.write(saved)
+    t.run(s, "verify", code=0)
+    st = t.json(s, "status")
+    expect(st["verify_failures"] == [], f"cleared: {st['verify_failures']}")
+    expect(t.json(s, "list", "--verify-failed")["packages"] == [], "list --verify-failed after the fix")
+    code, rep, _ = doctor(t, s)
+    expect(code == 0, f"doctor after the fix: {rep['findings']}")
+
+
 if __name__ == "__main__":
     sys.exit(harness.main("e2e-doctor"))

@@ -238,7 +238,7 @@ def list_shows_every_package_with_its_state_and_filters_by_state(t):
         _, text, err = t.run(s, "list", code=0)
     expect([r["id"] for r in rows] == ["new-one", "pkg00", "pkg01", "pkg02", "zz-fifo"], f"ids: {rows}")
     for r in rows:
-        expect(set(r) == {"id", "state", "tree", "files", "bytes", "error"}, f"keys: {r}")
+        expect(set(r) == {"id", "state", "tree", "files", "bytes", "error", "verify_error"}, f"keys: {r}")
     by = {r["id"]: r for r in rows}
     for i in range(3):
         r = by[f"pkg0{i}"]

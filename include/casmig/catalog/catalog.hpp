@@ -50,6 +50,11 @@ struct Package {
     /// The manifest object under packages/manifests/ holding this manifest (store/packages.hpp);
     /// nullopt while it is not written yet (a catalog from before schema 0003) or without manifest.
     std::optional<hash::Digest> manifest_object;
+    /// The first problem of the last verify that failed for this package while its manifest was the
+    /// truth (verified, store file-level: its state stays verified, schema 0006); "" when none, or
+    /// since a verify passed or its state changed. verify_failed_at_ns: when (unix ns), 0 when none.
+    std::string verify_error;
+    std::int64_t verify_failed_at_ns = 0;
 };
 
 struct ObjectRow {
@@ -137,6 +142,8 @@ public:
     /// Inserts a new pending package; returns its id.
     std::int64_t add_package(const std::string& name);
     void set_state(std::int64_t id, PackageState s, const std::string& error = {});
+    /// Records (error not empty) or clears (empty) a failed verify of a package whose state stays verified.
+    void set_verify_failure(std::int64_t id, const std::string& error);
     void set_tree(std::int64_t id, TreeState t);
     void delete_package(std::int64_t id);
 

@@ -68,6 +68,12 @@ struct StatusReport {
     std::map<std::string, std::uint64_t> trees;  // every TreeState name
     catalog::Totals totals;
     std::vector<std::pair<std::string, std::string>> failures; // printable package id, its error
+    /// Verified packages whose last verify after cutover failed (catalog::Package::verify_error).
+    struct VerifyFailure {
+        std::string package, error;
+        std::int64_t at_ns = 0;
+    };
+    std::vector<VerifyFailure> verify_failures;
     std::vector<catalog::Catalog::JournalRow> journal;         // newest first
 };
 /// The store's status with the newest journal_lines journal rows. Throws what Store::check_catalog
@@ -86,6 +92,7 @@ struct PackageListing {
     catalog::TreeState tree = catalog::TreeState::present;
     std::optional<std::uint64_t> files, bytes; // from its manifest; nullopt while it has none
     std::string error;                 // the reason of a failed package, else ""
+    std::string verify_error;          // a verified package's failed verify after cutover, else ""
 };
 /// Every package of the store, sorted by id bytes: the catalog's (as status counts them) and the legacy
 /// directories it does not know yet (pending, tree present). Read without the store lock (a read-only
