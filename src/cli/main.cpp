@@ -211,13 +211,18 @@ int cmd_migrate(Ctx& c, const migrate::Options& o) {
     json j = {{"packages", r.packages}, {"migrated", r.migrated}, {"verified", r.verified}, {"failed", r.failed},
               {"files", r.files}, {"bytes", r.bytes}, {"new_objects", r.new_objects},
               {"new_object_bytes", r.new_object_bytes}, {"stopped_by_time_budget", r.stopped_by_budget},
-              {"disk_full", r.disk_full}, {"not_started", r.not_started}, {"seconds", r.seconds}};
+              {"disk_full", r.disk_full}, {"not_started", r.not_started},
+              {"failed_not_retried", r.failed_not_retried}, {"seconds", r.seconds}};
     std::string h = fmt("migrate: %llu packages (%llu migrated, %llu verified, %llu failed), %llu files, %s read, "
-                        "%llu new objects (%s) in %.1fs%s\n",
+                        "%llu new objects (%s) in %.1fs%s",
                         (unsigned long long)r.packages, (unsigned long long)r.migrated, (unsigned long long)r.verified,
                         (unsigned long long)r.failed, (unsigned long long)r.files, hb(r.bytes).c_str(),
                         (unsigned long long)r.new_objects, hb(r.new_object_bytes).c_str(), r.seconds,
                         r.stopped_by_budget ? "; time budget reached, rerun to continue" : "");
+    if (r.failed_not_retried)
+        h += fmt("; %llu failed package(s) not retried (casmig list --state failed; fix them, then --retry-failed)",
+                 (unsigned long long)r.failed_not_retried);
+    h += "\n";
     if (r.interrupted) note_interrupted(j);
     c.out(j, h);
     // A full disk that left nothing undone (the packages went through one at a time) is a success.

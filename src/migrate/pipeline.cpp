@@ -993,7 +993,14 @@ Result migrate(store::Store& store, const Options& opts, const ProgressSink& pro
     catalog::RelaxedDurability relaxed(store.catalog().db());
     store.discover();
     auto& cat = store.catalog();
-    auto selected = select_packages(cat.packages(), store.legacy_dirs(), opts);
+    auto known = cat.packages();
+    // Failed packages a run without --retry-failed leaves alone: said, so that "0 packages" is not
+    // read as "nothing left to do".
+    std::uint64_t failed_left = 0;
+    if (opts.packages.empty() && opts.retry_failed == RetryFailed::no)
+        for (const auto& p : known)
+            if (p.state == PackageState::failed && p.tree != catalog::TreeState::removed) ++failed_left;
+    auto selected = select_packages(std::move(known), store.legacy_dirs(), opts);
     std::uint64_t kept_changed = 0;
     if (!opts.packages.empty()) {
         // The package manager names a package on upgrade: one already verified is checked again, so
@@ -1074,6 +1081,7 @@ Result migrate(store::Store& store, const Options& opts, const ProgressSink& pro
         }
     }
     if (util::stop_requested()) count_left(cat, selected_ids, r);
+    r.failed_not_retried = failed_left;
     r.seconds = std::chrono::duration<double>(Clock::now() - started).count();
     return r;
 }

@@ -45,7 +45,7 @@ _casmig() {
     rollback) opts="--no-space-check" ;;
     materialize) opts="--link" ;;
     rebuild-catalog) opts="--force" ;;
-    list) opts="--state" ;;
+    list) opts="--state --verify-failed" ;;
     help) COMPREPLY=($(compgen -W "$commands" -- "$cur")); return ;;
     esac
     if [[ $cur == -* ]]; then

@@ -67,6 +67,8 @@ struct Result {
     // not verified yet; a rerun continues with both.
     bool interrupted = false;
     std::uint64_t left = 0, left_unverified = 0;
+    /// Failed packages this run did not select (no --retry-failed, no package named): still failed.
+    std::uint64_t failed_not_retried = 0;
     double seconds = 0;
 };
 
