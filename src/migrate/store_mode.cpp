@@ -107,7 +107,7 @@ cas::Compression choose_compression(store::Store& store, std::optional<int> leve
         cas::Compression c;
         c.level = level.value_or(cas::k_default_level);
         if (dictionary == Dictionary::yes) {
-            std::string dict = cas::train_dictionary(samples());
+            std::string dict = cas::train_dictionary(samples(), c.level);
             if (!dict.empty()) c.dict = store.objects().store_dictionary(dict, command); // durable before the setting names it
         }
         catalog::Transaction tx(cat.db());

@@ -93,7 +93,7 @@ TEST_SUITE("cas::ObjectReader") {
         test::TempDir t;
         std::vector<std::string> samples;
         for (unsigned i = 0; i < 400; ++i) samples.push_back(words(200 + i * 7 % 3000, i));
-        std::string dict = cas::train_dictionary(samples, 16 * 1024);
+        std::string dict = cas::train_dictionary(samples, cas::k_default_level, 16 * 1024);
         REQUIRE_FALSE(dict.empty());
         util::ensure_dir(t / "packages");
         util::ensure_dir(t / "packages/dict");

@@ -207,8 +207,9 @@ private:
 /// BLAKE3 of the reader's uncompressed bytes; *n gets their count. Throws what read() throws.
 hash::Digest hash_content(ObjectReader& r, std::uint64_t* n = nullptr);
 
-/// Trains a dictionary of at most max_bytes on the samples (ZDICT_trainFromBuffer). "" if zstd finds
-/// too little in them to build one (too few or too uniform samples).
-std::string train_dictionary(const std::vector<std::string>& samples, size_t max_bytes = k_dict_size);
+/// Trains a dictionary of at most max_bytes on the samples (ZDICT fastCover, fixed parameters) for
+/// compression at `level`. "" if zstd finds too little in them to build one (too few or too uniform samples).
+std::string train_dictionary(const std::vector<std::string>& samples, int level = k_default_level,
+                             size_t max_bytes = k_dict_size);
 
 } // namespace casmig::cas
