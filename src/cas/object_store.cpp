@@ -316,11 +316,16 @@ bool ObjectStore::on_disk(const hash::Digest& d, std::uint64_t* size) const {
     } else if (errno != ENOENT) {
         util::throw_errno("cannot stat object", m_objects_path + "/" + raw);
     }
-    auto form = form_on_disk(d);
-    if (!form) return false;
+    // Not a raw object: its .zst form, without stat-ing the raw name a second time.
+    const std::string zst = object_relpath(d, Form::zstd);
+    if (::fstatat(m_objects.get(), zst.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
+        if (errno == ENOENT) return false;
+        util::throw_errno("cannot stat object", m_objects_path + "/" + zst);
+    }
+    if (!S_ISREG(st.st_mode)) return false;
     if (!size) return true;
     try {
-        ObjectReader r = open_file(object_relpath(d, *form));
+        ObjectReader r = open_file(zst);
         *size = r.content_size();
     } catch (const CorruptObject&) {
         *size = UINT64_MAX;
