@@ -336,6 +336,14 @@ bool ObjectStore::on_disk(const hash::Digest& d, std::uint64_t* size) const {
     return true;
 }
 
+bool ObjectStore::has_stored(const hash::Digest& d, std::uint64_t size, std::uint64_t stored_size) const {
+    // A .zst object is stored only when its frame saves bytes (worth_compressing): stored == size is raw.
+    const std::string rel = object_relpath(d, stored_size == size ? Form::raw : Form::zstd);
+    struct stat st {};
+    return ::fstatat(m_objects.get(), rel.c_str(), &st, AT_SYMLINK_NOFOLLOW) == 0 && S_ISREG(st.st_mode) &&
+           static_cast<std::uint64_t>(st.st_size) == stored_size;
+}
+
 ObjectReader ObjectStore::open_file(const std::string& rel) const {
     const bool zst = rel.size() > k_zst_suffix.size() && rel.compare(rel.size() - k_zst_suffix.size(), k_zst_suffix.size(),
                                                                          k_zst_suffix) == 0;

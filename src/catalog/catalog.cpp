@@ -198,6 +198,9 @@ struct Catalog::Stmts {
           clear_manifest(db, "UPDATE packages SET has_manifest=0, files=0, bytes=0, manifest=NULL WHERE id=?"),
           set_manifest_object(db, "UPDATE packages SET manifest=? WHERE id=? AND has_manifest=1"),
           manifest(db, "SELECT path, type, mode, size, digest, target, mtime_ns, link_to, uid, gid, xattrs, xlink FROM entries WHERE package=? ORDER BY path"),
+          manifest_stored(db, "SELECT e.path, e.type, e.mode, e.size, e.digest, e.target, e.mtime_ns, e.link_to, e.uid, e.gid, e.xattrs, "
+                              "e.xlink, o.size, o.stored_size FROM entries e LEFT JOIN objects o ON o.digest = e.digest "
+                              "WHERE e.package=? ORDER BY e.path"),
           add_object(db, "INSERT OR IGNORE INTO objects(digest, size, stored_size) VALUES (?,?,?)"),
           has_object(db, "SELECT 1 FROM objects WHERE digest=?"),
           objects(db, "SELECT digest, size, stored_size FROM objects"),
@@ -213,7 +216,7 @@ struct Catalog::Stmts {
           journal(db, "INSERT INTO journal(at_ns, who, command, package, from_state, to_state, detail) VALUES (?,?,?,?,?,?,?)"),
           journal_tail(db, "SELECT at_ns, who, command, COALESCE(package,''), COALESCE(from_state,''), COALESCE(to_state,''), COALESCE(detail,'') FROM journal ORDER BY id DESC LIMIT ?") {}
     Stmt get_mode, set_mode, packages, package, add_package, set_state, set_verify_failure, set_tree, del_package, del_entries, ins_entry,
-        set_manifest, clear_manifest, set_manifest_object, manifest, add_object, has_object, objects, del_object, unreferenced, totals,
+        set_manifest, clear_manifest, set_manifest_object, manifest, manifest_stored, add_object, has_object, objects, del_object, unreferenced, totals,
         get_identity, claim, advance, journal, journal_tail;
 };
 
@@ -423,9 +426,10 @@ void Catalog::clear_manifest(std::int64_t id) {
     m_s->clear_manifest.bind(1, id).run();
 }
 
-std::vector<Entry> Catalog::manifest(std::int64_t id) {
+std::vector<Entry> Catalog::manifest(std::int64_t id, std::vector<std::int64_t>* stored) {
     std::vector<Entry> out;
-    auto& s = m_s->manifest;
+    auto& s = stored ? m_s->manifest_stored : m_s->manifest;
+    if (stored) stored->clear();
     s.bind(1, id);
     while (s.step()) {
         Entry e;
@@ -441,6 +445,9 @@ std::vector<Entry> Catalog::manifest(std::int64_t id) {
         e.gid = static_cast<std::uint32_t>(s.i64(9));
         if (!s.is_null(10)) e.xattrs = s.str(10);
         if (!s.is_null(11)) e.xlink = s.i64(11);
+        if (stored) // the object's row, if it has one and it is of this entry's size
+            stored->push_back(!s.is_null(12) && e.type == EntryType::file && static_cast<std::uint64_t>(s.i64(12)) == e.size
+                                  ? s.i64(13) : -1);
         out.push_back(std::move(e));
     }
     s.reset();

@@ -208,9 +208,23 @@ TEST_SUITE("cas::ObjectStore") {
         std::uint64_t size = 0;
         CHECK(s.on_disk(dt, &size));
         CHECK(size == text.size());
+        // has_stored: the form and bytes the catalog records, one lstat; anything else is no verdict.
+        const auto zst_size = static_cast<std::uint64_t>(st.st_size);
+        CHECK(s.has_stored(dt, text.size(), zst_size));
+        CHECK(s.has_stored(dn, noise.size(), noise.size()));
+        CHECK_FALSE(s.has_stored(dt, text.size(), text.size()));     // the catalog says raw: not there
+        CHECK_FALSE(s.has_stored(dt, text.size(), zst_size - 1));    // shorter than it was written
+        CHECK_FALSE(s.has_stored(dn, noise.size(), noise.size() - 1)); // a raw object is never smaller than its content
+        CHECK_FALSE(s.has_stored(hash::hash_bytes("absent"), 6, 6));
         for (auto [d, data] : {std::pair{dt, text}, std::pair{dn, noise}}) {
             auto r = s.open_content(d);
             CHECK(read_all(r) == data);
+        }
+        SUBCASE("a torn .zst object fails has_stored") {
+            std::string zpath = t / ("objects/" + cas::object_relpath(dt, cas::Form::zstd));
+            ::chmod(zpath.c_str(), 0644);
+            REQUIRE(::truncate(zpath.c_str(), static_cast<off_t>(zst_size - 3)) == 0);
+            CHECK_FALSE(s.has_stored(dt, text.size(), zst_size));
         }
         SUBCASE("a fresh store (no catalog trust) finds the .zst object by its content") {
             cas::ObjectStore again(t / "objects", t / "temp");

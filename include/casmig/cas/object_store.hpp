@@ -216,6 +216,11 @@ public:
     /// uncompressed size (a raw file's size, a .zst frame header's content size; UINT64_MAX if that
     /// header is unreadable, so that any size check fails). Does not read the content.
     bool on_disk(const hash::Digest& d, std::uint64_t* size = nullptr) const;
+    /// True if the object is where and as big as the catalog says: its raw form of `size` bytes when
+    /// stored_size == size, else its .zst form of stored_size bytes (a regular file either way). One
+    /// lstat, no open: what verify asks of every object a manifest needs once the catalog has its row.
+    /// False is no verdict (the other form, a convert in between, a missing file): ask on_disk().
+    bool has_stored(const hash::Digest& d, std::uint64_t size, std::uint64_t stored_size) const;
     /// The form the object is on disk in (raw when both are), nullopt if neither file is there.
     std::optional<Form> form_on_disk(const hash::Digest& d) const;
 

@@ -153,7 +153,9 @@ public:
     void put_manifest(std::int64_t id, const std::vector<Entry>& entries, const std::optional<hash::Digest>& object);
     /// Records the manifest object of a package that has a manifest (backfill of older catalogs).
     void set_manifest_object(std::int64_t id, const hash::Digest& object);
-    std::vector<Entry> manifest(std::int64_t id);
+    /// With `stored`: also, for each entry in the same order, the stored size (bytes on disk) of its
+    /// object as the objects table records it, or -1 (not a file, no row, or a row of another size).
+    std::vector<Entry> manifest(std::int64_t id, std::vector<std::int64_t>* stored = nullptr);
     /// Deletes a package's manifest entries and clears has_manifest.
     void clear_manifest(std::int64_t id);
 
