@@ -100,10 +100,32 @@ void Db::open(OpenMode mode, WalIndex wal_index) {
 
 Db::~Db() { sqlite3_close_v2(m_db); }
 
+namespace {
+/// One line: the SQL of a statement spans lines, and an error must not.
+std::string flat(std::string_view sql) {
+    std::string out;
+    for (char c : sql.substr(0, 200)) {
+        if (c == '\n' || c == '\t' || c == '\r') c = ' ';
+        if (c == ' ' && (out.empty() || out.back() == ' ')) continue;
+        out += c;
+        if (out.size() == 80) break;
+    }
+    return out;
+}
+/// What to do, for the errors that mean the file itself is damaged.
+std::string advice(int rc) {
+    const int primary = rc & 0xff;
+    return primary == SQLITE_CORRUPT || primary == SQLITE_NOTADB
+               ? std::string("; the catalog is damaged (casmig doctor says more): restore a current backup of store.db, "
+                             "or run casmig rebuild-catalog")
+               : std::string();
+}
+} // namespace
+
 void Db::fail(const std::string& what, int rc, std::string_view sql) const {
     std::string msg = what + " in catalog " + m_path + ": " + sqlite3_errmsg(m_db);
-    if (!sql.empty()) msg += " (SQL: " + std::string(sql.substr(0, 80)) + ")";
-    throw DbError(msg, rc);
+    if (!sql.empty()) msg += " (SQL: " + flat(sql) + ")";
+    throw DbError(msg + advice(rc), rc);
 }
 
 void Db::exec(const std::string& sql) {
@@ -112,7 +134,7 @@ void Db::exec(const std::string& sql) {
     if (rc != SQLITE_OK) {
         std::string msg = err ? err : sqlite3_errstr(rc);
         sqlite3_free(err);
-        throw DbError("catalog " + m_path + ": " + msg + " (SQL: " + sql.substr(0, 80) + ")", rc);
+        throw DbError("catalog " + m_path + ": " + msg + " (SQL: " + flat(sql) + ")" + advice(rc), rc);
     }
 }
 

@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cmath>
+#include <atomic>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -122,17 +123,36 @@ std::string hb(std::uint64_t b) { return util::human_bytes(static_cast<double>(b
 
 // ------------------------------------------------------------------ signals
 
-/// First SIGINT or SIGTERM: records it (util::request_stop, one atomic store) and gives both signals
-/// their default action back, so that a second one stops the process at once. Async-signal-safe; it
-/// never throws.
+/// A signal within this long of the first is the same request delivered twice: `timeout`, for one,
+/// signals the command and then its whole process group, and a cron job's `kill 0` does the same.
+constexpr long long k_repeat_ns = 200'000'000;
+std::atomic<long long> g_first_signal_ns{0};
+static_assert(std::atomic<long long>::is_always_lock_free);
+
+long long monotonic_ns() noexcept {
+    struct timespec ts {};
+    ::clock_gettime(CLOCK_MONOTONIC, &ts); // async-signal-safe
+    return static_cast<long long>(ts.tv_sec) * 1'000'000'000 + ts.tv_nsec;
+}
+
+/// SIGINT or SIGTERM: the first records the request (util::request_stop, one atomic store); a second
+/// one, at least k_repeat_ns later, stops the process at once (the default action, re-raised on
+/// return from the handler); one sooner is the first delivered again and changes nothing.
+/// Async-signal-safe; it never throws.
 void on_stop_signal(int sig) {
     const int saved = errno;
-    util::request_stop(sig);
-    struct sigaction dfl {};
-    dfl.sa_handler = SIG_DFL;
-    sigemptyset(&dfl.sa_mask);
-    ::sigaction(SIGINT, &dfl, nullptr);
-    ::sigaction(SIGTERM, &dfl, nullptr);
+    const long long now = monotonic_ns();
+    long long first = 0;
+    if (g_first_signal_ns.compare_exchange_strong(first, now)) {
+        util::request_stop(sig);
+    } else if (now - first >= k_repeat_ns) {
+        struct sigaction dfl {};
+        dfl.sa_handler = SIG_DFL;
+        sigemptyset(&dfl.sa_mask);
+        ::sigaction(SIGINT, &dfl, nullptr);
+        ::sigaction(SIGTERM, &dfl, nullptr);
+        ::raise(sig); // blocked while this handler runs: delivered, with the default action, on return
+    }
     errno = saved;
 }
 
@@ -223,7 +243,11 @@ int cmd_migrate(Ctx& c, const migrate::Options& o) {
         h += fmt("; %llu failed package(s) not retried (casmig list --state failed; fix them, then --retry-failed)",
                  (unsigned long long)r.failed_not_retried);
     h += "\n";
-    if (r.interrupted) note_interrupted(j);
+    if (r.interrupted) {
+        note_interrupted(j);
+        j["left"] = r.left;
+        j["left_unverified"] = r.left_unverified;
+    }
     c.out(j, h);
     // A full disk that left nothing undone (the packages went through one at a time) is a success.
     const bool left = r.disk_full && (r.not_started || r.unverified);
@@ -309,6 +333,7 @@ int cmd_status(Ctx& c, int journal_lines) {
     const double run_secs = lr.found ? static_cast<double>(lr.ended_ns - lr.started_ns) / 1e9 : 0;
     if (lr.found)
         j["last_migrate"] = {{"started", iso(lr.started_ns)}, {"ended", iso(lr.ended_ns)}, {"by", lr.who},
+                             {"result", lr.result.empty() ? json(nullptr) : json(lr.result)},
                              {"migrated", lr.migrated}, {"failed", lr.failed}, {"files", lr.files}, {"bytes", lr.bytes},
                              {"seconds", run_secs},
                              {"bytes_per_second", run_secs > 0 ? static_cast<double>(lr.bytes) / run_secs : 0.0}};
@@ -334,10 +359,11 @@ int cmd_status(Ctx& c, int journal_lines) {
              util::human_bytes(static_cast<double>(saved)).c_str(),
              t.logical_bytes ? 100.0 * static_cast<double>(saved) / static_cast<double>(t.logical_bytes) : 0.0);
     if (lr.found)
-        h += fmt("last run   migrate %s .. %s (%s): %llu migrated, %llu failed, %s in %.0f s (%s/s)\n",
-                 iso(lr.started_ns).c_str(), iso(lr.ended_ns).c_str(), lr.who.c_str(), (unsigned long long)lr.migrated,
-                 (unsigned long long)lr.failed, hb(lr.bytes).c_str(), run_secs,
-                 util::human_bytes(run_secs > 0 ? static_cast<double>(lr.bytes) / run_secs : 0.0).c_str());
+        h += fmt("last run   migrate %s .. %s (%s), %s: %llu migrated, %llu failed, %s in %.0f s%s\n",
+                 iso(lr.started_ns).c_str(), iso(lr.ended_ns).c_str(), lr.who.c_str(),
+                 lr.result.empty() ? "no end recorded (killed, or still running)" : lr.result.c_str(),
+                 (unsigned long long)lr.migrated, (unsigned long long)lr.failed, hb(lr.bytes).c_str(), run_secs,
+                 run_secs >= 1 ? (" (" + util::human_bytes(static_cast<double>(lr.bytes) / run_secs) + "/s)").c_str() : "");
     if (st.eta_seconds > 0)
         h += st.eta_seconds < 120 ? fmt("eta        %.0f s for what is pending, at the last run's pace\n", st.eta_seconds)
                                   : fmt("eta        %.0f min for what is pending, at the last run's pace\n", st.eta_seconds / 60);
@@ -867,7 +893,7 @@ int casmig_main(int argc, char** argv) {
     app.require_subcommand(1);
     app.set_help_all_flag("--help-all", "Show help for every command");
     app.set_version_flag("--version", std::string("casmig ") + CASMIG_VERSION, "Print casmig's version and exit");
-    app.add_option("--store", g.store, "Store directory (default: $CASMIG_STORE, then /opt/pm/store)");
+    app.add_option("--store", g.store, "Store directory (default: $CASMIG_STORE, then the config file's store, then /opt/pm/store)");
     app.add_option("--db", g.db, "Catalog file (default: STORE/store.db)");
     app.add_option("-j,--jobs", g.jobs, "Worker threads (default: all cores)")->check(CLI::Range(1u, 1024u));
     app.add_flag("--json", g.json, "Print one JSON document on stdout");
@@ -977,6 +1003,16 @@ int casmig_main(int argc, char** argv) {
     helpc->add_option("command", help_topic, "A command");
     add_help_footers(app); // after every command exists
     setup_config(app);
+    // A usage error before the options are known still answers --json with its error object.
+    bool json_asked = false;
+    for (int i = 1; i < argc; ++i)
+        if (std::string_view(argv[i]) == "--json") json_asked = true;
+    auto usage_error = [&](const std::string& line) {
+        std::fprintf(stderr, "casmig: %s\n", line.c_str());
+        Globals jg;
+        jg.json = json_asked;
+        return json_error(jg, k_usage, "usage", line);
+    };
 
     try {
         app.parse(argc, argv);
@@ -987,21 +1023,29 @@ int casmig_main(int argc, char** argv) {
     } catch (const CLI::CallForVersion& e) {
         return app.exit(e);
     } catch (const CLI::ConfigError& e) {
-        std::fprintf(stderr, "casmig: %s\n", config_error(app, e).c_str());
-        return k_usage;
+        return usage_error(config_error(app, e));
     } catch (const CLI::FileError& e) { // the --config file only: a missing default file is no error
-        std::fprintf(stderr, "casmig: config file %s cannot be read (missing, or not a file): check --config\n",
-                     app.get_config_ptr()->as<std::string>().c_str());
-        return k_usage;
+        return usage_error("config file " + app.get_config_ptr()->as<std::string>() +
+                           " cannot be read (missing, or not a file): check --config");
     } catch (const CLI::ParseError& e) {
         std::string msg = e.what();
         if (msg.empty()) msg = "invalid command line";
         if (msg == "A subcommand is required") msg = "no command given";
-        if (auto d = diagnose(app, std::vector<std::string>(argv + 1, argv + argc)))
-            std::fprintf(stderr, "casmig: %s\n", d->c_str());
-        else
-            std::fprintf(stderr, "casmig: %s (see casmig --help)\n", msg.c_str());
-        return k_usage;
+        if (auto d = diagnose(app, std::vector<std::string>(argv + 1, argv + argc))) return usage_error(*d);
+        return usage_error(msg + " (see casmig --help)");
+    }
+    // The store: --store on the command line, else $CASMIG_STORE, else the config file's `store`,
+    // else /opt/pm/store. The environment beats the file, so that a runbook's `export CASMIG_STORE`
+    // never acts on the store /etc/casmig.conf names (CLI11 alone would let the file win).
+    {
+        bool on_command_line = false;
+        for (int i = 1; i < argc; ++i) {
+            std::string_view a = argv[i];
+            if (a == "--") break;
+            if (a == "--store" || a.rfind("--store=", 0) == 0) on_command_line = true;
+        }
+        const char* env = std::getenv("CASMIG_STORE");
+        if (!on_command_line && env && *env) g.store = env;
     }
 
     try {

@@ -160,7 +160,8 @@ DoctorReport doctor(store::Store& s, const DoctorOptions& opts) {
             add(Severity::critical, "integrity",
                 std::to_string(names.size()) + " damaged file(s) kept in " + corrupt +
                     " (objects that did not match their names): run casmig verify --objects and read its report; "
-                    "keep them until the packages they named verify again");
+                    "once no package is failed or fails verify (casmig list --state failed, casmig list --verify-failed), "
+                    "delete them (they are evidence, never read again)");
     }
     // 5. Space: the pending packages' legacy bytes must fit (migrate writes at most that much).
     {
@@ -193,7 +194,16 @@ DoctorReport doctor(store::Store& s, const DoctorOptions& opts) {
                         ": run casmig plan for the exact need");
         }
     }
-    // 6. temp/: staging directories of dead processes, foreign entries, leftovers of stopped commands.
+    // 6. temp/: not casmig's directory (every command that takes the lock refuses), staging
+    // directories of dead processes, foreign entries, leftovers of stopped commands.
+    {
+        struct stat st {};
+        if (::fstatat(s.root_fd(), "temp", &st, AT_SYMLINK_NOFOLLOW) == 0 && !S_ISDIR(st.st_mode))
+            add(Severity::critical, "temp",
+                s.temp_dir() + " is " + (S_ISLNK(st.st_mode) ? "a symlink" : "not a directory") +
+                    ": every command that writes refuses (exit 3); move it out of the way (mv " + s.temp_dir() + " " +
+                    s.temp_dir() + ".old)");
+    }
     {
         const std::string temp = s.temp_dir();
         std::vector<std::string> names;

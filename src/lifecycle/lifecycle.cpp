@@ -1,5 +1,6 @@
 #include "casmig/lifecycle/lifecycle.hpp"
 
+#include "casmig/migrate/pipeline.hpp"
 #include "casmig/manifest/manifest.hpp"
 #include "casmig/store/packages.hpp"
 #include "casmig/util/error.hpp"
@@ -942,6 +943,16 @@ StatusReport status(store::Store& s, int journal_lines) {
             lr.found = true;
             lr.ended_ns = row.at_ns;
             if (row.to == "failed") ++lr.failed;
+            if (row.detail.rfind(migrate::k_run_ended, 0) == 0) {
+                std::string rest = row.detail.substr(std::strlen(migrate::k_run_ended));
+                const auto semi = rest.find("; started_ns ");
+                lr.result = rest.substr(0, semi);
+                if (semi != std::string::npos) {
+                    long long s = 0;
+                    if (std::sscanf(rest.c_str() + semi, "; started_ns %lld", &s) == 1 && s > 0 && s < lr.started_ns)
+                        lr.started_ns = s;
+                }
+            }
             if (row.to != "migrated") continue;
             ++lr.migrated;
             unsigned long long f = 0, b = 0;
@@ -954,7 +965,8 @@ StatusReport status(store::Store& s, int journal_lines) {
     r.trees["present"] += on_disk.size();
     const auto& lr = r.last_migrate;
     const std::uint64_t pending = r.states["pending"] + r.states["rolled_back"] + r.states["in_progress"];
-    if (lr.migrated && lr.ended_ns > lr.started_ns && pending)
+    // A pace from a run of under a second (a few packages, or cut short) says nothing about the rest.
+    if (lr.migrated && lr.ended_ns - lr.started_ns >= 1'000'000'000 && pending)
         r.eta_seconds = static_cast<double>(lr.ended_ns - lr.started_ns) / 1e9 / static_cast<double>(lr.migrated) *
                         static_cast<double>(pending);
     else if (!pending)

@@ -161,7 +161,7 @@ std::vector<catalog::Package> select_packages(std::vector<catalog::Package> all,
             auto it = by_name.find(n);
             if (it == by_name.end())
                 throw util::UsageError("package " + util::printable(n) + " is not in store: no such legacy directory "
-                                       "(see 'casmig status' for the packages it knows)");
+                                       "(casmig list shows the packages it knows)");
             if (seen.insert(n).second && wanted(*it->second, true)) out.push_back(*it->second);
         }
     } else {
@@ -1083,6 +1083,22 @@ Result migrate(store::Store& store, const Options& opts, const ProgressSink& pro
     if (util::stop_requested()) count_left(cat, selected_ids, r);
     r.failed_not_retried = failed_left;
     r.seconds = std::chrono::duration<double>(Clock::now() - started).count();
+    if (r.migrated || r.failed || r.interrupted || r.disk_full) {
+        // The run's end, with its start and result, for status (lifecycle::LastRun): a run killed
+        // before this row has none, and status says so. A run that did nothing writes nothing.
+        const auto started_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                    std::chrono::system_clock::now().time_since_epoch()).count() -
+                                static_cast<std::int64_t>(r.seconds * 1e9);
+        const std::string result = r.interrupted ? "interrupted (" + util::signal_name(util::stop_signal()) + ")"
+                                   : r.disk_full ? "disk full"
+                                   : r.stopped_by_budget ? "time budget reached"
+                                                         : "completed";
+        try {
+            cat.journal("migrate", "", "", "", std::string(k_run_ended) + result + "; started_ns " + std::to_string(started_ns));
+        } catch (const std::exception& e) {
+            if (!is_disk_full(e)) throw; // a full disk: status then shows no end record, the data is safe
+        }
+    }
     return r;
 }
 

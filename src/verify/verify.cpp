@@ -635,18 +635,28 @@ Result verify_objects(store::Store& store, const Options& opts, const ProgressSi
             if (content_form && !objects.on_disk(d)) cat.delete_object(d);
             std::string names;
             bool recoverable = false;
-            std::vector<std::int64_t> ids;
+            // After cutover a verified package's manifest stays the truth: it keeps its state and the
+            // failure is recorded beside it (schema 0006) until a verify passes; before, it fails (and
+            // migrate --retry-failed rewrites the content from its legacy tree).
+            const bool file_level = cat.mode() == catalog::StoreMode::file_level;
+            std::vector<std::pair<std::int64_t, bool>> ids; // id, keeps its state
             for (const auto& p : cat.packages_needing(d)) {
                 names += (names.empty() ? "" : ", ") + util::printable(p.name);
                 if (p.tree != catalog::TreeState::removed) recoverable = true;
-                ids.push_back(p.id);
+                ids.emplace_back(p.id, file_level && p.state == PackageState::verified);
             }
-            for (auto id : ids) cat.set_state(id, PackageState::failed, "verify --objects: object " + d.hex() + " was corrupt");
+            const std::string why = "verify --objects: object " + d.hex() + " was corrupt (moved to " + moved + ")";
+            for (auto [id, keeps] : ids) {
+                if (keeps) cat.set_verify_failure(id, why);
+                else cat.set_state(id, PackageState::failed, why);
+            }
             cat.journal("verify", names, "", "failed", "corrupt object " + rel + " moved to " + moved);
             if (problems)
                 problems({"-", "objects/" + rel,
                           "moved to " + moved + "; needed by " + (names.empty() ? std::string("no package") : names) +
                               (names.empty() ? ""
+                               : file_level ? "; restore it from a backup or reinstall those packages (casmig remove, casmig add), "
+                                              "then casmig verify (runbook: A package fails verify after cutover)"
                                : recoverable ? "; run casmig migrate --retry-failed to rewrite it from a legacy tree"
                                              : "; no legacy tree holds it any more: restore it from a backup")});
         }

@@ -90,6 +90,17 @@ def quarantined_objects_temp_leftovers_and_a_damaged_catalog_are_found(t):
 
 
 @test
+def a_temp_that_is_a_symlink_is_critical(t):
+    s = t.store("doc-temp", 2)
+    t.run(s, "migrate", code=0)
+    os.rename(os.path.join(s, "temp"), os.path.join(s, "temp.real"))
+    os.symlink(os.path.join(t.work, "elsewhere"), os.path.join(s, "temp"))
+    code, rep, _ = doctor(t, s)
+    expect(code == 1 and ("critical", "temp") in checks(rep), f"temp/ a symlink: {rep['findings']}")
+    t.run(s, "migrate", code=3)  # what doctor warns of
+
+
+@test
 def no_progress_for_days_is_a_warning(t):
     s = t.store("doc-stall", 3)
     t.run(s, "migrate", "pkg00", code=0)
@@ -155,6 +166,21 @@ def a_failed_verify_after_cutover_is_kept_until_a_verify_passes(t):
     expect(t.json(s, "list", "--verify-failed")["packages"] == [], "list --verify-failed after the fix")
     code, rep, _ = doctor(t, s)
     expect(code == 0, f"doctor after the fix: {rep['findings']}")
+    # The same for an object whose content verify --objects finds wrong (same size, other bytes): it is
+    # moved aside, and the packages that need it stay verified with the failure kept, not failed.
+    os.chmod(obj, 0o644)
+    with open(obj, "r+b") as f:
+        f.write(bytes(b ^ 0xFF for b in saved[:4]))
+    os.chmod(obj, 0o444)
+    code, _, err = t.run(s, "verify", "--objects-only", code=1)
+    expect("pkg01" in err and "casmig remove" in err, f"verify --objects names the package and the way back: {err!r}")
+    st = t.json(s, "status")
+    expect(st["packages"]["verified"] == 3 and [f["package"] for f in st["verify_failures"]] == ["pkg01"],
+           f"after verify --objects: {st['packages']} {st['verify_failures']}")
+    with open(obj, "wb") as f:
+        f.write(saved)
+    t.run(s, "verify", code=0)
+    expect(t.json(s, "status")["verify_failures"] == [], "cleared after the object is restored")
 
 
 if __name__ == "__main__":

@@ -127,6 +127,13 @@ def a_typo_names_itself_and_the_closest_command_or_option(t):
     code, _, err = casmig(t)
     expect(code == 2, f"no command: exit {code}")
     one_line(err, "no command")
+    # With --json a usage error is one JSON document on stdout too (the line still goes to stderr).
+    for args in (["--json", "--store", s, "migrat"], ["--json", "--store", s, "list", "--state", "bogus"],
+                 ["--json", "--config", os.path.join(t.work, "no-such.toml"), "status"]):
+        code, out, err = casmig(t, *args)
+        doc = json.loads(out) if out.strip() else {}
+        expect(code == 2 and doc.get("error", {}).get("kind") == "usage" and doc["error"]["exit_code"] == 2
+               and doc["error"]["message"] in err, f"{args}: {code} {out!r} {err!r}")
     expect(tree_listing(s) == before, "a refused command line changed the store")
 
 
@@ -143,6 +150,7 @@ def write_config(t, name, text):
 def a_config_file_sets_store_and_limits_and_the_command_line_overrides_it(t):
     if os.path.exists("/etc/casmig.conf"):
         print("  (note: /etc/casmig.conf exists; the default-file case is not checked)")
+    os.environ.pop("CASMIG_STORE", None)  # the file's store is used only without it (below)
     s = t.store("config", 5)
     # TOML: the store from the file, [migrate] limits from the file.
     conf = write_config(t, "casmig.toml", f'# casmig settings\nstore = "{s}"\nprogress = "never"\n\n'
@@ -158,6 +166,11 @@ def a_config_file_sets_store_and_limits_and_the_command_line_overrides_it(t):
     other = t.store("config-other", 1)
     code, out, _ = casmig(t, "--config", conf, "--store", other, "--json", "status")
     expect(code == 0 and json.loads(out)["packages"]["total"] == 1, f"--store overrides the file: {out!r}")
+    # So does $CASMIG_STORE: a runbook's `export CASMIG_STORE=…` never acts on the store the file names.
+    code, out, _ = casmig(t, "--config", conf, "--json", "status", env={"CASMIG_STORE": other})
+    expect(code == 0 and json.loads(out)["packages"]["total"] == 1, f"$CASMIG_STORE overrides the file: {out!r}")
+    code, out, _ = casmig(t, "--config", conf, "--store", s, "--json", "status", env={"CASMIG_STORE": other})
+    expect(code == 0 and json.loads(out)["packages"]["total"] == 5, f"--store overrides $CASMIG_STORE: {out!r}")
     # A value from the file is checked like one from the command line (the key reaches the option).
     bad = write_config(t, "bad-io.toml", f'store = "{s}"\n[migrate]\nio-limit = "fast"\n')
     code, _, err = casmig(t, "--config", bad, "migrate")

@@ -7,6 +7,7 @@ import fcntl
 import math
 import os
 import re
+import sqlite3
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -171,8 +172,26 @@ def status_shows_the_last_run_its_pace_the_eta_and_the_lock_holder(t):
     st = json.loads(t.run(s, "--json", "status", code=0)[1])
     lm = st["last_migrate"]
     expect(lm["migrated"] == 2 and lm["failed"] == 0 and lm["files"] == 6 and lm["bytes"] > 0 and
-           lm["started"] <= lm["ended"] and "pid" in lm["by"], f"last_migrate: {lm}")
-    expect(st["eta_seconds"] is not None and st["eta_seconds"] >= 0, f"eta with 2 pending: {st['eta_seconds']}")
+           lm["started"] <= lm["ended"] and "pid" in lm["by"] and lm["result"] == "completed", f"last_migrate: {lm}")
+    # A run of under a second gives no pace to predict from.
+    expect(st["eta_seconds"] is None, f"eta after a run of {lm['seconds']} s: {st['eta_seconds']}")
+    # The run's end row holds its start: one that started 10 s before its end predicts 10 s for 2 more.
+    db = sqlite3.connect(os.path.join(s, "store.db"))
+    (detail,) = db.execute("SELECT detail FROM journal WHERE detail LIKE 'run ended:%'").fetchone()
+    end_ns = db.execute("SELECT MAX(at_ns) FROM journal").fetchone()[0]
+    db.execute("UPDATE journal SET detail = ? WHERE detail = ?",
+               (detail.split("; started_ns")[0] + f"; started_ns {end_ns - 10 * 10**9}", detail))
+    db.commit()
+    st = json.loads(t.run(s, "--json", "status", code=0)[1])
+    expect(9 <= st["eta_seconds"] <= 11 and 9.5 <= st["last_migrate"]["seconds"] <= 10.5,
+           f"eta from a 10 s run: {st['eta_seconds']}, {st['last_migrate']}")
+    # A run that wrote no end row (killed with -9, or still running) says so.
+    db.execute("DELETE FROM journal WHERE detail LIKE 'run ended:%'")
+    db.commit()
+    db.close()
+    st = json.loads(t.run(s, "--json", "status", code=0)[1])
+    expect(st["last_migrate"]["result"] is None, f"no end row: {st['last_migrate']}")
+    expect("no end recorded" in t.run(s, "status", code=0)[1], "the text says the run left no end")
     with open(os.path.join(s, "migration", "lock"), "r+") as f:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         f.truncate(0)

@@ -214,6 +214,20 @@ def a_second_signal_stops_at_once_and_the_rerun_is_still_exact(t):
     expect(temp_entries(s) == [], f"temp/ after the rollback rerun: {temp_entries(s)}")
 
 
+@test
+def a_signal_delivered_twice_at_once_is_one_request(t):
+    # `timeout` signals the command and then its process group: the same SIGTERM twice, microseconds
+    # apart. That is one request: a safe stop (exit 143, the line, temp/ empty), not a stop at once.
+    if not seams_or_skip(t):
+        return
+    s = big_store(t, "dup", blob=120_000)
+    dup = "kill -TERM $PPID; sleep 0.05; kill -TERM $PPID"
+    rc, _, err = t.run(s, "migrate", "--io-limit", "400K", env=hook("migrate.committed@2", dup))
+    expect(rc == 143 and "casmig: interrupted (SIGTERM)" in err, f"two SIGTERMs 50 ms apart: exit {rc}\n{err[-800:]}")
+    expect(temp_entries(s) == [], f"temp/ after the safe stop: {temp_entries(s)}")
+    t.run(s, "migrate", code=0)
+
+
 # ------------------------------------------------------------------ --lock-wait
 
 class Held:

@@ -54,8 +54,11 @@ std::unique_ptr<store::StoreLock> lock_store(store::Store& store, const std::str
 struct LastRun {
     bool found = false;
     std::string who;                        // user@host pid N
-    std::int64_t started_ns = 0, ended_ns = 0; // first and last journal row of that run
+    std::int64_t started_ns = 0, ended_ns = 0; // the run's start (its end row says) and last journal row
     std::uint64_t migrated = 0, failed = 0, files = 0, bytes = 0;
+    /// From the run's end row (migrate::k_run_ended): "completed", "interrupted (SIGTERM)", …; "" when
+    /// the run wrote none (killed, crashed, or still running).
+    std::string result;
 };
 struct StatusReport {
     LastRun last_migrate;

@@ -72,6 +72,10 @@ struct Result {
     double seconds = 0;
 };
 
+/// The detail of the journal row that ends a migrate run that did something: this prefix, the result
+/// ("completed", "interrupted (SIGTERM)", "disk full", "time budget reached"), "; started_ns N".
+inline constexpr const char* k_run_ended = "run ended: ";
+
 /// Migrates (and verifies) packages. Problems (failed packages, verify mismatches) go to `problems`.
 /// Throws util::UsageError for a named package that is not in the store, util::RefusedError when the
 /// selection does not fit (opts.space_check, see above; the catalog is then unchanged).
