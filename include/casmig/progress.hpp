@@ -24,8 +24,9 @@ struct Problem {
     std::string path;    // printable path inside the package ("" for the package itself)
     std::string message;
     bool warning = false; // something was found and put right (repaired, moved aside): no failure
+    /// "package ID: PATH: MESSAGE"; a problem of the store itself (package "-") is "store: PATH: MESSAGE".
     std::string line() const {
-        return "package " + package + (path.empty() ? "" : ": " + path) + ": " + message;
+        return (package == "-" ? std::string("store") : "package " + package) + (path.empty() ? "" : ": " + path) + ": " + message;
     }
 };
 using ProblemSink = std::function<void(const Problem&)>;

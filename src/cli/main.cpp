@@ -1009,6 +1009,27 @@ int casmig_main(int argc, char** argv) {
         if (std::string_view(argv[i]) == "--json") json_asked = true;
     auto usage_error = [&](const std::string& line) {
         std::fprintf(stderr, "casmig: %s\n", line.c_str());
+        // A command line (or config file) the nightly timer can no longer run must show in monitoring:
+        // with --metrics-file on the command line, the run is recorded (exit 2) like any other.
+        std::string metrics, store, command;
+        for (int i = 1; i < argc; ++i) {
+            std::string_view a = argv[i];
+            auto value = [&](std::string_view opt, std::string& out) {
+                if (a == opt && i + 1 < argc) out = argv[i + 1];
+                else if (a.rfind(std::string(opt) + "=", 0) == 0) out = std::string(a.substr(opt.size() + 1));
+            };
+            value("--metrics-file", metrics);
+            value("--store", store);
+            if (command.empty() && !a.empty() && a[0] != '-')
+                for (const auto* sc : app.get_subcommands([](const CLI::App*) { return true; }))
+                    if (sc->get_name() == a) command = std::string(a);
+        }
+        if (!metrics.empty()) {
+            const char* env = std::getenv("CASMIG_STORE");
+            g_metrics.path = metrics;
+            g_metrics.command = command.empty() ? "unknown" : command;
+            g_metrics.store = !store.empty() ? store : env && *env ? env : "/opt/pm/store";
+        }
         Globals jg;
         jg.json = json_asked;
         return json_error(jg, k_usage, "usage", line);
@@ -1046,6 +1067,12 @@ int casmig_main(int argc, char** argv) {
         }
         const char* env = std::getenv("CASMIG_STORE");
         if (!on_command_line && env && *env) g.store = env;
+    }
+    if (!g.metrics_file.empty()) { // from here on every exit is recorded, a bad option value's too
+        for (auto* sub : app.get_subcommands()) g_metrics.command = sub->get_name();
+        g_metrics.path = g.metrics_file;
+        g_metrics.store = g.store.empty() ? "/opt/pm/store" : g.store;
+        g_metrics.db = g.db;
     }
 
     try {
@@ -1093,12 +1120,7 @@ int casmig_main(int argc, char** argv) {
         if (*helpc) return cmd_help(app, help_topic); // needs no store
         if (*mig || *conv || *ver || *clean || *rb || *add) stop_at_safe_points();
         Ctx c(g);
-        if (!g.metrics_file.empty()) {
-            for (auto* sub : app.get_subcommands()) g_metrics.command = sub->get_name();
-            g_metrics.path = g.metrics_file;
-            g_metrics.store = c.store->root();
-            g_metrics.db = g.db;
-        }
+        if (!g.metrics_file.empty()) g_metrics.store = c.store->root();
         struct Problems {
             Ctx& c;
             ~Problems() { g_metrics.problems_seen = c.problems; }

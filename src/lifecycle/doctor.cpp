@@ -112,7 +112,10 @@ DoctorReport doctor(store::Store& s, const DoctorOptions& opts) {
             const double pct = tried ? 100.0 * static_cast<double>(failed) / static_cast<double>(tried) : 0;
             char b[32];
             std::snprintf(b, sizeof b, "%.1f%%", pct);
-            std::string first = st->failures.empty() ? "" : " (first: " + st->failures.front().first + ": " + st->failures.front().second + ")";
+            // A failed package's error is already a line naming it ("package ID: path: what").
+            std::string first = st->failures.empty() ? ""
+                                : st->failures.front().second.empty() ? " (first: " + st->failures.front().first + ")"
+                                                                      : " (first: " + st->failures.front().second + ")";
             if (pct > opts.max_failure_percent)
                 add(Severity::critical, "failures",
                     std::to_string(failed) + " of " + std::to_string(tried) + " migrations failed (" + b + ", over " +

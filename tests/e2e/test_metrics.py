@@ -126,6 +126,17 @@ def every_run_writes_the_store_counts_and_its_outcome(t):
     expect(get(m, "casmig_last_run_exit_code", command="migrate") == 0 and
            get(m, "casmig_last_success_timestamp_seconds", command="migrate") > 1e9, "migrate's lines were dropped")
     expect(get(m, "casmig_packages", state="verified") == 3, "counts after the rerun")
+    # A run the timer cannot even start (a bad option value, a bad config file) is recorded too: exit 2.
+    t.run(s, "--metrics-file", prom, "migrate", "--limit", "abc", code=2)
+    m = parse(open(prom).read())
+    expect(get(m, "casmig_last_run_exit_code", command="migrate") == 2, "a usage error of migrate")
+    conf = os.path.join(t.work, "bad-key.toml")
+    with open(conf, "w") as f:
+        f.write("[migrate]\nlimt = 3\n")
+    t.run(s, "--config", conf, "--metrics-file", prom, "verify", code=2)
+    m = parse(open(prom).read())
+    expect(get(m, "casmig_last_run_exit_code", command="verify") == 2 and
+           get(m, "casmig_last_success_timestamp_seconds", command="migrate") > 1e9, "a bad config file")
 
 
 @test
