@@ -140,6 +140,21 @@ DoctorReport doctor(store::Store& s, const DoctorOptions& opts) {
                     std::to_string(pending) + " package(s) pending and none migrated for " +
                         std::to_string(static_cast<long>(hours)) + " h: check that casmig-migrate.timer runs "
                         "(systemctl list-timers) and its journal (journalctl -u casmig-migrate)");
+            // The last run's pace: a run long enough to say something, too slow for what is left.
+            const auto& lr = st->last_migrate;
+            const double run_s = lr.found ? static_cast<double>(lr.ended_ns - lr.started_ns) / 1e9 : 0;
+            if (run_s >= opts.min_run_seconds) {
+                const double per_hour = static_cast<double>(lr.migrated) / (run_s / 3600.0);
+                if (per_hour < opts.min_packages_per_hour) {
+                    char b[160];
+                    std::snprintf(b, sizeof b, "the last migrate run did %.0f packages per hour (%llu in %.0f min, under %.0f/h), "
+                                  "%llu pending", per_hour, (unsigned long long)lr.migrated, run_s / 60,
+                                  opts.min_packages_per_hour, (unsigned long long)pending);
+                    add(Severity::warning, "speed",
+                        std::string(b) + ": check its --io-limit and --time-budget, the disk (iostat) and what else "
+                                         "runs at that hour (journalctl -u casmig-migrate)");
+                }
+            }
         }
     }
     // 4. Integrity: verified packages whose verify after cutover failed, and objects quarantined by

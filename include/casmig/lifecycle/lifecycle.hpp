@@ -197,6 +197,10 @@ struct Finding {
 struct DoctorOptions {
     double max_failure_percent = 5;  // the strategy's rollback trigger
     double stall_hours = 48;         // pending work but no migrate progress (or a lock held) this long
+    /// The last migrate run, if it ran at least min_run_seconds and work is still pending, migrated at
+    /// least this many packages per hour (npm-sized packages go at thousands per hour on 2 cores).
+    double min_packages_per_hour = 60;
+    double min_run_seconds = 300;
 };
 struct DoctorReport {
     bool healthy = true;
