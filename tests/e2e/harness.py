@@ -111,6 +111,21 @@ def kill_at(t, store, command, delays, after_each):
         after_each(delay)
 
 
+def backdate_last_run(store, seconds):
+    """Makes the last migrate run's end row (migrate::k_run_ended) say it started `seconds` before its
+    end, as a long run would have: status and doctor take a run's start from that row."""
+    import sqlite3
+    db = sqlite3.connect(os.path.join(store, "store.db"))
+    try:
+        (detail,) = db.execute("SELECT detail FROM journal WHERE detail LIKE 'run ended:%' ORDER BY id DESC").fetchone()
+        end_ns = db.execute("SELECT MAX(at_ns) FROM journal").fetchone()[0]
+        db.execute("UPDATE journal SET detail = ? WHERE detail = ?",
+                   (detail.split("; started_ns")[0] + f"; started_ns {end_ns - int(seconds * 10**9)}", detail))
+        db.commit()
+    finally:
+        db.close()
+
+
 def expect(cond, msg):
     if not cond:
         raise AssertionError(msg)

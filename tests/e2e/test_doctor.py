@@ -96,13 +96,7 @@ def a_slow_last_run_is_a_warning(t):
     code, rep, _ = doctor(t, s)
     expect(("warning", "speed") not in checks(rep), f"a run of under 5 min says nothing of speed: {rep['findings']}")
     # The run's end row holds its start: as if 2 packages had taken an hour (2 per hour, under 60).
-    db = sqlite3.connect(os.path.join(s, "store.db"))
-    (detail,) = db.execute("SELECT detail FROM journal WHERE detail LIKE 'run ended:%'").fetchone()
-    end_ns = db.execute("SELECT MAX(at_ns) FROM journal").fetchone()[0]
-    db.execute("UPDATE journal SET detail = ? WHERE detail = ?",
-               (detail.split("; started_ns")[0] + f"; started_ns {end_ns - 3600 * 10**9}", detail))
-    db.commit()
-    db.close()
+    harness.backdate_last_run(s, 3600)
     code, rep, _ = doctor(t, s)
     msg = [f["message"] for f in rep["findings"] if f["check"] == "speed"]
     expect(code == 1 and msg and "2 packages per hour" in msg[0] and "4 pending" in msg[0], f"{rep['findings']}")

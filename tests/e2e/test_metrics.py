@@ -187,16 +187,12 @@ def status_shows_the_last_run_its_pace_the_eta_and_the_lock_holder(t):
     # A run of under a second gives no pace to predict from.
     expect(st["eta_seconds"] is None, f"eta after a run of {lm['seconds']} s: {st['eta_seconds']}")
     # The run's end row holds its start: one that started 10 s before its end predicts 10 s for 2 more.
-    db = sqlite3.connect(os.path.join(s, "store.db"))
-    (detail,) = db.execute("SELECT detail FROM journal WHERE detail LIKE 'run ended:%'").fetchone()
-    end_ns = db.execute("SELECT MAX(at_ns) FROM journal").fetchone()[0]
-    db.execute("UPDATE journal SET detail = ? WHERE detail = ?",
-               (detail.split("; started_ns")[0] + f"; started_ns {end_ns - 10 * 10**9}", detail))
-    db.commit()
+    harness.backdate_last_run(s, 10)
     st = json.loads(t.run(s, "--json", "status", code=0)[1])
     expect(9 <= st["eta_seconds"] <= 11 and 9.5 <= st["last_migrate"]["seconds"] <= 10.5,
            f"eta from a 10 s run: {st['eta_seconds']}, {st['last_migrate']}")
     # A run that wrote no end row (killed with -9, or still running) says so.
+    db = sqlite3.connect(os.path.join(s, "store.db"))
     db.execute("DELETE FROM journal WHERE detail LIKE 'run ended:%'")
     db.commit()
     db.close()
