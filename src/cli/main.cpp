@@ -402,9 +402,12 @@ int cmd_status(Ctx& c, int journal_lines) {
             time_t secs = static_cast<time_t>(r.at_ns / 1'000'000'000);
             char when[32];
             std::strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", std::localtime(&secs));
+            // A run's end row carries its start for status (migrate::k_run_ended); people read the result.
+            std::string detail = r.detail;
+            if (detail.rfind(migrate::k_run_ended, 0) == 0) detail = detail.substr(0, detail.find("; started_ns"));
             h += fmt("  %s %-8s %s %s%s%s%s\n", when, r.command.c_str(), r.package.substr(0, 16).c_str(),
                      r.from.c_str(), r.from.empty() && r.to.empty() ? "" : " -> ", r.to.c_str(),
-                     r.detail.empty() ? "" : ("  " + r.detail.substr(0, 100)).c_str());
+                     detail.empty() ? "" : ("  " + detail.substr(0, 100)).c_str());
         }
     }
     j["journal"] = json::array();
