@@ -1006,35 +1006,34 @@ int casmig_main(int argc, char** argv) {
     helpc->add_option("command", help_topic, "A command");
     add_help_footers(app); // after every command exists
     setup_config(app);
-    // A usage error before the options are known still answers --json with its error object.
-    bool json_asked = false;
-    for (int i = 1; i < argc; ++i)
-        if (std::string_view(argv[i]) == "--json") json_asked = true;
+    // What the raw command line says, for the cases CLI11 cannot answer: a usage error before the
+    // options are known, and where --store came from (below). "--opt VALUE" or "--opt=VALUE"; a flag
+    // gives "". Up to "--".
+    const auto from_argv = [&](std::string_view opt) -> std::optional<std::string> {
+        for (int i = 1; i < argc; ++i) {
+            std::string_view a = argv[i];
+            if (a == "--") break;
+            if (a == opt) return i + 1 < argc ? std::string(argv[i + 1]) : std::string();
+            if (a.size() > opt.size() && a.rfind(opt, 0) == 0 && a[opt.size()] == '=') return std::string(a.substr(opt.size() + 1));
+        }
+        return std::nullopt;
+    };
+    const char* env_store = std::getenv("CASMIG_STORE");
     auto usage_error = [&](const std::string& line) {
         std::fprintf(stderr, "casmig: %s\n", line.c_str());
         // A command line (or config file) the nightly timer can no longer run must show in monitoring:
         // with --metrics-file on the command line, the run is recorded (exit 2) like any other.
-        std::string metrics, store, command;
-        for (int i = 1; i < argc; ++i) {
-            std::string_view a = argv[i];
-            auto value = [&](std::string_view opt, std::string& out) {
-                if (a == opt && i + 1 < argc) out = argv[i + 1];
-                else if (a.rfind(std::string(opt) + "=", 0) == 0) out = std::string(a.substr(opt.size() + 1));
-            };
-            value("--metrics-file", metrics);
-            value("--store", store);
-            if (command.empty() && !a.empty() && a[0] != '-')
+        if (auto metrics = from_argv("--metrics-file"); metrics && !metrics->empty()) {
+            std::string command = "unknown";
+            for (int i = 1; i < argc && command == "unknown"; ++i)
                 for (const auto* sc : app.get_subcommands([](const CLI::App*) { return true; }))
-                    if (sc->get_name() == a) command = std::string(a);
-        }
-        if (!metrics.empty()) {
-            const char* env = std::getenv("CASMIG_STORE");
-            g_metrics.path = metrics;
-            g_metrics.command = command.empty() ? "unknown" : command;
-            g_metrics.store = !store.empty() ? store : env && *env ? env : "/opt/pm/store";
+                    if (sc->get_name() == argv[i]) command = argv[i];
+            g_metrics.path = *metrics;
+            g_metrics.command = command;
+            g_metrics.store = from_argv("--store").value_or(env_store && *env_store ? env_store : "/opt/pm/store");
         }
         Globals jg;
-        jg.json = json_asked;
+        jg.json = from_argv("--json").has_value(); // still answers --json with its error object
         return json_error(jg, k_usage, "usage", line);
     };
 
@@ -1061,16 +1060,7 @@ int casmig_main(int argc, char** argv) {
     // The store: --store on the command line, else $CASMIG_STORE, else the config file's `store`,
     // else /opt/pm/store. The environment beats the file, so that a runbook's `export CASMIG_STORE`
     // never acts on the store /etc/casmig.conf names (CLI11 alone would let the file win).
-    {
-        bool on_command_line = false;
-        for (int i = 1; i < argc; ++i) {
-            std::string_view a = argv[i];
-            if (a == "--") break;
-            if (a == "--store" || a.rfind("--store=", 0) == 0) on_command_line = true;
-        }
-        const char* env = std::getenv("CASMIG_STORE");
-        if (!on_command_line && env && *env) g.store = env;
-    }
+    if (!from_argv("--store") && env_store && *env_store) g.store = env_store;
     if (!g.metrics_file.empty()) { // from here on every exit is recorded, a bad option value's too
         for (auto* sub : app.get_subcommands()) g_metrics.command = sub->get_name();
         g_metrics.path = g.metrics_file;
