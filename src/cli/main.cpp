@@ -232,7 +232,8 @@ int cmd_migrate(Ctx& c, const migrate::Options& o) {
               {"files", r.files}, {"bytes", r.bytes}, {"new_objects", r.new_objects},
               {"new_object_bytes", r.new_object_bytes}, {"stopped_by_time_budget", r.stopped_by_budget},
               {"disk_full", r.disk_full}, {"not_started", r.not_started},
-              {"failed_not_retried", r.failed_not_retried}, {"seconds", r.seconds}};
+              {"failed_not_retried", r.failed_not_retried}, {"seconds", r.seconds},
+              {"verify_files_read", r.verify_files_read}, {"verify_files_by_identity", r.verify_files_by_identity}};
     std::string h = fmt("migrate: %llu packages (%llu migrated, %llu verified, %llu failed), %llu files, %s read, "
                         "%llu new objects (%s) in %.1fs%s",
                         (unsigned long long)r.packages, (unsigned long long)r.migrated, (unsigned long long)r.verified,

@@ -69,6 +69,8 @@ struct Job {
         std::vector<size_t> entries;
     };
     std::map<std::pair<dev_t, ino_t>, Inode> inodes;
+    // The regular files ingest hashed that verify may prove by identity (Pipeline::m_racy_before_ns).
+    std::vector<std::pair<std::string, verify::FileIdentity>> identities;
 
     void fail(const std::string& path, const std::string& message) {
         std::lock_guard lk(mutex);
@@ -201,6 +203,7 @@ public:
 
     void run(unsigned threads) {
         m_threads = threads;
+        if (m_mode == Mode::migrate) start_clock();
         m_unit_dirs = ingest::dir_refs_per_holder(tokens_for(threads));
         if (m_mode == Mode::migrate) m_committer = std::thread([this] { committer_loop(); });
         // oneTBB caps workers at cores-1 unless told otherwise; -j may ask for more threads than cores
@@ -289,6 +292,33 @@ public:
     std::vector<std::int64_t>& migrated_ids() { return m_migrated_ids; }
 
 private:
+    /// The store filesystem's clock now (the ctime of a new temp file), the earlier of it and this
+    /// machine's clock, less the racy window: files changed before that may be proven by identity.
+    void start_clock() {
+        struct stat root {};
+        if (::fstat(m_store.root_fd(), &root) != 0) return;
+        std::int64_t window = verify::k_racy_window_ns;
+#ifdef CASMIG_TEST_SEAMS
+        // Tests: a negative window admits files changed just before (or during) the run.
+        if (const char* w = std::getenv("CASMIG_RACY_WINDOW_MS")) window = std::atoll(w) * 1'000'000;
+#endif
+        try {
+            cas::TempFile probe = m_objects->create_temp(0);
+            struct stat st {};
+            if (::fstat(probe.fd(), &st) != 0) return;
+            timespec now {};
+            ::clock_gettime(CLOCK_REALTIME, &now);
+            std::int64_t fs_now = verify::FileIdentity::of(st).ctime_ns;
+            std::int64_t here = static_cast<std::int64_t>(now.tv_sec) * 1'000'000'000 + now.tv_nsec;
+            m_store_dev = root.st_dev;
+            m_racy_before_ns = std::min(fs_now, here) - window;
+        } catch (const util::SystemError&) {
+            // No temp file (a full disk): every file is read again; the run finds the disk full itself.
+        }
+    }
+    dev_t m_store_dev = 0;
+    std::int64_t m_racy_before_ns = INT64_MIN; // nothing is proven by identity until start_clock()
+
     bool pipeline_failed() const { return m_pipeline_failed.load(std::memory_order_acquire); }
     void note_pipeline_error() {
         std::lock_guard lk(m_pipeline_error_mutex);
@@ -424,6 +454,12 @@ private:
                 if (m_mode == Mode::plan && it.entry.digest && !job.failed) m_unit_digests.push_back({*it.entry.digest, it.entry.size});
             }
             if (m_mode != Mode::migrate) continue;
+            // The walk's lstat is the file's identity at the end of ingest's read (ingest proved them
+            // equal). Only a file last changed well before the run began, on the store's own device
+            // (one filesystem clock), may be proven by it (verify::k_racy_window_ns).
+            if (it.entry.type == catalog::EntryType::file && it.st.st_dev == m_store_dev &&
+                verify::FileIdentity::of(it.st).ctime_ns < m_racy_before_ns)
+                job.identities.emplace_back(it.entry.path, verify::FileIdentity::of(it.st));
             if (it.entry.type == catalog::EntryType::file && it.st.st_nlink > 1) {
                 auto& ino = job.inodes[{it.st.st_dev, it.st.st_ino}];
                 ino.nlink = it.st.st_nlink;
@@ -640,10 +676,16 @@ private:
         // pipeline's, so verification takes the cores the pipeline leaves idle while it waits for the
         // disk, and all of them once the pipeline is done (no single-threaded tail).
         if (pkgs.empty()) return;
+        verify::KnownTrees known;
+        for (const auto& jp : batch)
+            if (!jp->failed) known[jp->pkg.id] = verify::KnownTree{&jp->entries, &jp->identities};
         verify::Options vo;
         vo.threads = m_threads;
         vo.db_mutex = &m_db_mutex;
+        vo.known = &known;
         auto vr = verify::verify_packages(m_store, pkgs, vo, nullptr, [this](const Problem& p) { problem(p); });
+        m_result.verify_files_read += vr.files_read;
+        m_result.verify_files_by_identity += vr.files_by_identity;
         // Recorded verified: from here readers use these packages' manifests and objects.
         io::crash_point("migrate.verified");
         m_verified += vr.ok;
@@ -912,6 +954,8 @@ std::vector<catalog::Package> one_at_a_time(store::Store& store, const Options& 
         r.packages += qr.packages;
         r.migrated += qr.migrated;
         r.verified += qr.verified;
+        r.verify_files_read += qr.verify_files_read;
+        r.verify_files_by_identity += qr.verify_files_by_identity;
         r.failed += qr.failed + q.verify_failed();
         r.files += qr.files;
         r.bytes += qr.bytes;
@@ -1070,6 +1114,7 @@ Result migrate(store::Store& store, const Options& opts, const ProgressSink& pro
                 auto vr = verify::verify_packages(store, todo, vo, progress, problems);
                 r.verified += vr.ok;
                 r.failed += vr.mismatched;
+                r.verify_files_read += vr.files_read;
             } catch (const std::exception& e) {
                 if (!is_disk_full(e)) throw;
                 // Recording `verified` needs a little catalog space: the packages stay `migrated`

@@ -57,6 +57,7 @@ struct Task {
     std::vector<std::int64_t> stored; // per manifest entry: its object's stored size in the catalog, or -1
     std::vector<std::pair<std::string, std::string>> problems; // path, message
     std::vector<hash::Digest> missing_objects;
+    std::uint64_t files_read = 0, files_by_identity = 0;
     void add(const std::string& path, const std::string& msg) {
         if (problems.size() < k_max_problems_per_package) problems.emplace_back(path, msg);
         else if (problems.size() == k_max_problems_per_package)
@@ -96,6 +97,7 @@ struct PendingFile {
 
 /// Hashes each pending legacy file, compares it with its manifest entry and clears the list.
 void hash_files(Task& t, std::vector<PendingFile>& files) {
+    t.files_read += files.size();
     // The caller bounds the group (read_ahead) and the directories it keeps open.
     std::vector<util::Fd> fds = ingest::open_ahead(files.size(), files.size(), [&](size_t i) { return &files[i].item; });
     for (size_t i = 0; i < files.size(); ++i) {
@@ -124,7 +126,17 @@ std::string ns_time(std::int64_t ns) {
 
 /// Compares the tree at dirfd/name with t.manifest. `moved`: the tree was renamed aside by cleanup
 /// (its root's mtime and ctime moved with the rename; everything below must still be exact).
-void check_tree(Task& t, int store_fd, const std::string& name, size_t read_ahead, size_t max_dirs, bool moved = false) {
+/// `known`: the package as migrate's ingest just found it (Options::known), or null.
+void check_tree(Task& t, int store_fd, const std::string& name, size_t read_ahead, size_t max_dirs, bool moved = false,
+                const KnownTree* known = nullptr) {
+    // By path: the identity ingest recorded and the entry it made (its digest and xattrs).
+    std::unordered_map<std::string_view, std::pair<const FileIdentity*, const catalog::Entry*>> ingested;
+    if (known && known->files && known->entries) {
+        ingested.reserve(known->files->size());
+        for (const auto& [path, id] : *known->files) ingested.emplace(path, std::make_pair(&id, nullptr));
+        for (const auto& e : *known->entries)
+            if (auto f = ingested.find(e.path); f != ingested.end()) f->second.second = &e;
+    }
     std::vector<PendingFile> files;
     size_t dirs = 0; // directories the pending files keep open (at most max_dirs)
     std::unordered_map<std::string, const catalog::Entry*> want;
@@ -178,6 +190,19 @@ void check_tree(Task& t, int store_fd, const std::string& name, size_t read_ahea
                 if (it.entry.link_to) walked_links.emplace_back(path, *it.entry.link_to);
             }
             if (m.type == EntryType::file) {
+                // Unchanged since ingest hashed it (same inode, size, mtime and ctime, and not changed
+                // within the racy window before the run): its content is the one ingest hashed, so the
+                // manifest must hold ingest's digest and xattrs; no need to read it again.
+                if (auto f = ingested.find(path);
+                    f != ingested.end() && f->second.second && f->second.first->matches(it.st)) {
+                    const catalog::Entry& was = *f->second.second;
+                    if (!m.digest || !was.digest || *was.digest != *m.digest)
+                        t.add(path, "content differs: manifest " + (m.digest ? m.digest->hex() : std::string("none")) +
+                                        ", legacy tree " + (was.digest ? was.digest->hex() : std::string("none")));
+                    if (was.xattrs != m.xattrs) t.add(path, "extended attributes differ from the manifest");
+                    ++t.files_by_identity;
+                    continue;
+                }
                 if (files.empty() || files.back().item.parent != it.parent) ++dirs;
                 files.push_back({std::move(it), &m});
                 if (files.size() == read_ahead || dirs >= max_dirs) {
@@ -223,6 +248,17 @@ void check_tree(Task& t, int store_fd, const std::string& name, size_t read_ahea
 }
 
 } // namespace
+
+FileIdentity FileIdentity::of(const struct ::stat& st) {
+    auto ns = [](const timespec& t) { return static_cast<std::int64_t>(t.tv_sec) * 1'000'000'000 + t.tv_nsec; };
+    return {st.st_dev, st.st_ino, static_cast<std::int64_t>(st.st_size), ns(st.st_mtim), ns(st.st_ctim)};
+}
+
+bool FileIdentity::matches(const struct ::stat& st) const {
+    const FileIdentity now = of(st);
+    return S_ISREG(st.st_mode) && now.dev == dev && now.ino == ino && now.size == size && now.mtime_ns == mtime_ns &&
+           now.ctime_ns == ctime_ns;
+}
 
 std::vector<std::pair<std::string, std::string>> compare_tree(int dirfd, const std::string& name,
                                                               const catalog::Package& pkg,
@@ -312,12 +348,18 @@ Result verify_packages(store::Store& store, const std::vector<catalog::Package>&
                             return t;
                         }
                         check_objects(*t, objects);
-                        if (t->pkg.tree != catalog::TreeState::removed) check_tree(*t, store.root_fd(), t->pkg.name, read_ahead, max_dirs);
+                        const KnownTree* known = nullptr;
+                        if (opts.known)
+                            if (auto k = opts.known->find(t->pkg.id); k != opts.known->end()) known = &k->second;
+                        if (t->pkg.tree != catalog::TreeState::removed)
+                            check_tree(*t, store.root_fd(), t->pkg.name, read_ahead, max_dirs, false, known);
                         return t;
                     }) &
                 tbb::make_filter<std::shared_ptr<Task>, void>(
                     tbb::filter_mode::serial_in_order, [&](std::shared_ptr<Task> t) {
                         ++r.packages;
+                        r.files_read += t->files_read;
+                        r.files_by_identity += t->files_by_identity;
                         std::string pid = util::printable(t->pkg.name);
                         for (auto& [path, msg] : t->problems)
                             if (problems) problems({pid, util::printable(path), msg});

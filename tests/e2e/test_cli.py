@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
-from harness import T, test, put, snapshot, kill_at, expect  # noqa: E402,F401
+from harness import T, test, put, snapshot, kill_at, expect, seams  # noqa: E402,F401
 
 
 # ------------------------------------------------------------------ the tests
@@ -165,6 +165,59 @@ def verify_finds_drift_and_corruption(t):
     # the affected package is failed and a retry rewrites the object from its legacy tree
     t.run(s, "migrate", "--retry-failed", code=0)
     t.run(s, "verify", "--objects", code=0)
+
+
+EDIT_SAME_SIZE_KEEP_MTIME = ("python3 -c \"import os,sys; p=sys.argv[1]; st=os.stat(p); f=open(p,'r+b'); b=f.read(1); "
+                             "f.seek(0); f.write(bytes([b[0]^1])); f.close(); os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))\" ")
+
+
+def regular_files(s):
+    return sum(1 for d, _, fs in os.walk(s) for f in fs if os.path.isfile(os.path.join(d, f)) and not os.path.islink(os.path.join(d, f)))
+
+
+@test
+def migrate_verify_proves_by_identity_and_reads_what_changed(t):
+    """migrate's verify takes a file's content as proven when its inode, size, mtime and ctime are still
+    those ingest saw while hashing it; a file changed since, or changed shortly before the run began
+    (the racy window), is read and hashed again."""
+    s = t.store("identity-fresh", 3)
+    files = regular_files(s)
+    r = t.json(s, "migrate")
+    # Every file was written a moment ago, inside the racy window: each one is read again.
+    expect(r["verify_files_read"] == files and r["verify_files_by_identity"] == 0,
+           f"fresh files must be re-read: {files} files, {r}")
+    if not seams(t):
+        return
+    # The window opened (test seam): files are proven by identity, except one edited between the commit
+    # and the verify — same size, mtime put back, so only its ctime tells — which is read and fails.
+    s = t.store("identity-edit", 3)
+    tool = os.path.join(s, "pkg01", "bin", "tool1")
+    env = {"CASMIG_RACY_WINDOW_MS": "-600000", "CASMIG_HOOK_AT": "migrate.committed",
+           "CASMIG_HOOK_CMD": EDIT_SAME_SIZE_KEEP_MTIME + tool}
+    code, out, err = t.run(s, "--json", "migrate", env=env)
+    r = json.loads(out)
+    expect(code == 1 and "bin/tool1" in err and "content differs" in err, f"edit after ingest not found: {code} {err!r}")
+    expect(r["verify_files_read"] == 1 and r["verify_files_by_identity"] == files - 1,
+           f"only the edited file should be read again: {files} files, {r}")
+    st = t.json(s, "status")["packages"]
+    expect(st["failed"] == 1 and st["verified"] == 2, f"{st}")
+    t.run(s, "migrate", "--retry-failed", code=0)
+    t.run(s, "verify", code=0)
+    # A file proven by identity still holds the catalog to the digest ingest computed: a manifest row
+    # changed after the commit (another object of the same size) fails the package.
+    s = t.store("identity-catalog", 3)
+    with open(os.path.join(s, "pkg02", "bin", "tool2"), "wb") as f:
+        f.write(os.urandom(3001))  # tool1's size
+    swap = ("python3 -c \"import sqlite3,sys; db=sqlite3.connect(sys.argv[1]); "
+            "d=db.execute(\\\"SELECT e.digest FROM entries e JOIN packages p ON p.id=e.package WHERE p.name=CAST('pkg01' AS BLOB) AND e.path=CAST('bin/tool1' AS BLOB)\\\").fetchone()[0]; "
+            "db.execute(\\\"UPDATE entries SET digest=? WHERE path=CAST('bin/tool2' AS BLOB)\\\", (d,)); db.commit()\" ")
+    env = {"CASMIG_RACY_WINDOW_MS": "-600000", "CASMIG_HOOK_AT": "migrate.committed",
+           "CASMIG_HOOK_CMD": swap + os.path.join(s, "store.db")}
+    code, out, err = t.run(s, "--json", "migrate", env=env)
+    r = json.loads(out)
+    expect(code == 1 and "pkg02" in err and "bin/tool2" in err and "content differs" in err,
+           f"a manifest that no longer holds ingest's digest must fail: {code} {err!r}")
+    expect(r["verify_files_read"] == 0, f"nothing changed on disk, nothing to read again: {r}")
 
 
 @test

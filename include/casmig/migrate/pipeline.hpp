@@ -69,6 +69,9 @@ struct Result {
     std::uint64_t left = 0, left_unverified = 0;
     /// Failed packages this run did not select (no --retry-failed, no package named): still failed.
     std::uint64_t failed_not_retried = 0;
+    /// The verify pass: legacy files read and hashed again, and files proven unchanged since ingest
+    /// hashed them by their identity (inode, size, mtime, ctime; verify::Options::known).
+    std::uint64_t verify_files_read = 0, verify_files_by_identity = 0;
     double seconds = 0;
 };
 

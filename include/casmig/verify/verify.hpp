@@ -7,6 +7,8 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <sys/stat.h>
+#include <unordered_map>
 #include <vector>
 
 #include "casmig/progress.hpp"
@@ -16,16 +18,50 @@ namespace casmig::verify {
 
 enum class RecordState { no, yes };
 
+/// What migrate's ingest saw of a legacy file it hashed: the inode's identity at the end of that read
+/// (device, inode, size, mtime, ctime; ingest proved them unchanged from before the read to after it).
+struct FileIdentity {
+    dev_t dev = 0;
+    ino_t ino = 0;
+    std::int64_t size = 0, mtime_ns = 0, ctime_ns = 0;
+    static FileIdentity of(const struct ::stat& st);
+    /// st is a regular file with this identity.
+    bool matches(const struct ::stat& st) const;
+};
+
+/// One package as migrate's ingest found it moments ago: its entries as hashed (digest, extended
+/// attributes; sorted or not) and, by path, the identity of each regular file that is safe to prove by
+/// identity — ingest records only files whose ctime is older than the run's start minus
+/// k_racy_window by the store filesystem's clock, on the store's own device.
+struct KnownTree {
+    const std::vector<catalog::Entry>* entries = nullptr;
+    const std::vector<std::pair<std::string, FileIdentity>>* files = nullptr;
+};
+using KnownTrees = std::unordered_map<std::int64_t, KnownTree>; // by package id
+
+/// A file changed this long (or less) before the run began is re-read by migrate's verify even if
+/// its identity matches: a write in the same tick of the filesystem's clock as the one before it
+/// leaves ctime unchanged (git's "racily clean" entries). Far above any timestamp granularity.
+inline constexpr std::int64_t k_racy_window_ns = 2'000'000'000;
+
 struct Options {
     unsigned threads = 0;
     RecordState record = RecordState::yes; // set verified / failed from the outcome
     std::mutex* db_mutex = nullptr;         // held around every catalog use, when the caller shares it
+    /// migrate only: a legacy file whose lstat now matches its FileIdentity in `known` has the content
+    /// ingest hashed (any write, truncate, chmod, xattr change or replacement moves ctime or the
+    /// inode), so its digest and xattrs are compared from there instead of reading it again. Every
+    /// other check (path set, types, modes, owners, mtimes, links, objects) is unchanged. Standalone
+    /// verify, cutover, cleanup and rollback pass none: they re-read every file.
+    const KnownTrees* known = nullptr;
 };
 
 struct Result {
     std::uint64_t packages = 0, ok = 0, mismatched = 0;
     std::uint64_t objects_checked = 0, objects_bad = 0;
     std::uint64_t manifests_checked = 0, manifests_bad = 0; // packages/manifests (verify --objects)
+    // Legacy files whose content was re-read and hashed, and files proven by identity (Options::known).
+    std::uint64_t files_read = 0, files_by_identity = 0;
     // A stop was requested (util::request_stop) before every package or object was checked: `left`
     // packages were not started (what was checked is recorded), or verify_objects checked only part
     // of objects/ (a rerun checks everything again).
