@@ -15,6 +15,8 @@
 #include <atomic>
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
+#include <linux/magic.h>
 #include <condition_variable>
 #include <deque>
 #include <map>
@@ -292,32 +294,78 @@ public:
     std::vector<std::int64_t>& migrated_ids() { return m_migrated_ids; }
 
 private:
-    /// The store filesystem's clock now (the ctime of a new temp file), the earlier of it and this
-    /// machine's clock, less the racy window: files changed before that may be proven by identity.
+    /// Proof by identity (verify::Options::known) only where a file's ctime is the kernel's own, fresh
+    /// answer: local filesystems. NFS, CIFS and FUSE may answer lstat from a cache, and some FUSE
+    /// filesystems report ctime as mtime; overlayfs mixes devices. Everything else is read again.
+    static bool local_clock_fs(const struct statfs& sf) {
+        switch (static_cast<unsigned long>(sf.f_type)) {
+        case EXT4_SUPER_MAGIC: // ext2, ext3 and ext4 share it
+        case XFS_SUPER_MAGIC:
+        case BTRFS_SUPER_MAGIC:
+        case TMPFS_MAGIC:
+        case F2FS_SUPER_MAGIC:
+        case 0x2FC12FC1: // ZFS
+            return true;
+        default:
+            return false;
+        }
+    }
+
+    /// The store filesystem's clock now: the ctime of a new temp file (and that file's device).
+    /// Throws util::SystemError when no temp file can be made (a full disk).
+    std::int64_t fs_clock(dev_t& dev) {
+        cas::TempFile probe = m_objects->create_temp(0);
+        struct stat st {};
+        if (::fstat(probe.fd(), &st) != 0) util::throw_errno("cannot stat a temp file", "temp/" + probe.name());
+        dev = st.st_dev;
+        return verify::FileIdentity::of(st).ctime_ns;
+    }
+
+    /// With verify on: files last changed before the earlier of the store filesystem's clock and this
+    /// machine's, less the racy window, may be proven by identity — on a local filesystem, on the
+    /// store root's device, with temp/ on that same device (its clock is the one read).
     void start_clock() {
+        if (m_opts.verify != Verify::yes) return;
         struct stat root {};
-        if (::fstat(m_store.root_fd(), &root) != 0) return;
+        struct statfs sf {};
+        if (::fstat(m_store.root_fd(), &root) != 0 || ::fstatfs(m_store.root_fd(), &sf) != 0 || !local_clock_fs(sf)) return;
         std::int64_t window = verify::k_racy_window_ns;
 #ifdef CASMIG_TEST_SEAMS
         // Tests: a negative window admits files changed just before (or during) the run.
         if (const char* w = std::getenv("CASMIG_RACY_WINDOW_MS")) window = std::atoll(w) * 1'000'000;
 #endif
         try {
-            cas::TempFile probe = m_objects->create_temp(0);
-            struct stat st {};
-            if (::fstat(probe.fd(), &st) != 0) return;
+            dev_t dev = 0;
+            const std::int64_t fs_now = fs_clock(dev);
+            if (dev != root.st_dev) return;
             timespec now {};
             ::clock_gettime(CLOCK_REALTIME, &now);
-            std::int64_t fs_now = verify::FileIdentity::of(st).ctime_ns;
-            std::int64_t here = static_cast<std::int64_t>(now.tv_sec) * 1'000'000'000 + now.tv_nsec;
+            const std::int64_t here = static_cast<std::int64_t>(now.tv_sec) * 1'000'000'000 + now.tv_nsec;
             m_store_dev = root.st_dev;
-            m_racy_before_ns = std::min(fs_now, here) - window;
+            m_clock_start_ns = fs_now;
+            m_racy_before_ns.store(std::min(fs_now, here) - window);
         } catch (const util::SystemError&) {
             // No temp file (a full disk): every file is read again; the run finds the disk full itself.
         }
     }
+
+    /// Before each verify: a filesystem clock that went back since the run began could give a later
+    /// write the very ctime a file had when ingest read it, so from then on nothing is proven by
+    /// identity (every file is read, as without it).
+    bool clock_still_forward() {
+        if (m_racy_before_ns.load() == INT64_MIN) return false;
+        try {
+            dev_t dev = 0;
+            if (fs_clock(dev) >= m_clock_start_ns) return true;
+        } catch (const util::SystemError&) {
+        }
+        m_racy_before_ns.store(INT64_MIN);
+        return false;
+    }
     dev_t m_store_dev = 0;
-    std::int64_t m_racy_before_ns = INT64_MIN; // nothing is proven by identity until start_clock()
+    std::int64_t m_clock_start_ns = 0;
+    // Nothing is proven by identity until start_clock(); read by the commit stage, lowered by the committer.
+    std::atomic<std::int64_t> m_racy_before_ns{INT64_MIN};
 
     bool pipeline_failed() const { return m_pipeline_failed.load(std::memory_order_acquire); }
     void note_pipeline_error() {
@@ -458,7 +506,7 @@ private:
             // equal). Only a file last changed well before the run began, on the store's own device
             // (one filesystem clock), may be proven by it (verify::k_racy_window_ns).
             if (it.entry.type == catalog::EntryType::file && it.st.st_dev == m_store_dev &&
-                verify::FileIdentity::of(it.st).ctime_ns < m_racy_before_ns)
+                verify::FileIdentity::of(it.st).ctime_ns < m_racy_before_ns.load(std::memory_order_relaxed))
                 job.identities.emplace_back(it.entry.path, verify::FileIdentity::of(it.st));
             if (it.entry.type == catalog::EntryType::file && it.st.st_nlink > 1) {
                 auto& ino = job.inodes[{it.st.st_dev, it.st.st_ino}];
@@ -682,7 +730,7 @@ private:
         verify::Options vo;
         vo.threads = m_threads;
         vo.db_mutex = &m_db_mutex;
-        vo.known = &known;
+        vo.known = clock_still_forward() ? &known : nullptr;
         auto vr = verify::verify_packages(m_store, pkgs, vo, nullptr, [this](const Problem& p) { problem(p); });
         m_result.verify_files_read += vr.files_read;
         m_result.verify_files_by_identity += vr.files_by_identity;

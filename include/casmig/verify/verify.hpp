@@ -32,7 +32,7 @@ struct FileIdentity {
 /// One package as migrate's ingest found it moments ago: its entries as hashed (digest, extended
 /// attributes; sorted or not) and, by path, the identity of each regular file that is safe to prove by
 /// identity — ingest records only files whose ctime is older than the run's start minus
-/// k_racy_window by the store filesystem's clock, on the store's own device.
+/// k_racy_window_ns by the store filesystem's clock, on the store's own device, on a local filesystem.
 struct KnownTree {
     const std::vector<catalog::Entry>* entries = nullptr;
     const std::vector<std::pair<std::string, FileIdentity>>* files = nullptr;
@@ -41,8 +41,10 @@ using KnownTrees = std::unordered_map<std::int64_t, KnownTree>; // by package id
 
 /// A file changed this long (or less) before the run began is re-read by migrate's verify even if
 /// its identity matches: a write in the same tick of the filesystem's clock as the one before it
-/// leaves ctime unchanged (git's "racily clean" entries). Far above any timestamp granularity.
-inline constexpr std::int64_t k_racy_window_ns = 2'000'000'000;
+/// leaves ctime unchanged (git's "racily clean" entries), and writes through a shared writable
+/// mapping stamp ctime only at the first write fault after the page was written back (about 30 s
+/// with the kernel's default dirty_expire_centisecs). 60 s covers both with room.
+inline constexpr std::int64_t k_racy_window_ns = 60'000'000'000;
 
 struct Options {
     unsigned threads = 0;
