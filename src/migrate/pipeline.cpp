@@ -505,9 +505,10 @@ private:
             // The walk's lstat is the file's identity at the end of ingest's read (ingest proved them
             // equal). Only a file last changed well before the run began, on the store's own device
             // (one filesystem clock), may be proven by it (verify::k_racy_window_ns).
-            if (it.entry.type == catalog::EntryType::file && it.st.st_dev == m_store_dev &&
-                verify::FileIdentity::of(it.st).ctime_ns < m_racy_before_ns.load(std::memory_order_relaxed))
-                job.identities.emplace_back(it.entry.path, verify::FileIdentity::of(it.st));
+            if (it.entry.type == catalog::EntryType::file && it.st.st_dev == m_store_dev) {
+                const verify::FileIdentity id = verify::FileIdentity::of(it.st);
+                if (id.ctime_ns < m_racy_before_ns.load(std::memory_order_relaxed)) job.identities.emplace_back(it.entry.path, id);
+            }
             if (it.entry.type == catalog::EntryType::file && it.st.st_nlink > 1) {
                 auto& ino = job.inodes[{it.st.st_dev, it.st.st_ino}];
                 ino.nlink = it.st.st_nlink;
