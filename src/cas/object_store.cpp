@@ -18,6 +18,7 @@
 #include <fcntl.h>
 #include <sys/file.h>
 #include <sys/random.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -36,7 +37,8 @@ std::string object_relpath(const hash::Digest& d, Form form) {
 
 TempFile::TempFile(TempFile&& o) noexcept
     : m_dirfd(o.m_dirfd), m_name(std::exchange(o.m_name, {})), m_fd(std::move(o.m_fd)), m_direct(o.m_direct),
-      m_size(std::exchange(o.m_size, 0)), m_end(std::exchange(o.m_end, 0)) {}
+      m_anonymous(std::exchange(o.m_anonymous, false)), m_size(std::exchange(o.m_size, 0)),
+      m_end(std::exchange(o.m_end, 0)) {}
 
 TempFile& TempFile::operator=(TempFile&& o) noexcept {
     if (this != &o) {
@@ -45,6 +47,7 @@ TempFile& TempFile::operator=(TempFile&& o) noexcept {
         m_name = std::exchange(o.m_name, {});
         m_fd = std::move(o.m_fd);
         m_direct = o.m_direct;
+        m_anonymous = std::exchange(o.m_anonymous, false);
         m_size = std::exchange(o.m_size, 0);
         m_end = std::exchange(o.m_end, 0);
     }
@@ -54,7 +57,7 @@ TempFile& TempFile::operator=(TempFile&& o) noexcept {
 void TempFile::stop_direct() {
     int fl = ::fcntl(m_fd.get(), F_GETFL);
     if (fl < 0 || ::fcntl(m_fd.get(), F_SETFL, fl & ~O_DIRECT) != 0)
-        util::throw_errno("cannot switch off O_DIRECT", "temp/" + m_name);
+        util::throw_errno("cannot switch off O_DIRECT", display());
     m_direct = false;
 }
 
@@ -96,7 +99,7 @@ void TempFile::finish() {
         ssize_t n = io::pwrite(m_fd.get(), &zero, 1, static_cast<off_t>(m_size - 1));
         if (n == 1) break;
         if (n < 0 && errno == EINTR) continue;
-        util::throw_errno("write failed", "temp/" + m_name);
+        util::throw_errno("write failed", display());
     }
     m_end = m_size;
 }
@@ -104,7 +107,7 @@ void TempFile::finish() {
 void TempFile::write_data(const char* data, size_t len) {
     if (len == 0) return;
     if (m_end != m_size && ::lseek(m_fd.get(), static_cast<off_t>(m_size), SEEK_SET) < 0)
-        util::throw_errno("seek failed", "temp/" + m_name);
+        util::throw_errno("seek failed", display());
     m_size += len;
     m_end = m_size;
     if (m_direct) {
@@ -114,7 +117,7 @@ void TempFile::write_data(const char* data, size_t len) {
             ssize_t n = io::write(m_fd.get(), data, aligned);
             if (n < 0 && errno == EINTR) continue;
             if (n < 0 && errno == EINVAL) break; // the filesystem wants another alignment: buffered from here
-            if (n < 0) util::throw_errno("write failed", "temp/" + m_name);
+            if (n < 0) util::throw_errno("write failed", display());
             // A short direct write ends on a block boundary of the device, which may not be ours:
             // finish buffered rather than reason about it.
             data += n;
@@ -125,7 +128,7 @@ void TempFile::write_data(const char* data, size_t len) {
         if (len == 0) return;
         stop_direct();
     }
-    util::write_all(m_fd.get(), data, len, "temp/" + m_name);
+    util::write_all(m_fd.get(), data, len, display());
 }
 
 void TempFile::discard() noexcept {
@@ -135,6 +138,7 @@ void TempFile::discard() noexcept {
     if (!m_name.empty()) io::unlinkat(m_dirfd, m_name.c_str(), 0);
     m_name.clear();
     m_direct = false;
+    m_anonymous = false;
     m_size = m_end = 0;
 }
 
@@ -142,8 +146,29 @@ TempFile::~TempFile() { discard(); }
 
 std::string TempFile::release() {
     m_fd.reset();
+    m_anonymous = false;
     return std::exchange(m_name, {});
 }
+
+util::Fd TempFile::release_anonymous() {
+    m_anonymous = false;
+    return std::move(m_fd);
+}
+
+util::Fd TempFile::reopen_read() const {
+    int fd;
+    if (m_anonymous) {
+        char self[32];
+        std::snprintf(self, sizeof self, "/proc/self/fd/%d", m_fd.get());
+        fd = ::open(self, O_RDONLY | O_CLOEXEC);
+    } else {
+        fd = ::openat(m_dirfd, m_name.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    }
+    if (fd < 0) util::throw_errno("cannot reopen temp file", display());
+    return util::Fd(fd);
+}
+
+std::string TempFile::display() const { return m_anonymous ? "temp/(unnamed file)" : "temp/" + m_name; }
 
 void sync_filesystem(int fd, const std::string& display) {
     if (io::syncfs(fd) != 0) util::throw_errno("syncfs failed", display);
@@ -498,6 +523,45 @@ TempFile ObjectStore::create_temp(std::uint64_t size_hint) {
     return TempFile(own, std::move(name), util::Fd(fd), direct);
 }
 
+TempFile ObjectStore::create_staging_temp(std::uint64_t size_hint) {
+    size_t budget = m_anonymous_budget.load(std::memory_order_relaxed);
+    if (budget == SIZE_MAX) {
+        // A quarter of the open-file limit (read-ahead takes at most half, see ingest::read_ahead_files()),
+        // read once: the pipeline raised the soft limit before it staged anything.
+        struct rlimit rl {};
+        budget = 256;
+        if (::getrlimit(RLIMIT_NOFILE, &rl) == 0)
+            budget = rl.rlim_cur == RLIM_INFINITY ? size_t{1} << 18 : static_cast<size_t>(rl.rlim_cur / 4);
+        // Test seam: tests choose the named path (0), or a mix of both (a few).
+        if (io::seams_enabled())
+            if (const char* v = std::getenv("CASMIG_ANON_BUDGET"); v && *v) budget = std::strtoull(v, nullptr, 10);
+        // publish() links by /proc/self/fd/N: without /proc, every staged file gets a name.
+        if (::access("/proc/self/fd", X_OK) != 0) m_no_anonymous.store(true);
+        m_anonymous_budget.store(budget, std::memory_order_relaxed);
+    }
+    if (m_no_anonymous.load(std::memory_order_relaxed) || m_staged_anonymous.load(std::memory_order_relaxed) >= budget)
+        return create_temp(size_hint);
+    const int own = own_temp_dirfd();
+    bool direct = size_hint >= k_direct_min && !m_no_direct.load(std::memory_order_relaxed);
+    int fd = io::open_tmpfile(own, O_WRONLY | O_CLOEXEC | (direct ? O_DIRECT : 0), 0444);
+    if (fd < 0 && errno == EINVAL && direct) {
+        direct = false;
+        fd = io::open_tmpfile(own, O_WRONLY | O_CLOEXEC, 0444);
+        if (fd >= 0) m_no_direct.store(true, std::memory_order_relaxed);
+    }
+    if (fd < 0) {
+        // No O_TMPFILE on this filesystem (EOPNOTSUPP; EISDIR or EINVAL from kernels or filesystems that
+        // do not know it): named files from now on. Anything else (ENOSPC, EMFILE) is the named path's
+        // error too, and it reports it.
+        if (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL) m_no_anonymous.store(true);
+        return create_temp(size_hint);
+    }
+    util::Fd owned(fd);
+    if (m_owner && ::fchown(fd, m_owner->first, m_owner->second) != 0)
+        util::throw_errno("cannot hand the temp file to the store's owner", m_temp_path + "/" + m_own_name + "/(unnamed file)");
+    return TempFile(TempFile::Anonymous{}, own, std::move(owned), direct);
+}
+
 StageResult ObjectStore::stage(const hash::Digest& d, TempFile&& tmp, std::uint64_t size, Form form, std::uint64_t stored) {
     return stage_checked(d, std::move(tmp), size, DiskChecked::no, form, form == Form::raw ? size : stored);
 }
@@ -517,7 +581,12 @@ StageResult ObjectStore::stage_checked(const hash::Digest& d, TempFile&& tmp, st
     std::lock_guard lk(m_mutex);
     // Re-check under the lock: another thread may have staged the same content meanwhile.
     if (m_staged.count(d)) return StageResult::already_present;
-    m_staged.emplace(d, Staged{tmp.release(), size, form, stored});
+    if (tmp.anonymous()) {
+        m_staged.emplace(d, Staged{std::string(), tmp.release_anonymous(), false, size, form, stored});
+        m_staged_anonymous.fetch_add(1, std::memory_order_relaxed);
+    } else {
+        m_staged.emplace(d, Staged{tmp.release(), util::Fd(), false, size, form, stored});
+    }
     m_staged_bytes += stored;
     return StageResult::staged;
 }
@@ -527,7 +596,7 @@ std::optional<TempFile> ObjectStore::compressed_temp(std::string_view data) {
     thread_local std::string frame;
     m_compressor->compress(data.data(), data.size(), frame);
     if (!worth_compressing(data.size(), frame.size())) return std::nullopt;
-    TempFile t = create_temp(frame.size());
+    TempFile t = create_staging_temp(frame.size());
     t.append(frame.data(), frame.size());
     return t;
 }
@@ -547,7 +616,7 @@ StageResult ObjectStore::stage_bytes(const hash::Digest& d, std::string_view dat
         const std::uint64_t stored = t->size();
         return stage_checked(d, std::move(*t), data.size(), DiskChecked::yes, Form::zstd, stored);
     }
-    TempFile t = create_temp(data.size());
+    TempFile t = create_staging_temp(data.size());
     t.append_sparse(data.data(), data.size());
     return stage_checked(d, std::move(t), data.size(), DiskChecked::yes, Form::raw, data.size()); // exists() just looked
 }
@@ -573,13 +642,28 @@ std::string ObjectStore::quarantine(const std::string& rel) {
     }
 }
 
-bool ObjectStore::place(const hash::Digest& d, const std::string& tmpname, std::uint64_t size, Form form,
-                        PublishStats& stats) {
+bool ObjectStore::place(const hash::Digest& d, const std::string& tmpname, int anon_fd, std::uint64_t size,
+                        Form form, PublishStats& stats) {
     const int own = own_temp_dirfd();
     const std::string rel = object_relpath(d, form);
+    char self[32] = "";
+    if (anon_fd >= 0) std::snprintf(self, sizeof self, "/proc/self/fd/%d", anon_fd);
     for (int attempt = 0;; ++attempt) {
-        int rc = io::renameat2(own, tmpname.c_str(), m_objects.get(), rel.c_str(), RENAME_NOREPLACE);
-        if (rc != 0 && errno == EINVAL) {
+        // An unnamed file gets its first name; link() never replaces (what is there is dealt with below).
+        // By its fd (AT_EMPTY_PATH: needs CAP_DAC_READ_SEARCH, else ENOENT) or through /proc/self/fd.
+        int rc;
+        if (anon_fd >= 0 && !m_no_empty_path.load(std::memory_order_relaxed)) {
+            rc = io::linkat(anon_fd, "", m_objects.get(), rel.c_str(), AT_EMPTY_PATH);
+            if (rc != 0 && errno == ENOENT) {
+                rc = io::linkat(AT_FDCWD, self, m_objects.get(), rel.c_str(), AT_SYMLINK_FOLLOW);
+                if (rc == 0 || errno != ENOENT) m_no_empty_path.store(true, std::memory_order_relaxed);
+            }
+        } else if (anon_fd >= 0) {
+            rc = io::linkat(AT_FDCWD, self, m_objects.get(), rel.c_str(), AT_SYMLINK_FOLLOW);
+        } else {
+            rc = io::renameat2(own, tmpname.c_str(), m_objects.get(), rel.c_str(), RENAME_NOREPLACE);
+        }
+        if (rc != 0 && errno == EINVAL && anon_fd < 0) {
             // Filesystems without RENAME_NOREPLACE: link() never replaces either.
             rc = io::linkat(own, tmpname.c_str(), m_objects.get(), rel.c_str(), 0);
             if (rc == 0) io::unlinkat(own, tmpname.c_str(), 0);
@@ -606,7 +690,7 @@ bool ObjectStore::place(const hash::Digest& d, const std::string& tmpname, std::
         std::optional<std::string> why = known ? std::string() : check_on_disk(d, size, form);
         if (!why) continue; // gone meanwhile: place ours
         if (why->empty()) {
-            io::unlinkat(own, tmpname.c_str(), 0);
+            if (anon_fd < 0) io::unlinkat(own, tmpname.c_str(), 0); // an unnamed one goes with its fd
             return false;
         }
         stats.quarantined.push_back({d, quarantine(rel), *why});
@@ -620,7 +704,8 @@ PublishStats ObjectStore::publish() {
     // nobody writes the same content again meanwhile) until they are under objects/.
     struct Item {
         hash::Digest digest;
-        std::string tmpname;
+        std::string tmpname; // "" for an unnamed file: fd is all there is of it
+        util::Fd fd;
         std::uint64_t size;
         Form form;
         std::uint64_t stored;
@@ -632,8 +717,8 @@ PublishStats ObjectStore::publish() {
         std::lock_guard lk(m_mutex);
         batch.reserve(m_staged.size());
         for (auto& [d, st] : m_staged)
-            if (!st.name.empty()) // "" = being published
-                batch.push_back({d, std::exchange(st.name, std::string()), st.size, st.form, st.stored});
+            if (!std::exchange(st.publishing, true))
+                batch.push_back({d, std::move(st.name), std::move(st.fd), st.size, st.form, st.stored});
         bytes = std::exchange(m_staged_bytes, 0);
     }
     // Whatever happens, the batch leaves m_staged; only what is really under objects/ becomes known,
@@ -651,7 +736,12 @@ PublishStats ObjectStore::publish() {
                     s.m_good.insert(it.digest);
                     s.m_stored.emplace(it.digest, it.stored); // a copy found there and kept keeps its own entry
                 }
-                if (!it.placed) io::unlinkat(own, it.tmpname.c_str(), 0); // best effort; ENOENT if renamed
+                if (it.fd) {
+                    it.fd.reset(); // an unnamed file not placed is gone now
+                    s.m_staged_anonymous.fetch_sub(1, std::memory_order_relaxed);
+                } else if (!it.placed) {
+                    io::unlinkat(own, it.tmpname.c_str(), 0); // best effort; ENOENT if renamed
+                }
             }
         }
     } forget{*this, batch, batch.empty() ? -1 : own_temp_dirfd()};
@@ -663,7 +753,7 @@ PublishStats ObjectStore::publish() {
     io::crash_point("publish.staged-durable");
     for (auto& it : batch) {
         io::crash_point("publish.rename");
-        place(it.digest, it.tmpname, it.size, it.form, stats);
+        place(it.digest, it.tmpname, it.fd ? it.fd.get() : -1, it.size, it.form, stats);
         it.placed = true;
     }
     stats.bytes = bytes;
@@ -767,11 +857,17 @@ size_t ObjectStore::discard_staged(const std::function<bool(const hash::Digest&)
     {
         std::lock_guard lk(m_mutex);
         for (auto it = m_staged.begin(); it != m_staged.end();) {
-            if (it->second.name.empty() || (keep && keep(it->first))) { // "" = being published
+            if (it->second.publishing || (keep && keep(it->first))) {
                 ++it;
                 continue;
             }
-            if (own >= 0 && io::unlinkat(own, it->second.name.c_str(), 0) == 0) ++removed;
+            if (it->second.fd) { // unnamed: closing it frees its blocks
+                it->second.fd.reset();
+                m_staged_anonymous.fetch_sub(1, std::memory_order_relaxed);
+                ++removed;
+            } else if (own >= 0 && io::unlinkat(own, it->second.name.c_str(), 0) == 0) {
+                ++removed;
+            }
             m_staged_bytes -= std::min(m_staged_bytes, it->second.stored);
             it = m_staged.erase(it);
         }

@@ -103,7 +103,7 @@ static IngestResult ingest_compressed(const walk::Item& item, int fd, cas::Objec
     buf.reserve(k_chunk);
     hash::Hasher hasher;
     // Buffered (size hint 0): the frame is read back if it is not worth keeping.
-    cas::TempFile zst = objects.create_temp(0);
+    cas::TempFile zst = objects.create_staging_temp(0);
     cas::Compressor::Stream z(*objects.compressor(), expected);
     std::uint64_t total = 0, stored = 0;
     auto sink = [&](const char* p, size_t n) {
@@ -136,11 +136,10 @@ static IngestResult ingest_compressed(const walk::Item& item, int fd, cas::Objec
         r.new_object = objects.stage(r.digest, std::move(zst), total, cas::Form::zstd, stored) == cas::StageResult::staged;
         return r;
     }
-    const std::string display = "temp/" + zst.name();
-    util::Fd back(::openat(zst.dirfd(), zst.name().c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC));
-    if (!back) util::throw_errno("cannot reopen temp file", display);
+    const std::string display = zst.display();
+    util::Fd back = zst.reopen_read();
     cas::ObjectReader rd(std::move(back), cas::Form::zstd, display, &objects.dictionaries());
-    cas::TempFile raw = objects.create_temp(total);
+    cas::TempFile raw = objects.create_staging_temp(total);
     hash::Hasher again;
     for (;;) {
         size_t n = rd.read(buf.data(), k_chunk);
@@ -206,7 +205,7 @@ IngestResult ingest_open(const walk::Item& item, util::Fd owned, cas::ObjectStor
         buf.reserve(k_chunk);
         cas::TempFile tmp;
         bool writing = store == StoreObject::yes && objects;
-        if (writing) tmp = objects->create_temp(expected);
+        if (writing) tmp = objects->create_staging_temp(expected);
         // A file with holes (fewer blocks allocated than its size) is read extent by extent: its holes
         // are hashed as the zeros they read as, without being read, and stay holes in the object.
         bool holes = static_cast<std::uint64_t>(before.st_blocks) * 512 < expected;

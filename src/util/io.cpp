@@ -38,6 +38,7 @@ int linkat(int a, const char* b, int c, const char* d, int f) noexcept { return 
 int unlinkat(int a, const char* b, int f) noexcept { return ::unlinkat(a, b, f); }
 int mkdirat(int a, const char* b, mode_t m) noexcept { return ::mkdirat(a, b, m); }
 int openat_create(int a, const char* b, int f, mode_t m) noexcept { return ::openat(a, b, f, m); }
+int open_tmpfile(int a, int f, mode_t m) noexcept { return ::openat(a, ".", O_TMPFILE | f, m); }
 ssize_t copy_file_range(int in, int out, size_t len) noexcept { return ::copy_file_range(in, nullptr, out, nullptr, len, 0); }
 void note_written(int) noexcept {}
 
@@ -429,6 +430,10 @@ int openat_create(int a, const char* b, int f, mode_t m) noexcept {
     int fd = with_fault(op_open, [&] { return ::openat(a, b, f, m); });
     if (fd >= 0) record_name(NameOp::link, a, nullptr, a, b); // a new name: lost if its directory is not synced
     return fd;
+}
+
+int open_tmpfile(int a, int f, mode_t m) noexcept {
+    return with_fault(op_open, [&] { return ::openat(a, ".", O_TMPFILE | f, m); });
 }
 
 ssize_t copy_file_range(int in, int out, size_t len) noexcept {

@@ -38,6 +38,7 @@ import matrix  # noqa: E402
 # package manager's staging directory of matrix.ADDED (read, never written).
 COMMANDS = [
     ("migrate", "legacy", ["migrate"]),
+    ("migrate-named", "legacy", ["migrate"]),
     ("verify", "migrated", ["verify", "--objects"]),
     ("cutover", "migrated", ["cutover"]),
     ("cleanup", "cutover", ["cleanup"]),
@@ -53,6 +54,10 @@ COMMANDS = [
     ("convert", "cleaned", ["convert", "--compress"]),
     ("convert-raw", "converted", ["convert", "--raw"]),
 ]
+# Extra environment of the crashed run (and of its discovery run), by label. "migrate-named": at most two
+# staged objects are unnamed (O_TMPFILE, linked into objects/), the rest named and renamed: both ways
+# of publishing in one batch (CASMIG_ANON_BUDGET is a test seam; the default is unnamed only).
+COMMAND_ENV = {"migrate-named": {"CASMIG_ANON_BUDGET": "2"}}
 MODES = ["kill", "power-data", "power-names"]
 FOLLOWUPS = ["same", "rollback", "migrate", "verify", "cleanup", "gc"]
 ROTATING = 8  # extra (case, follow-up) pairs per command in the CI sample
@@ -82,7 +87,7 @@ def discover(t, label, state, args):
     matrix.copy_tree(p.states[state], store)
     trace = os.path.join(d, "trace")
     a = fill(t, args, os.path.join(d, "dest"))
-    code, _, err = matrix.run(t.casmig, store, a, env={"CASMIG_CRASH_TRACE": trace})
+    code, _, err = matrix.run(t.casmig, store, a, env=dict(COMMAND_ENV.get(label, {}), CASMIG_CRASH_TRACE=trace))
     expect(code == 0, f"{label}: casmig {' '.join(args)} from state {state} exited {code}: {err.strip()[-300:]}")
     hits = Counter(open(trace).read().split()) if os.path.exists(trace) else Counter()
     matrix.remove_tree(d)
@@ -113,7 +118,7 @@ def run_case(t, label, state, args, point, n, mode, followups, keep=False):
     matrix.copy_tree(p.states[state], store)
     dest = os.path.join(d, "dest")
     a = fill(t, args, dest)
-    env = {"CASMIG_CRASH_AT": f"{point}@{n}", "CASMIG_CRASH_MODE": mode,
+    env = {**COMMAND_ENV.get(label, {}), "CASMIG_CRASH_AT": f"{point}@{n}", "CASMIG_CRASH_MODE": mode,
            "CASMIG_CRASH_ROOT": store + (":" + dest if "{dest}" in " ".join(args) else "")}
     code, _, err = matrix.run(t.casmig, store, a, env=env)
     results = []
@@ -240,6 +245,11 @@ def crash_migrate(t):
     hits = discover(t, "migrate", "legacy", ["migrate"])
     expect(any(k.startswith("publish.") for k in hits) and "migrate.committed" in hits, f"migrate's points: {hits}")
     matrix_for(t, "migrate")
+
+
+@test
+def crash_migrate_named(t):
+    matrix_for(t, "migrate-named")
 
 
 @test

@@ -43,7 +43,11 @@ def materializes_exactly(t, s, pkgs, tag):
 @test
 def a_planted_file_at_an_object_name_is_quarantined_and_the_object_written(t):
     hexd = digest_of(t, "plant-probe", CONTENT)
-    for tag, planted in (("same-size", b"X" * len(CONTENT)), ("other-size", b"a few bytes\n")):
+    # Both ways a staged object gets its name: linked from an unnamed file (the default where the
+    # filesystem has O_TMPFILE) and renamed from a named one (CASMIG_ANON_BUDGET=0, a test seam).
+    for tag, planted, env in (("same-size", b"X" * len(CONTENT), {}), ("other-size", b"a few bytes\n", {}),
+                              ("named-same-size", b"X" * len(CONTENT), {"CASMIG_ANON_BUDGET": "0"}),
+                              ("named-other-size", b"a few bytes\n", {"CASMIG_ANON_BUDGET": "0"})):
         s = t.store(f"plant-{tag}", 3, with_content)
         pkgs = {p: snapshot(os.path.join(s, p)) for p in sorted(os.listdir(s))}
         t.run(s, "verify", code=0)  # the store gets its catalog and identity (a store with objects needs one)
@@ -51,7 +55,7 @@ def a_planted_file_at_an_object_name_is_quarantined_and_the_object_written(t):
         with open(object_path(s, hexd), "wb") as f:
             f.write(planted)
         os.chmod(object_path(s, hexd), 0o444)
-        code, _, err = t.run(s, "migrate")
+        code, _, err = t.run(s, "migrate", env=env)
         expect(code == 1, f"{tag}: migrate exited {code}, expected 1 (it replaced a bad object): {err!r}")
         lines = [ln for ln in err.splitlines() if hexd[2:] in ln]
         expect(len(lines) == 1 and "migration/corrupt/" in lines[0], f"{tag}: not one line naming the quarantine: {err!r}")
@@ -164,7 +168,9 @@ def a_failed_publish_is_one_line_and_a_rerun_is_exact(t):
     s = t.store("pubfail", 4, with_content)
     pkgs = {p: snapshot(os.path.join(s, p)) for p in sorted(os.listdir(s))}
     t.run(s, "verify", code=0)  # claims the store first: its identity marker is written with a rename too
-    code, _, err = t.run(s, "migrate", env={"CASMIG_FAULT": "rename@1=EIO"})
+    # An object gets its name by link (an unnamed staged file) or by rename (a named one, where the
+    # filesystem has no O_TMPFILE): the first of either fails, and it is the first object's.
+    code, _, err = t.run(s, "migrate", env={"CASMIG_FAULT": "link@1=EIO,rename@1=EIO"})
     if code == 0:
         print("  (skipped: casmig built without test seams)")
         return

@@ -22,13 +22,15 @@
 //
 // Durability policy (the one place it is written down)
 //   Objects are staged, then published in batches, the way OSTree commits:
-//     1. each new object is written to temp/casmig-<pid>-<rand>/w<N>/tmp-casmig-<pid>-<n> (this
-//        process's own staging directory, see "temp/" below), created mode 0444, closed (no fsync);
-//        objects of k_direct_min bytes or more bypass the page cache (O_DIRECT), except for the
-//        unaligned tail;
+//     1. each new object is written to an unnamed file (O_TMPFILE) in temp/casmig-<pid>-<rand>/ (this
+//        process's own staging directory, see "temp/" below), created mode 0444, kept open (no
+//        fsync); or, where the filesystem has no O_TMPFILE or too many are open already
+//        (create_staging_temp()), to a named one, w<N>/tmp-casmig-<pid>-<n>, closed. Objects of
+//        k_direct_min bytes or more bypass the page cache (O_DIRECT), except for the unaligned tail;
 //     2. publish(): one syncfs() of the store's filesystem makes every staged file's data durable
 //        (buffered data is written back; the device cache, holding O_DIRECT data, is flushed);
-//     3. each staged file is renamed into objects/ with RENAME_NOREPLACE. EEXIST: a file already sits
+//     3. each staged file gets its object name: an unnamed one by linkat() of its fd (link never
+//        replaces), a named one by rename with RENAME_NOREPLACE. EEXIST: a file already sits
 //        at the name. If the name is known good (listed by trust_catalog(), or placed or checked by
 //        this process) it is kept and the temp file dropped; otherwise it is checked, size then
 //        BLAKE3 of its content, and a file that is not the object (planted, damaged, a symlink) is
@@ -36,8 +38,9 @@
 //        the name — an object name never points at unsynced or unchecked data;
 //     4. a second syncfs() makes the renames (the fan-out directory entries) durable;
 //     5. only then does the caller commit catalog rows that refer to these objects.
-//   A crash before 3 leaves only temp files (removed by the next locked run: their owner's lock is
-//   free); between 3 and 4 an object may or may not exist, but if it exists its content is complete
+//   A crash before 3 leaves nothing of an unnamed file (the filesystem frees it with the process's
+//   fds, or at mount after a power loss) and named temp files to the next locked run (their owner's
+//   lock is free); between 3 and 4 an object may or may not exist, but if it exists its content is complete
 //   and synced; before 5 the catalog does not refer to it (gc removes orphans, a rerun finds the object,
 //   checks its content and skips the write).
 //   One syncfs per batch instead of one fsync per object is what makes migrate faster than `cp -a`.
@@ -102,12 +105,17 @@ inline constexpr std::uint64_t k_direct_min = 64 * 1024;
 /// not fragment its object, small enough to catch every zero run a disk image or a core dump has.
 inline constexpr std::uint64_t k_sparse_block = 64 * 1024;
 
-/// A temp file being written in temp/; unlinked in the destructor unless handed to stage().
+/// A temp file being written in temp/; unlinked in the destructor unless handed to stage(). An
+/// anonymous one (O_TMPFILE, ObjectStore::create_staging_temp()) has no name at all: it is gone with
+/// its fd, and publish() links it into objects/ by its fd.
 class TempFile {
 public:
+    struct Anonymous {};
     TempFile() = default;
     TempFile(int temp_dirfd, std::string name, util::Fd fd, bool direct = false)
         : m_dirfd(temp_dirfd), m_name(std::move(name)), m_fd(std::move(fd)), m_direct(direct) {}
+    TempFile(Anonymous, int temp_dirfd, util::Fd fd, bool direct)
+        : m_dirfd(temp_dirfd), m_fd(std::move(fd)), m_direct(direct), m_anonymous(true) {}
     TempFile(TempFile&& o) noexcept;
     TempFile& operator=(TempFile&& o) noexcept;
     ~TempFile();
@@ -138,12 +146,21 @@ public:
     void finish();
     /// Closes the fd and gives up ownership of the name (it is now the store's to publish).
     std::string release();
+    /// True for an unnamed (O_TMPFILE) file: name() is empty and only its fd keeps it.
+    bool anonymous() const { return m_anonymous; }
+    /// An anonymous file's fd, handed over (the file lives as long as it stays open).
+    util::Fd release_anonymous();
+    /// A new read-only fd of the file (by name, or through /proc/self/fd for an anonymous one).
+    util::Fd reopen_read() const;
+    /// "temp/<name>", or "temp/(unnamed file)" for an anonymous one: for messages.
+    std::string display() const;
 
 private:
     int m_dirfd = -1;
     std::string m_name;
     util::Fd m_fd;
     bool m_direct = false;
+    bool m_anonymous = false;
     std::uint64_t m_size = 0; // logical size: bytes and holes appended
     std::uint64_t m_end = 0;  // end of the last byte written (the file's size before finish())
     void stop_direct();
@@ -249,6 +266,12 @@ public:
     /// A new, empty, writable temp file in temp/. size_hint ≥ k_direct_min opens it with O_DIRECT where
     /// the filesystem supports it.
     TempFile create_temp(std::uint64_t size_hint = 0);
+    /// create_temp() for a file that is only ever handed to stage() (or dropped): an unnamed O_TMPFILE
+    /// file in this process's staging directory where the filesystem has them, /proc/self/fd is there
+    /// to link it by, and fewer than a quarter of RLIMIT_NOFILE staged files are held open this way;
+    /// otherwise a named one. Unnamed, a staged file costs no directory entry in temp/ and no rename
+    /// (publish() links it into objects/), and a crash leaves nothing of it behind.
+    TempFile create_staging_temp(std::uint64_t size_hint = 0);
     /// Hands a completely written temp file over for publication under digest d. If d is already
     /// present or staged, the temp file is removed and already_present is returned (dedup). size: the
     /// uncompressed size; a Form::zstd file is one frame of `stored` bytes, published as "<name>.zst".
@@ -306,7 +329,9 @@ public:
 private:
     enum class DiskChecked { no, yes };
     struct Staged {
-        std::string name; // relative to the own staging directory; "" while being published
+        std::string name; // relative to the own staging directory; "" if anonymous
+        util::Fd fd;      // an anonymous file's only reference
+        bool publishing = false;
         std::uint64_t size = 0;
         Form form = Form::raw;
         std::uint64_t stored = 0;
@@ -319,7 +344,8 @@ private:
     /// Looks at the file of the given form only.
     std::optional<std::string> check_on_disk(const hash::Digest& d, std::optional<std::uint64_t> size, Form form) const;
     /// Places one staged file at d's name (step 3). Returns true if this call placed it.
-    bool place(const hash::Digest& d, const std::string& tmpname, std::uint64_t size, Form form, PublishStats& stats);
+    bool place(const hash::Digest& d, const std::string& tmpname, int anon_fd, std::uint64_t size, Form form,
+               PublishStats& stats);
     void remove_own_temp() noexcept;
     std::string m_objects_path, m_temp_path, m_quarantine_path, m_packages_path;
     util::Fd m_objects, m_temp;
@@ -332,6 +358,10 @@ private:
     bool m_trusting = false;
     std::array<std::atomic<bool>, 64> m_subdir_made{}; // <own staging directory>/w<N>/ exists
     std::atomic<bool> m_no_direct{false};               // the filesystem refused O_DIRECT once
+    std::atomic<bool> m_no_anonymous{false};            // no O_TMPFILE (or no /proc/self/fd) here
+    std::atomic<bool> m_no_empty_path{false};           // linkat(AT_EMPTY_PATH) refused: /proc/self/fd
+    std::atomic<size_t> m_staged_anonymous{0};          // anonymous files in m_staged (open fds)
+    std::atomic<size_t> m_anonymous_budget{SIZE_MAX};   // at most this many; SIZE_MAX: not computed yet
     std::function<bool(const hash::Digest&)> m_cataloged; // set by trust_catalog()
     // Placed by publish() (once durable) or found on disk and checked by this process; m_mutex.
     mutable std::unordered_set<hash::Digest, hash::DigestHash> m_good;

@@ -50,6 +50,9 @@ int unlinkat(int dirfd, const char* name, int flags) noexcept;
 int mkdirat(int dirfd, const char* name, mode_t mode) noexcept;
 /// openat with O_CREAT counts as OP "open" for faults; the file is tracked for the power-cut model.
 int openat_create(int dirfd, const char* name, int flags, mode_t mode) noexcept;
+/// openat(dirfd, ".", O_TMPFILE | flags, mode): an unnamed file on dirfd's filesystem, gone with its
+/// last fd unless linked (linkat) somewhere. Counts as OP "open" for faults; no name to track.
+int open_tmpfile(int dirfd, int flags, mode_t mode) noexcept;
 ssize_t copy_file_range(int in, int out, size_t len) noexcept;
 /// Data reached fd by other means (FICLONE, …): tracked as unsynced.
 void note_written(int fd) noexcept;
