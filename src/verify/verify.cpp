@@ -26,6 +26,7 @@
 #include <thread>
 #include <unistd.h>
 #include <unordered_map>
+#include <unordered_set>
 
 namespace casmig::verify {
 
@@ -65,15 +66,40 @@ struct Task {
     }
 };
 
-void check_objects(Task& t, const cas::ObjectStore& objects) {
+/// The objects one verify call found in place by their lstat (check_objects()): a content many
+/// packages share is looked at once per call. Bounded: past k_max entries it starts over (memory stays
+/// flat however large the store; a digest forgotten is only looked at again).
+class SeenObjects {
+public:
+    bool contains(const hash::Digest& d) {
+        std::lock_guard lk(m_mutex);
+        return m_set.count(d) > 0;
+    }
+    void insert(const hash::Digest& d) {
+        std::lock_guard lk(m_mutex);
+        if (m_set.size() >= k_max) m_set.clear();
+        m_set.insert(d);
+    }
+
+private:
+    static constexpr size_t k_max = 1 << 16;
+    std::mutex m_mutex;
+    std::unordered_set<hash::Digest, hash::DigestHash> m_set;
+};
+
+void check_objects(Task& t, const cas::ObjectStore& objects, SeenObjects& seen) {
     for (size_t i = 0; i < t.manifest.size(); ++i) {
         const auto& e = t.manifest[i];
         if (e.type != EntryType::file || !e.digest) continue;
         // The catalog's row names the form and the bytes on disk: one lstat proves the object there
         // and whole (the content itself is verify --objects' to prove). Otherwise the full look below.
-        if (i < t.stored.size() && t.stored[i] >= 0 &&
-            objects.has_stored(*e.digest, e.size, static_cast<std::uint64_t>(t.stored[i])))
-            continue;
+        if (i < t.stored.size() && t.stored[i] >= 0) {
+            if (seen.contains(*e.digest)) continue;
+            if (objects.has_stored(*e.digest, e.size, static_cast<std::uint64_t>(t.stored[i]))) {
+                seen.insert(*e.digest);
+                continue;
+            }
+        }
         std::uint64_t size = 0;
         if (!objects.on_disk(*e.digest, &size)) {
             t.add(e.path, "object " + e.digest->hex() + " is missing from objects/");
@@ -319,6 +345,7 @@ Result verify_packages(store::Store& store, const std::vector<catalog::Package>&
     // migrate runs this beside its own pipeline, which holds as many files open.
     const size_t read_ahead = ingest::read_ahead_files(2 * threads);
     const size_t max_dirs = ingest::dir_refs_per_holder(2 * threads);
+    SeenObjects seen;
     tbb::task_arena arena(static_cast<int>(threads));
     arena.execute([&] {
         tbb::parallel_pipeline(
@@ -347,7 +374,7 @@ Result verify_packages(store::Store& store, const std::vector<catalog::Package>&
                                            "): run casmig migrate first");
                             return t;
                         }
-                        check_objects(*t, objects);
+                        check_objects(*t, objects, seen);
                         const KnownTree* known = nullptr;
                         if (opts.known)
                             if (auto k = opts.known->find(t->pkg.id); k != opts.known->end()) known = &k->second;
