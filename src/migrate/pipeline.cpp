@@ -16,6 +16,7 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
+#include <cstring>
 #include <linux/magic.h>
 #include <condition_variable>
 #include <deque>
@@ -318,8 +319,23 @@ private:
         struct stat st {};
         if (::fstat(probe.fd(), &st) != 0) util::throw_errno("cannot stat a temp file", "temp/" + probe.name());
         dev = st.st_dev;
-        return verify::FileIdentity::of(st).ctime_ns;
+        std::int64_t ns = verify::FileIdentity::of(st).ctime_ns;
+#ifdef CASMIG_TEST_SEAMS
+        // Tests: "clock-back" steps the filesystem's clock back 10 s after the run's first probe.
+        if (identity_seam("clock-back") && m_clock_probes++ > 0) ns -= 10'000'000'000;
+#endif
+        return ns;
     }
+#ifdef CASMIG_TEST_SEAMS
+    /// CASMIG_IDENTITY_SEAM (test seam): "remote-fs" (the store's filesystem is not a local one),
+    /// "other-dev" (the legacy files seem to be on another device than the store root),
+    /// "temp-other-dev" (temp/ seems to be on another device), "clock-back".
+    static bool identity_seam(const char* what) {
+        const char* v = std::getenv("CASMIG_IDENTITY_SEAM");
+        return v && std::strcmp(v, what) == 0;
+    }
+    unsigned m_clock_probes = 0;
+#endif
 
     /// With verify on: files last changed before the earlier of the store filesystem's clock and this
     /// machine's, less the racy window, may be proven by identity — on a local filesystem, on the
@@ -328,20 +344,28 @@ private:
         if (m_opts.verify != Verify::yes) return;
         struct stat root {};
         struct statfs sf {};
-        if (::fstat(m_store.root_fd(), &root) != 0 || ::fstatfs(m_store.root_fd(), &sf) != 0 || !local_clock_fs(sf)) return;
+        if (::fstat(m_store.root_fd(), &root) != 0 || ::fstatfs(m_store.root_fd(), &sf) != 0) return;
         std::int64_t window = verify::k_racy_window_ns;
 #ifdef CASMIG_TEST_SEAMS
         // Tests: a negative window admits files changed just before (or during) the run.
         if (const char* w = std::getenv("CASMIG_RACY_WINDOW_MS")) window = std::atoll(w) * 1'000'000;
+        if (identity_seam("remote-fs")) sf.f_type = 0x6969; // NFS
 #endif
+        if (!local_clock_fs(sf)) return;
         try {
             dev_t dev = 0;
             const std::int64_t fs_now = fs_clock(dev);
+#ifdef CASMIG_TEST_SEAMS
+            if (identity_seam("temp-other-dev")) dev ^= 1;
+#endif
             if (dev != root.st_dev) return;
             timespec now {};
             ::clock_gettime(CLOCK_REALTIME, &now);
             const std::int64_t here = static_cast<std::int64_t>(now.tv_sec) * 1'000'000'000 + now.tv_nsec;
             m_store_dev = root.st_dev;
+#ifdef CASMIG_TEST_SEAMS
+            if (identity_seam("other-dev")) m_store_dev ^= 1; // every legacy file on another device
+#endif
             m_clock_start_ns = fs_now;
             m_racy_before_ns.store(std::min(fs_now, here) - window);
         } catch (const util::SystemError&) {

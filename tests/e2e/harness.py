@@ -55,8 +55,8 @@ class T:
             raise AssertionError(f"{' '.join(cmd[3:])} exited {p.returncode}, expected {code}\nstdout: {out[-600:]}\nstderr: {err[-600:]}")
         return p.returncode, out, err
 
-    def json(self, store, *args, code=0):
-        _, out, _ = self.run(store, "--json", *args, code=code)
+    def json(self, store, *args, code=0, env=None):
+        _, out, _ = self.run(store, "--json", *args, code=code, env=env)
         return json.loads(out)
 
 

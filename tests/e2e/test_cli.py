@@ -230,6 +230,13 @@ def migrate_verify_proves_by_identity_and_reads_what_changed(t):
     expect(code == 1 and "pkg02" in err and "bin/tool2" in err and "content differs" in err,
            f"a manifest that no longer holds ingest's digest must fail: {code} {err!r}")
     expect(r["verify_files_read"] == (0 if local else files), f"nothing changed on disk, nothing to read again: {r}")
+    # Where a file's ctime is not the kernel's own fresh answer, or not on the clock that was read, or the
+    # clock went back during the run, nothing is proven by identity (CASMIG_IDENTITY_SEAM fakes each).
+    for seam in ("remote-fs", "other-dev", "temp-other-dev", "clock-back"):
+        s = t.store(f"identity-{seam}", 3)
+        r = t.json(s, "migrate", env={"CASMIG_RACY_WINDOW_MS": "-600000", "CASMIG_IDENTITY_SEAM": seam})
+        expect((r["verify_files_read"], r["verify_files_by_identity"]) == (files, 0),
+               f"{seam}: every file must be read again: {files} files, {r}")
 
 
 @test
