@@ -202,6 +202,14 @@ public:
             m_queue_cv.notify_all();
             m_committer.join();
         }
+        if (m_verifier.joinable()) {
+            {
+                std::lock_guard lk(m_vqueue_mutex);
+                m_vqueue_closed = true;
+            }
+            m_vqueue_cv.notify_all();
+            m_verifier.join();
+        }
     }
 
     void run(unsigned threads) {
@@ -209,6 +217,7 @@ public:
         if (m_mode == Mode::migrate) start_clock();
         m_unit_dirs = ingest::dir_refs_per_holder(tokens_for(threads));
         if (m_mode == Mode::migrate) m_committer = std::thread([this] { committer_loop(); });
+        if (m_mode == Mode::migrate && m_opts.verify == Verify::yes) m_verifier = std::thread([this] { verifier_loop(); });
         // oneTBB caps workers at cores-1 unless told otherwise; -j may ask for more threads than cores
         // (useful when file I/O blocks).
         tbb::global_control allow(tbb::global_control::max_allowed_parallelism, threads);
@@ -626,7 +635,52 @@ private:
         }
         m_queue_cv.notify_all();
         m_committer.join();
+        // The verifier gets the committer's last batch before its queue closes.
+        if (m_verifier.joinable()) {
+            {
+                std::lock_guard lk(m_vqueue_mutex);
+                m_vqueue_closed = true;
+            }
+            m_vqueue_cv.notify_all();
+            m_verifier.join();
+        }
         if (m_committer_error) std::rethrow_exception(m_committer_error);
+        if (m_verifier_error) std::rethrow_exception(m_verifier_error);
+    }
+
+    /// Hands a committed batch to the verifier thread: the committer goes on with the next batch's
+    /// publish and commit while this one is verified (verify_or_note() on the verifier thread). At most
+    /// two batches wait; a verifier that failed stops the committer too.
+    void to_verifier(std::vector<std::shared_ptr<Job>> batch) {
+        std::unique_lock lk(m_vqueue_mutex);
+        m_vqueue_cv.wait(lk, [&] { return m_vqueue.size() < 2 || m_verifier_error; });
+        if (m_verifier_error) std::rethrow_exception(m_verifier_error);
+        m_vqueue.push_back(std::move(batch));
+        lk.unlock();
+        m_vqueue_cv.notify_all();
+    }
+
+    void verifier_loop() {
+        for (;;) {
+            std::vector<std::shared_ptr<Job>> batch;
+            {
+                std::unique_lock lk(m_vqueue_mutex);
+                m_vqueue_cv.wait(lk, [&] { return !m_vqueue.empty() || m_vqueue_closed; });
+                if (m_vqueue.empty()) return;
+                batch = std::move(m_vqueue.front());
+                m_vqueue.pop_front();
+            }
+            m_vqueue_cv.notify_all();
+            try {
+                verify_or_note(batch);
+            } catch (...) {
+                std::lock_guard lk(m_vqueue_mutex);
+                m_verifier_error = std::current_exception();
+                m_vqueue.clear();
+                m_vqueue_cv.notify_all();
+                return;
+            }
+        }
     }
 
     void committer_loop() {
@@ -647,9 +701,10 @@ private:
                     continue;
                 }
                 if (!commit_or_hold(batch)) continue;
-                // Verify what was just committed on this thread, while the pipeline keeps the cores
-                // busy with the next packages: verify fills the time the pipeline waits for I/O.
-                if (m_opts.verify == Verify::yes) verify_or_note(batch);
+                // Verify what was just committed on the verifier thread, while this one publishes and
+                // commits the next batch (waiting for syncfs, mostly) and the pipeline keeps the cores
+                // busy with the next packages.
+                if (m_opts.verify == Verify::yes) to_verifier(std::move(batch));
             } catch (...) {
                 std::lock_guard lk(m_queue_mutex);
                 m_committer_error = std::current_exception();
@@ -915,6 +970,13 @@ private:
     bool m_queue_closed = false;
     std::uint64_t m_verified = 0, m_verify_failed = 0;
     std::exception_ptr m_committer_error;
+    // verifier thread (migrate with verify on)
+    std::thread m_verifier;
+    std::mutex m_vqueue_mutex;
+    std::condition_variable m_vqueue_cv;
+    std::deque<std::vector<std::shared_ptr<Job>>> m_vqueue;
+    bool m_vqueue_closed = false;
+    std::exception_ptr m_verifier_error;
     std::vector<std::int64_t> m_migrated_ids;
     bool m_recorded_dual = false; // packages/store holds the mode this run set
     unsigned m_threads = 1;
