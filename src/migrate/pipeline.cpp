@@ -692,6 +692,13 @@ private:
                 if (m_queue.empty()) return;
                 batch = std::move(m_queue.front());
                 m_queue.pop_front();
+                // Behind (another batch waits already, or the pipeline is done and flushed its last):
+                // everything queued is published and committed as one, one pair of syncfs for all.
+                while (!m_queue.empty()) {
+                    auto& next = m_queue.front();
+                    batch.insert(batch.end(), std::make_move_iterator(next.begin()), std::make_move_iterator(next.end()));
+                    m_queue.pop_front();
+                }
             }
             m_queue_cv.notify_all();
             try {
