@@ -458,24 +458,15 @@ bool ObjectStore::exists(const hash::Digest& d, std::optional<std::uint64_t> siz
     return true;
 }
 
-void ObjectStore::trust_catalog(std::function<bool(const hash::Digest&)> cataloged, std::function<void()> refreshed) {
+void ObjectStore::trust_catalog(std::function<bool(const hash::Digest&)> cataloged) {
     std::lock_guard lk(m_mutex);
     m_cataloged = std::move(cataloged);
-    m_catalog_refreshed = std::move(refreshed);
     m_trusting = static_cast<bool>(m_cataloged);
 }
 
 void ObjectStore::forget_cataloged(const std::vector<hash::Digest>& digests) {
-    std::function<void()> refreshed;
-    {
-        std::lock_guard lk(m_mutex);
-        if (!m_trusting) return; // nothing else would answer for them
-        refreshed = m_catalog_refreshed;
-    }
-    // First the catalog's readers move on to the rows just committed, then this process forgets: a
-    // digest is never answered by neither (exists() asks the catalog only after m_good said no).
-    if (refreshed) refreshed();
     std::lock_guard lk(m_mutex);
+    if (!m_trusting) return; // nothing else would answer for them
     for (const auto& d : digests) {
         if (m_staged.count(d)) continue;
         m_good.erase(d);

@@ -509,78 +509,26 @@ std::vector<ObjectRow> Catalog::unreferenced_objects() { return read_objects(m_s
 
 void Catalog::delete_object(const hash::Digest& d) { m_s->del_object.bind_blob(1, d.raw()).run(); }
 
-void ReaderPool::end_snapshot(Reader& r) {
-    if (!r.in_txn) return;
-    r.in_txn = false;
-    r.cat->db().exec("COMMIT"); // a read transaction: nothing to write, only the snapshot ends
-}
-
-ReaderPool::~ReaderPool() {
-    for (auto& r : m_free) {
-        try {
-            end_snapshot(*r);
-        } catch (const std::exception&) {
-            // Dropped on purpose (destructors never throw): closing the connection ends it too.
-        }
-    }
-}
-
 bool ReaderPool::has_object(const hash::Digest& d) {
-    std::unique_ptr<Reader> r;
+    std::unique_ptr<Catalog> c;
     {
         std::lock_guard lk(m_mutex);
         if (!m_free.empty()) {
-            r = std::move(m_free.back());
+            c = std::move(m_free.back());
             m_free.pop_back();
         }
     }
-    if (!r) {
-        r = std::make_unique<Reader>();
-        r->cat = std::make_unique<Catalog>(m_path, OpenMode::read_only);
+    if (!c) {
+        c = std::make_unique<Catalog>(m_path, OpenMode::read_only);
         // Point lookups on the objects index: its interior pages fit in a small cache, a leaf missed
         // comes from the OS page cache. The default 16 MiB per connection, one per ingest thread, would
         // grow the process by tens of MiB as the store grows (issue 9: peak RSS flat with store size).
-        r->cat->db().exec("PRAGMA cache_size=-" + std::to_string(k_reader_cache_kib));
+        c->db().exec("PRAGMA cache_size=-" + std::to_string(k_reader_cache_kib));
     }
-    // Read after the caller's own checks (ObjectStore::exists() looked at what it remembers first):
-    // a refresh() that happened before those is seen here.
-    const std::uint64_t gen = m_generation.load(std::memory_order_acquire);
-    if (r->in_txn && (r->generation != gen || r->lookups >= k_lookups_per_snapshot)) end_snapshot(*r);
-    if (!r->in_txn) {
-        // Deferred: the snapshot is taken by the first read below, after gen was read.
-        r->cat->db().exec("BEGIN");
-        r->in_txn = true;
-        r->generation = gen;
-        r->lookups = 0;
-    }
-    ++r->lookups;
-    bool found;
-    try {
-        found = r->cat->has_object(d);
-    } catch (...) {
-        try {
-            end_snapshot(*r);
-        } catch (const std::exception&) {
-        }
-        throw; // the connection is dropped with r
-    }
+    bool found = c->has_object(d);
     std::lock_guard lk(m_mutex);
-    m_free.push_back(std::move(r));
+    m_free.push_back(std::move(c));
     return found;
-}
-
-void ReaderPool::refresh() {
-    m_generation.fetch_add(1, std::memory_order_acq_rel);
-    std::lock_guard lk(m_mutex);
-    // A connection whose snapshot does not end is closed (the next lookup opens another).
-    std::erase_if(m_free, [&](std::unique_ptr<Reader>& r) {
-        try {
-            end_snapshot(*r);
-            return false;
-        } catch (const std::exception&) {
-            return true;
-        }
-    });
 }
 
 Totals Catalog::totals() {

@@ -1234,9 +1234,9 @@ Result migrate(store::Store& store, const Options& opts, const ProgressSink& pro
     // the writer), never through the writer's, whose mutex the commit stage holds for every row it
     // writes. A reader sees committed rows only; what this run placed and has not committed yet the
     // ObjectStore itself remembers until forget_cataloged().
-    auto pool = std::make_shared<catalog::ReaderPool>(store.db_path());
-    store.objects().trust_catalog([pool](const hash::Digest& d) { return pool->has_object(d); },
-                                  [pool] { pool->refresh(); });
+    store.objects().trust_catalog([pool = std::make_shared<catalog::ReaderPool>(store.db_path())](const hash::Digest& d) {
+        return pool->has_object(d);
+    });
     std::vector<std::int64_t> selected_ids;
     for (const auto& pk : selected) selected_ids.push_back(pk.id);
     Pipeline p(store, Mode::migrate, opts, std::move(selected), progress, problems);

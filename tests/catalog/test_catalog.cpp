@@ -331,36 +331,3 @@ TEST_SUITE("catalog::Catalog") {
         }
     }
 }
-
-TEST_SUITE("catalog::ReaderPool") {
-    TEST_CASE("a lookup after refresh() sees every row committed before it, a lookup before may not") {
-        test::TempDir t;
-        auto a = hash::hash_bytes("a"), b = hash::hash_bytes("b");
-        Catalog w(t / "store.db", OpenMode::read_write);
-        w.add_object({a, 1, 1});
-        ReaderPool pool(t / "store.db");
-        CHECK(pool.has_object(a));
-        CHECK_FALSE(pool.has_object(b)); // the pooled connection now holds a snapshot
-        w.add_object({b, 1, 1});         // committed (autocommit) by the writer
-        pool.refresh();
-        CHECK(pool.has_object(b));
-        // The writer can checkpoint the WAL completely once the readers moved on (snapshots do not pin it).
-        for (int i = 0; i < 3; ++i) w.add_object({hash::hash_bytes(std::to_string(i)), 1, 1});
-        pool.refresh();
-        Stmt cp(w.db(), "PRAGMA wal_checkpoint(TRUNCATE)");
-        REQUIRE(cp.step());
-        CHECK(cp.i64(0) == 0); // not busy: no reader holds an old snapshot
-    }
-    TEST_CASE("a connection's snapshot ends after k_lookups_per_snapshot lookups even without refresh()") {
-        test::TempDir t;
-        auto a = hash::hash_bytes("a"), b = hash::hash_bytes("b");
-        Catalog w(t / "store.db", OpenMode::read_write);
-        w.add_object({a, 1, 1});
-        ReaderPool pool(t / "store.db");
-        CHECK_FALSE(pool.has_object(b));
-        w.add_object({b, 1, 1});
-        bool seen = false;
-        for (unsigned i = 0; i <= ReaderPool::k_lookups_per_snapshot && !seen; ++i) seen = pool.has_object(b);
-        CHECK(seen);
-    }
-}

@@ -225,10 +225,7 @@ public:
     /// the store (issue 9: no command loads the whole objects table). An object deleted behind the
     /// catalog's back is then not rewritten: verify finds it missing and drops its catalog row, so the
     /// next migrate of a package that holds the content writes it again.
-    /// `refreshed`, if given, is called by forget_cataloged() before anything is forgotten: a source
-    /// that answers from a snapshot (catalog::ReaderPool) must answer from one that holds the rows
-    /// committed so far for every question asked after it returns.
-    void trust_catalog(std::function<bool(const hash::Digest&)> cataloged, std::function<void()> refreshed = {});
+    void trust_catalog(std::function<bool(const hash::Digest&)> cataloged);
     /// Drops what this process remembers of objects the catalog now lists (their rows are committed):
     /// after trust_catalog() the catalog answers for them, so memory stays bounded by what is in flight.
     void forget_cataloged(const std::vector<hash::Digest>& digests);
@@ -366,7 +363,6 @@ private:
     std::atomic<size_t> m_staged_anonymous{0};          // anonymous files in m_staged (open fds)
     std::atomic<size_t> m_anonymous_budget{SIZE_MAX};   // at most this many; SIZE_MAX: not computed yet
     std::function<bool(const hash::Digest&)> m_cataloged; // set by trust_catalog()
-    std::function<void()> m_catalog_refreshed;            // set by trust_catalog()
     // Placed by publish() (once durable) or found on disk and checked by this process; m_mutex.
     mutable std::unordered_set<hash::Digest, hash::DigestHash> m_good;
     std::uint64_t m_staged_bytes = 0;

@@ -5,7 +5,6 @@
 // (store::StoreLock); read_only catalogs (status) take no lock and never block (WAL).
 // A Catalog is not shared between threads without the caller's own mutex.
 #pragma once
-#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -201,38 +200,18 @@ private:
 /// Read-only connections to one catalog, for lookups from many threads at once while another
 /// connection writes (WAL: readers never block the writer or each other). Each call borrows a
 /// connection (opened on first need, at most one per concurrent caller) and gives it back.
-///
-/// A connection keeps its read transaction (its snapshot) across lookups — up to k_lookups_per_snapshot
-/// of them — instead of taking and dropping the WAL read lock for each (two fcntl() calls and the WAL
-/// index header read per lookup). refresh() ends every snapshot: each lookup that begins after it
-/// returns sees every row committed before it was called. The writer calls it after each commit (through
-/// cas::ObjectStore::forget_cataloged()), which also lets WAL checkpoints move on.
 class ReaderPool {
 public:
     /// Page cache of each pooled connection, KiB.
     static constexpr int k_reader_cache_kib = 2048;
-    static constexpr unsigned k_lookups_per_snapshot = 4096;
     explicit ReaderPool(std::string path) : m_path(std::move(path)) {}
-    ~ReaderPool();
-    /// Catalog::has_object through a borrowed connection; sees the rows committed before the last
-    /// refresh() (or later ones). Thread-safe.
+    /// Catalog::has_object through a borrowed connection; sees committed rows only. Thread-safe.
     bool has_object(const hash::Digest& d);
-    /// Later lookups see every row committed so far; idle connections drop their snapshots now, busy
-    /// ones at their next lookup. Thread-safe.
-    void refresh();
 
 private:
-    struct Reader {
-        std::unique_ptr<Catalog> cat;
-        std::uint64_t generation = 0; // m_generation when its read transaction began
-        unsigned lookups = 0;
-        bool in_txn = false;
-    };
-    void end_snapshot(Reader& r);
     std::string m_path;
     std::mutex m_mutex;
-    std::atomic<std::uint64_t> m_generation{0};
-    std::vector<std::unique_ptr<Reader>> m_free;
+    std::vector<std::unique_ptr<Catalog>> m_free;
 };
 
 } // namespace casmig::catalog
