@@ -528,12 +528,13 @@ TempFile ObjectStore::create_temp(std::uint64_t size_hint) {
 TempFile ObjectStore::create_staging_temp(std::uint64_t size_hint) {
     size_t budget = m_anonymous_budget.load(std::memory_order_relaxed);
     if (budget == SIZE_MAX) {
-        // A quarter of the open-file limit (read-ahead takes at most half, see ingest::read_ahead_files()),
-        // read once: the pipeline raised the soft limit before it staged anything.
+        // An eighth of the open-file limit (read-ahead takes at most half, see ingest::read_ahead_files(),
+        // directories an eighth per holder of them), read once: the pipeline raised the soft limit
+        // before it staged anything.
         struct rlimit rl {};
-        budget = 256;
+        budget = 128;
         if (::getrlimit(RLIMIT_NOFILE, &rl) == 0)
-            budget = rl.rlim_cur == RLIM_INFINITY ? size_t{1} << 18 : static_cast<size_t>(rl.rlim_cur / 4);
+            budget = rl.rlim_cur == RLIM_INFINITY ? size_t{1} << 17 : static_cast<size_t>(rl.rlim_cur / 8);
         // Test seam: tests choose the named path (0), or a mix of both (a few).
         if (io::seams_enabled())
             if (const char* v = std::getenv("CASMIG_ANON_BUDGET"); v && *v) budget = std::strtoull(v, nullptr, 10);
@@ -658,7 +659,7 @@ bool ObjectStore::place(const hash::Digest& d, const std::string& tmpname, int a
             rc = io::linkat(anon_fd, "", m_objects.get(), rel.c_str(), AT_EMPTY_PATH);
             if (rc != 0 && errno == ENOENT) {
                 rc = io::linkat(AT_FDCWD, self, m_objects.get(), rel.c_str(), AT_SYMLINK_FOLLOW);
-                if (rc == 0 || errno != ENOENT) m_no_empty_path.store(true, std::memory_order_relaxed);
+                if (rc == 0) m_no_empty_path.store(true, std::memory_order_relaxed); // only once /proc worked
             }
         } else if (anon_fd >= 0) {
             rc = io::linkat(AT_FDCWD, self, m_objects.get(), rel.c_str(), AT_SYMLINK_FOLLOW);

@@ -650,10 +650,11 @@ private:
 
     /// Hands a committed batch to the verifier thread: the committer goes on with the next batch's
     /// publish and commit while this one is verified (verify_or_note() on the verifier thread). At most
-    /// two batches wait; a verifier that failed stops the committer too.
+    /// one batch waits (each holds its packages' manifests in memory: peak RSS); a verifier that failed
+    /// stops the committer too.
     void to_verifier(std::vector<std::shared_ptr<Job>> batch) {
         std::unique_lock lk(m_vqueue_mutex);
-        m_vqueue_cv.wait(lk, [&] { return m_vqueue.size() < 2 || m_verifier_error; });
+        m_vqueue_cv.wait(lk, [&] { return m_vqueue.empty() || m_verifier_error; });
         if (m_verifier_error) std::rethrow_exception(m_verifier_error);
         m_vqueue.push_back(std::move(batch));
         lk.unlock();

@@ -26,7 +26,6 @@
 #include <thread>
 #include <unistd.h>
 #include <unordered_map>
-#include <unordered_set>
 
 namespace casmig::verify {
 
@@ -66,25 +65,27 @@ struct Task {
     }
 };
 
-/// The objects one verify call found in place by their lstat (check_objects()): a content many
-/// packages share is looked at once per call. Bounded: past k_max entries it starts over (memory stays
-/// flat however large the store; a digest forgotten is only looked at again).
+/// The objects one verify call found in place by their lstat (check_objects()), with the size the
+/// manifest entry gave (an entry whose size does not fit its object is still looked at, and reported):
+/// a content many packages share is looked at once per call. Bounded: past k_max entries it starts
+/// over (memory stays flat however large the store; a digest forgotten is only looked at again).
 class SeenObjects {
 public:
-    bool contains(const hash::Digest& d) {
+    bool contains(const hash::Digest& d, std::uint64_t size) {
         std::lock_guard lk(m_mutex);
-        return m_set.count(d) > 0;
+        auto it = m_map.find(d);
+        return it != m_map.end() && it->second == size;
     }
-    void insert(const hash::Digest& d) {
+    void insert(const hash::Digest& d, std::uint64_t size) {
         std::lock_guard lk(m_mutex);
-        if (m_set.size() >= k_max) m_set.clear();
-        m_set.insert(d);
+        if (m_map.size() >= k_max) m_map.clear();
+        m_map[d] = size;
     }
 
 private:
     static constexpr size_t k_max = 1 << 16;
     std::mutex m_mutex;
-    std::unordered_set<hash::Digest, hash::DigestHash> m_set;
+    std::unordered_map<hash::Digest, std::uint64_t, hash::DigestHash> m_map;
 };
 
 void check_objects(Task& t, const cas::ObjectStore& objects, SeenObjects& seen) {
@@ -94,9 +95,9 @@ void check_objects(Task& t, const cas::ObjectStore& objects, SeenObjects& seen) 
         // The catalog's row names the form and the bytes on disk: one lstat proves the object there
         // and whole (the content itself is verify --objects' to prove). Otherwise the full look below.
         if (i < t.stored.size() && t.stored[i] >= 0) {
-            if (seen.contains(*e.digest)) continue;
+            if (seen.contains(*e.digest, e.size)) continue;
             if (objects.has_stored(*e.digest, e.size, static_cast<std::uint64_t>(t.stored[i]))) {
-                seen.insert(*e.digest);
+                seen.insert(*e.digest, e.size);
                 continue;
             }
         }

@@ -268,7 +268,7 @@ public:
     TempFile create_temp(std::uint64_t size_hint = 0);
     /// create_temp() for a file that is only ever handed to stage() (or dropped): an unnamed O_TMPFILE
     /// file in this process's staging directory where the filesystem has them, /proc/self/fd is there
-    /// to link it by, and fewer than a quarter of RLIMIT_NOFILE staged files are held open this way;
+    /// to link it by, and fewer than an eighth of RLIMIT_NOFILE staged files are held open this way;
     /// otherwise a named one. Unnamed, a staged file costs no directory entry in temp/ and no rename
     /// (publish() links it into objects/), and a crash leaves nothing of it behind.
     TempFile create_staging_temp(std::uint64_t size_hint = 0);
