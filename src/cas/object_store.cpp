@@ -525,23 +525,46 @@ TempFile ObjectStore::create_temp(std::uint64_t size_hint) {
     return TempFile(own, std::move(name), util::Fd(fd), direct);
 }
 
+bool ObjectStore::probe_unnamed_link() {
+    // linkat() by fd (AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH; through /proc/self/fd/N it needs /proc
+    // (and may be refused by a security module). If neither gives an unnamed file a name here, staged
+    // files are named ones from the start: a publish that cannot place its batch would fail the run.
+    // The probe's name is in this process's own staging directory: a crash leaves an empty file there,
+    // which the next run removes with the directory. A file system without O_TMPFILE is found out by
+    // create_staging_temp() itself.
+    const int own = own_temp_dirfd();
+    util::Fd fd(io::open_tmpfile(own, O_WRONLY | O_CLOEXEC, 0444));
+    if (!fd) return true;
+    const char* probe = "link-probe";
+    bool ok = io::linkat(fd.get(), "", own, probe, AT_EMPTY_PATH) == 0;
+    if (!ok) {
+        char self[32];
+        std::snprintf(self, sizeof self, "/proc/self/fd/%d", fd.get());
+        ok = io::linkat(AT_FDCWD, self, own, probe, AT_SYMLINK_FOLLOW) == 0;
+        if (ok) m_no_empty_path.store(true, std::memory_order_relaxed);
+    }
+    if (ok) io::unlinkat(own, probe, 0);
+    return ok;
+}
+
 TempFile ObjectStore::create_staging_temp(std::uint64_t size_hint) {
-    size_t budget = m_anonymous_budget.load(std::memory_order_relaxed);
-    if (budget == SIZE_MAX) {
+    std::call_once(m_anonymous_once, [this] {
         // An eighth of the open-file limit (read-ahead takes at most half, see ingest::read_ahead_files(),
         // directories an eighth per holder of them), read once: the pipeline raised the soft limit
         // before it staged anything.
         struct rlimit rl {};
-        budget = 128;
+        size_t budget = 128;
         if (::getrlimit(RLIMIT_NOFILE, &rl) == 0)
             budget = rl.rlim_cur == RLIM_INFINITY ? size_t{1} << 17 : static_cast<size_t>(rl.rlim_cur / 8);
         // Test seam: tests choose the named path (0), or a mix of both (a few).
         if (io::seams_enabled())
             if (const char* v = std::getenv("CASMIG_ANON_BUDGET"); v && *v) budget = std::strtoull(v, nullptr, 10);
-        // publish() links by /proc/self/fd/N: without /proc, every staged file gets a name.
-        if (::access("/proc/self/fd", X_OK) != 0) m_no_anonymous.store(true);
+        // An unnamed file is of use only if publish() can give it a name (asked once, before any is
+        // staged) and TempFile::reopen_read() can open it again (through /proc/self/fd).
+        if (budget > 0 && (::access("/proc/self/fd", X_OK) != 0 || !probe_unnamed_link())) m_no_anonymous.store(true);
         m_anonymous_budget.store(budget, std::memory_order_relaxed);
-    }
+    });
+    const size_t budget = m_anonymous_budget.load(std::memory_order_relaxed);
     if (m_no_anonymous.load(std::memory_order_relaxed) || m_staged_anonymous.load(std::memory_order_relaxed) >= budget)
         return create_temp(size_hint);
     const int own = own_temp_dirfd();

@@ -267,8 +267,9 @@ public:
     /// the filesystem supports it.
     TempFile create_temp(std::uint64_t size_hint = 0);
     /// create_temp() for a file that is only ever handed to stage() (or dropped): an unnamed O_TMPFILE
-    /// file in this process's staging directory where the filesystem has them, /proc/self/fd is there
-    /// to link it by, and fewer than an eighth of RLIMIT_NOFILE staged files are held open this way;
+    /// file in this process's staging directory where the filesystem has them, /proc/self/fd is there,
+    /// a probe file could be linked (probe_unnamed_link()), and fewer than an eighth of RLIMIT_NOFILE
+    /// staged files are held open this way;
     /// otherwise a named one. Unnamed, a staged file costs no directory entry in temp/ and no rename
     /// (publish() links it into objects/), and a crash leaves nothing of it behind.
     TempFile create_staging_temp(std::uint64_t size_hint = 0);
@@ -347,6 +348,9 @@ private:
     bool place(const hash::Digest& d, const std::string& tmpname, int anon_fd, std::uint64_t size, Form form,
                PublishStats& stats);
     void remove_own_temp() noexcept;
+    /// Whether an unnamed file made here can be given a name (linkat by fd, or by /proc/self/fd): tried
+    /// once on a probe file; m_no_empty_path is set if only /proc works.
+    bool probe_unnamed_link();
     std::string m_objects_path, m_temp_path, m_quarantine_path, m_packages_path;
     util::Fd m_objects, m_temp;
     mutable std::mutex m_own_mutex;
@@ -361,7 +365,8 @@ private:
     std::atomic<bool> m_no_anonymous{false};            // no O_TMPFILE (or no /proc/self/fd) here
     std::atomic<bool> m_no_empty_path{false};           // linkat(AT_EMPTY_PATH) refused: /proc/self/fd
     std::atomic<size_t> m_staged_anonymous{0};          // anonymous files in m_staged (open fds)
-    std::atomic<size_t> m_anonymous_budget{SIZE_MAX};   // at most this many; SIZE_MAX: not computed yet
+    std::once_flag m_anonymous_once;                    // the budget below computed, linking probed
+    std::atomic<size_t> m_anonymous_budget{SIZE_MAX};   // at most this many unnamed staged files
     std::function<bool(const hash::Digest&)> m_cataloged; // set by trust_catalog()
     // Placed by publish() (once durable) or found on disk and checked by this process; m_mutex.
     mutable std::unordered_set<hash::Digest, hash::DigestHash> m_good;
