@@ -17,6 +17,7 @@
 #include <ctime>
 #include <optional>
 #include <set>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "casmig/catalog/catalog.hpp"
@@ -1020,6 +1021,16 @@ int casmig_main(int argc, char** argv) {
         return std::nullopt;
     };
     const char* env_store = std::getenv("CASMIG_STORE");
+    // A bad value that is not on the command line came from the config file: the error names the file
+    // (where to fix it). opt is the long spelling; -j is --jobs's short one.
+    const auto from_config = [&](const std::string& opt) -> std::string {
+        if (from_argv(opt) || (opt == "--jobs" && std::any_of(argv + 1, argv + argc, [](const char* a) {
+                                   return std::string_view(a).rfind("-j", 0) == 0;
+                               })))
+            return "";
+        const auto* c = app.get_config_ptr();
+        return " (set in config file " + (c ? c->as<std::string>() : std::string(k_default_config)) + ")";
+    };
     auto usage_error = [&](const std::string& line) {
         std::fprintf(stderr, "casmig: %s\n", line.c_str());
         // A command line (or config file) the nightly timer can no longer run must show in monitoring:
@@ -1056,12 +1067,30 @@ int casmig_main(int argc, char** argv) {
         if (msg.empty()) msg = "invalid command line";
         if (msg == "A subcommand is required") msg = "no command given";
         if (auto d = diagnose(app, std::vector<std::string>(argv + 1, argv + argc))) return usage_error(*d);
+        // A value CLI11 checked (a range, a set): "--jobs: Value 0 not in [1 - 1024]".
+        if (msg.rfind("--", 0) == 0)
+            if (auto colon = msg.find(':'); colon != std::string::npos)
+                if (std::string where = from_config(msg.substr(0, colon)); !where.empty()) return usage_error(msg + where);
         return usage_error(msg + " (see casmig --help)");
     }
     // The store: --store on the command line, else $CASMIG_STORE, else the config file's `store`,
     // else /opt/pm/store. The environment beats the file, so that a runbook's `export CASMIG_STORE`
     // never acts on the store /etc/casmig.conf names (CLI11 alone would let the file win).
     if (!from_argv("--store") && env_store && *env_store) g.store = env_store;
+    // Package ids are typed as list, status and every error print them: a byte that is not printable
+    // UTF-8 as \xNN, a backslash as \x5c (util::printable()). An argument whose backslashes do not all
+    // start such an escape, or that names a legacy directory in the store exactly, is taken as it is.
+    // `add` names a new package: its id is taken as typed.
+    const std::string store_for_ids = g.store.empty() ? "/opt/pm/store" : g.store;
+    auto typed_id = [&](std::string& id) {
+        if (id.find('\\') == std::string::npos) return;
+        struct stat st {};
+        if (id.find('/') == std::string::npos && ::lstat((store_for_ids + "/" + id).c_str(), &st) == 0) return;
+        if (auto bytes = util::unprintable(id)) id = std::move(*bytes);
+    };
+    for (auto* ids : {&plan_sel.packages, &mig_sel.packages, &verify_pkgs})
+        for (auto& id : *ids) typed_id(id);
+    for (auto* id : {&mat_pkg, &rem_pkg, &show_pkg}) typed_id(*id);
     if (!g.metrics_file.empty()) { // from here on every exit is recorded, a bad option value's too
         for (auto* sub : app.get_subcommands()) g_metrics.command = sub->get_name();
         g_metrics.path = g.metrics_file;
@@ -1072,17 +1101,20 @@ int casmig_main(int argc, char** argv) {
     try {
         // Each value is checked for its range here, before anything runs: a value out of range is a
         // usage error naming the option and the range, never wrapped or rounded into another meaning.
-        auto option = [](const char* name, auto parse) {
+        auto option = [&](const char* name, auto parse) {
             try {
                 return parse();
             } catch (const util::UsageError& e) {
-                throw util::UsageError(std::string(name) + ": " + e.what());
+                const std::string what = e.what();
+                const bool named = what.find(name) != std::string::npos;
+                throw util::UsageError((named ? "" : std::string(name) + ": ") + what + from_config(name));
             }
         };
         constexpr std::uint64_t k_max_packages = 1'000'000'000;
         const Selection none{}, &sel = *plan ? plan_sel : *mig ? mig_sel : none; // the running command's only
         mo.packages = sel.packages;
-        if (!sel.limit.empty()) mo.limit = util::parse_count(sel.limit, 1, k_max_packages, "--limit");
+        if (!sel.limit.empty())
+            mo.limit = option("--limit", [&] { return util::parse_count(sel.limit, 1, k_max_packages, "--limit"); });
         if (!sel.time_budget.empty())
             mo.time_budget = option("--time-budget", [&] { return util::parse_duration(sel.time_budget); });
         if (!g.lock_wait.empty()) g.lock_wait_ms = option("--lock-wait", [&] { return util::parse_duration(g.lock_wait); });
@@ -1090,10 +1122,12 @@ int casmig_main(int argc, char** argv) {
         if (!sel.io_limit.empty())
             mo.io_limit = option("--io-limit", [&] { return util::parse_bytes(sel.io_limit, 1, 1ull << 50); });
         std::optional<std::uint64_t> sample_n;
-        if (!sample.empty()) sample_n = util::parse_count(sample, 1, k_max_packages, "--sample");
-        const int journal_n = static_cast<int>(util::parse_count(journal_lines, 0, 1'000'000, "--journal"));
+        if (!sample.empty()) sample_n = option("--sample", [&] { return util::parse_count(sample, 1, k_max_packages, "--sample"); });
+        const int journal_n = static_cast<int>(
+            option("--journal", [&] { return util::parse_count(journal_lines, 0, 1'000'000, "--journal"); }));
         mo.retry_failed = sel.retry ? migrate::RetryFailed::yes : migrate::RetryFailed::no;
-        if (!compress.empty()) mo.compress = static_cast<int>(util::parse_count(compress, 1, 22, "--compress"));
+        if (!compress.empty())
+            mo.compress = static_cast<int>(option("--compress", [&] { return util::parse_count(compress, 1, 22, "--compress"); }));
         mo.dictionary = no_dictionary ? migrate::Dictionary::no : migrate::Dictionary::yes;
         mo.verify = no_verify ? migrate::Verify::no : migrate::Verify::yes;
         mo.space_check = no_space_check ? migrate::SpaceCheck::no : migrate::SpaceCheck::yes;

@@ -396,6 +396,7 @@ CleanupResult cleanup(store::Store& s, DryRun dry, unsigned threads, const Progr
         bool present = false, proven = false;
         bool left = false; // not started: a stop was requested first
         std::string trash;
+        std::string kept; // why its tree was kept (journaled: status and the next admin see it)
     };
     std::vector<Candidate> todo;
     for (const auto& p : cat.packages()) {
@@ -461,7 +462,10 @@ CleanupResult cleanup(store::Store& s, DryRun dry, unsigned threads, const Progr
                     // the CAS provably holds it.
                     std::string bad = prover.prove(c.pkg, c.manifest, -1, "", false, sink);
                     if (bad.empty()) c.proven = true;
-                    else sink({pid, "", "its legacy tree is gone and " + bad + "; run casmig verify --objects"});
+                    else {
+                        c.kept = "its legacy tree is gone and " + bad;
+                        sink({pid, "", c.kept + "; run casmig verify --objects"});
+                    }
                     return;
                 }
                 int from_fd = s.root_fd();
@@ -479,6 +483,9 @@ CleanupResult cleanup(store::Store& s, DryRun dry, unsigned threads, const Progr
                 if (!diffs.empty() || !bad.empty()) {
                     report_tree_problems(c.pkg, diffs, "; the legacy tree is kept", sink);
                     if (!bad.empty()) sink({pid, "", bad + "; the legacy tree is kept"});
+                    c.kept = !diffs.empty() ? util::printable(diffs.front().first) + ": " + diffs.front().second +
+                                                  (diffs.size() > 1 ? " (and " + std::to_string(diffs.size() - 1) + " more)" : "")
+                                            : bad;
                     if (dry == DryRun::no &&
                         io::renameat2(objects.temp_dirfd(), c.trash.c_str(), s.root_fd(), c.pkg.name.c_str(), RENAME_NOREPLACE) != 0)
                         util::throw_errno("cannot put legacy tree back (it stays in temp/, the next casmig run moves it back)",
@@ -492,7 +499,8 @@ CleanupResult cleanup(store::Store& s, DryRun dry, unsigned threads, const Progr
                 }
                 c.proven = true;
             } catch (const util::Error& e) {
-                sink({pid, "", std::string(e.what()) + "; the legacy tree is kept"});
+                c.kept = e.what();
+                sink({pid, "", c.kept + "; the legacy tree is kept"});
             }
         });
     });
@@ -515,7 +523,13 @@ CleanupResult cleanup(store::Store& s, DryRun dry, unsigned threads, const Progr
     {
         catalog::Transaction tx(cat.db());
         for (const auto& c : todo) {
-            if (!c.proven) continue;
+            if (!c.proven) {
+                // Kept: said once here, not only on this run's stderr (status --journal shows it).
+                if (!c.kept.empty())
+                    cat.journal("cleanup", util::printable(c.pkg.name), catalog::to_string(c.pkg.tree),
+                                catalog::to_string(c.pkg.tree), "kept: " + c.kept);
+                continue;
+            }
             cat.set_tree(c.pkg.id, TreeState::removed);
             cat.journal("cleanup", util::printable(c.pkg.name), catalog::to_string(c.pkg.tree), "removed",
                         c.present ? "proven equal to its manifest, objects re-hashed" : "legacy tree was already gone");

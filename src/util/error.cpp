@@ -64,6 +64,30 @@ std::string printable(std::string_view bytes) {
     return out;
 }
 
+std::optional<std::string> unprintable(std::string_view text) {
+    auto nibble = [](char c) -> int {
+        if (c >= '0' && c <= '9') return c - '0';
+        if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+        if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+        return -1;
+    };
+    std::string out;
+    out.reserve(text.size());
+    for (size_t i = 0; i < text.size(); ++i) {
+        if (text[i] != '\\') {
+            out += text[i];
+            continue;
+        }
+        if (i + 3 >= text.size()) return std::nullopt; // \xNN needs three more characters
+        if (text[i + 1] != 'x') return std::nullopt;
+        int hi = nibble(text[i + 2]), lo = nibble(text[i + 3]);
+        if (hi < 0 || lo < 0) return std::nullopt;
+        out += static_cast<char>(hi << 4 | lo);
+        i += 3;
+    }
+    return out;
+}
+
 SystemError::SystemError(const std::string& what, const std::string& path, int err)
     : Error(what + (path.empty() ? "" : ": " + path) + ": " + std::strerror(err)), m_errno(err) {}
 

@@ -174,13 +174,23 @@ def a_config_file_sets_store_and_limits_and_the_command_line_overrides_it(t):
     # A value from the file is checked like one from the command line (the key reaches the option).
     bad = write_config(t, "bad-io.toml", f'store = "{s}"\n[migrate]\nio-limit = "fast"\n')
     code, _, err = casmig(t, "--config", bad, "migrate")
-    expect(code == 2 and "--io-limit" in err and "fast" in err, f"bad io-limit from the file: {code} {err!r}")
+    expect(code == 2 and "--io-limit" in err and "fast" in err and bad in err,
+           f"bad io-limit from the file (named with the file): {code} {err!r}")
     one_line(err, "bad io-limit")
+    code, _, err = casmig(t, "--config", bad, "migrate", "--io-limit", "slow")  # the command line's own value
+    expect(code == 2 and "slow" in err and bad not in err, f"bad --io-limit on the command line: {code} {err!r}")
+    zero = write_config(t, "bad-limit.toml", f'store = "{s}"\n[migrate]\nlimit = 0\n')
+    code, _, err = casmig(t, "--config", zero, "migrate")
+    expect(code == 2 and "--limit" in err and zero in err, f"limit = 0 from the file: {code} {err!r}")
+    one_line(err, "limit = 0")
     code, _, _ = casmig(t, "--config", bad, "status")  # [migrate] values stop no other command
     expect(code == 0, f"status with a bad [migrate] value: {code}")
     bad = write_config(t, "bad-jobs.ini", f"store={s}\njobs=0\n")
     code, _, err = casmig(t, "--config", bad, "status")
-    expect(code == 2 and "jobs" in err, f"jobs=0 from an INI file: {code} {err!r}")
+    expect(code == 2 and "jobs" in err and bad in err, f"jobs=0 from an INI file (named with the file): {code} {err!r}")
+    one_line(err, "jobs=0")
+    code, _, err = casmig(t, "--config", bad, "-j", "0", "status")
+    expect(code == 2 and "jobs" in err and bad not in err, f"-j 0 on the command line: {code} {err!r}")
     # INI spelling, and [plan] limits for plan.
     ini = write_config(t, "casmig.ini", f"store={s}\n[plan]\nlimit=1\n")
     code, out, err = casmig(t, "--config", ini, "--json", "plan")
@@ -289,6 +299,38 @@ def list_on_a_legacy_store_without_a_catalog_writes_nothing(t):
     _, text, _ = t.run(s, "list", code=0)
     expect(len(text.splitlines()) == 4 and text.startswith("odd-\\xff "), f"text: {text!r}")
     expect(tree_listing(s) == before and not os.path.exists(os.path.join(s, "store.db")), "list wrote to the store")
+
+
+@test
+def a_package_id_that_is_not_utf8_is_typed_as_list_prints_it(t):
+    """list prints a byte that is not printable UTF-8 as \\xNN: show, verify, migrate and materialize
+    take that spelling back (and a backslash in an id is \\x5c)."""
+    s = t.store("typed-ids", 1)
+    odd = os.fsencode(os.path.join(s, "odd-")) + b"\xff"
+    slash = os.fsencode(os.path.join(s, "back\\slash"))
+    literal = os.fsencode(os.path.join(s, "lit\\x41"))  # spelled like an escape, and there as it is
+    for d in (odd, slash, literal):
+        os.makedirs(d)
+        with open(os.path.join(d, b"file"), "wb") as f:
+            f.write(b"content of " + os.path.basename(d))
+    ids = [r["id"] for r in t.json(s, "list")["packages"]]
+    expect(ids == ["back\\x5cslash", "lit\\x5cx41", "odd-\\xff", "pkg00"], f"ids: {ids}")
+    t.run(s, "migrate", "odd-\\xff", "back\\x5cslash", code=0)
+    states = {r["id"]: r["state"] for r in t.json(s, "list")["packages"]}
+    expect(states == {"back\\x5cslash": "verified", "lit\\x5cx41": "pending", "odd-\\xff": "verified", "pkg00": "pending"},
+           f"states: {states}")
+    shown = t.json(s, "show", "odd-\\xff")
+    expect(shown["package"] == "odd-\\xff" and [e["path"] for e in shown["entries"] if e["type"] == "file"] == ["file"],
+           f"show: {shown}")
+    t.run(s, "verify", "odd-\\xff", "back\\x5cslash", code=0)
+    t.run(s, "show", "back\\slash", code=0)  # not an escape: taken as typed
+    expect(t.json(s, "show", "lit\\x41")["package"] == "lit\\x5cx41", "a directory of that exact name is taken as typed")
+    dest = os.path.join(t.work, "typed-ids-dest")
+    t.run(s, "materialize", "odd-\\xff", dest, code=0)
+    with open(os.path.join(dest, "file"), "rb") as f:
+        expect(f.read() == b"content of odd-\xff", "materialized content")
+    code, _, err = t.run(s, "show", "odd-\\xfe")
+    expect(code != 0 and "odd-\\xfe" in err and len(err.strip().splitlines()) == 1, f"unknown id: {code} {err!r}")
 
 
 # ------------------------------------------------------------------ show

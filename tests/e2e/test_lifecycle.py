@@ -141,6 +141,11 @@ def cleanup_keeps_trees_that_changed_after_cutover(t):
         expect(snapshot(os.path.join(s, p)) == snap, f"{p} was touched")
     for p in ("pkg03", "pkg04"):
         expect(not os.path.exists(os.path.join(s, p)), f"{p} not cleaned")
+    # Why each tree was kept outlives the run: the journal says it (status --journal).
+    rows = t.json(s, "status", "--journal", "50")["journal"]
+    kept = {r["package"]: r["detail"] for r in rows if r["command"] == "cleanup" and r["detail"].startswith("kept: ")}
+    expect(set(kept) == {"pkg00", "pkg01", "pkg02"} and "LICENSE" in kept["pkg00"] and "share" in kept["pkg02"],
+           f"journaled kept trees: {kept}")
     # verify names the drift too, and a rerun of cleanup still keeps them
     t.run(s, "verify", "pkg00", code=1)
     t.run(s, "cleanup", code=1)

@@ -6,6 +6,7 @@
 #include "casmig/util/rate_limiter.hpp"
 
 #include <chrono>
+#include <random>
 
 using namespace casmig::util;
 
@@ -86,6 +87,22 @@ TEST_SUITE("util::parse") {
         CHECK(printable("\xf4\x90\x80\x80") == "\\xf4\\x90\\x80\\x80"); // above U+10FFFF
         CHECK(printable("a\xc2\x85" "b") == "a\\xc2\\x85b");            // C1 control NEL
         CHECK(printable("\xc2\xa0") == "\xc2\xa0");                     // U+00A0 stays
+    }
+    TEST_CASE("unprintable reads back what printable wrote, for any bytes") {
+        CHECK(unprintable("bad\\xff\\xFE") == std::string("bad\xff\xfe", 5));
+        CHECK(unprintable("a\\x5cb") == std::string("a\\b"));
+        CHECK(unprintable("plain") == std::string("plain"));
+        CHECK_FALSE(unprintable("a\\b").has_value());   // a backslash that starts no \xNN
+        CHECK_FALSE(unprintable("a\\x4").has_value());  // cut short
+        CHECK_FALSE(unprintable("a\\xg0").has_value()); // not hex
+        std::mt19937 rng(7);
+        for (int n = 0; n < 2000; ++n) {
+            std::string b(rng() % 12, '\0');
+            for (auto& c : b) c = static_cast<char>(rng() % 4 == 0 ? '\\' : rng() % 256);
+            auto back = unprintable(printable(b));
+            REQUIRE(back.has_value());
+            CHECK(*back == b);
+        }
     }
     TEST_CASE("RateLimiter bounds throughput") {
         RateLimiter l(1 << 20); // 1 MiB/s with a 1 MiB bucket

@@ -2,6 +2,7 @@
 // already exists) are return values. util depends on nothing specific to casmig.
 #pragma once
 #include <stdexcept>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -46,6 +47,10 @@ public:
 
 /// Printable form of a byte path: non-printable and non-UTF-8 bytes as \xNN, so one error stays one line.
 std::string printable(std::string_view bytes);
+/// The bytes a printable() form stands for: each \xNN (two hex digits, either case) is one byte, every
+/// other character itself. nullopt if a backslash starts anything else (then the text is not such a
+/// form). printable() escapes the backslash itself (\x5c), so unprintable(printable(b)) == b for any b.
+std::optional<std::string> unprintable(std::string_view text);
 
 
 } // namespace casmig::util
