@@ -446,7 +446,7 @@ bool ObjectStore::exists(const hash::Digest& d, std::optional<std::uint64_t> siz
         if (m_staged.count(d) || m_good.count(d)) return true;
         trusting = m_trusting;
     }
-    if (trusting) return m_cataloged(d);
+    if (trusting) return cataloged(d);
     // Not trusted by name: a file at the name is the object only if its content says so. A bad one
     // answers "absent"; publish() then moves it aside and puts the object in its place.
     auto why = check_on_disk(d, size, Form::raw);
@@ -458,16 +458,25 @@ bool ObjectStore::exists(const hash::Digest& d, std::optional<std::uint64_t> siz
     return true;
 }
 
-void ObjectStore::trust_catalog(std::function<bool(const hash::Digest&)> cataloged) {
+void ObjectStore::trust_catalog(std::function<bool(const hash::Digest&)> cataloged, bool nothing_cataloged) {
     std::lock_guard lk(m_mutex);
     m_cataloged = std::move(cataloged);
     m_trusting = static_cast<bool>(m_cataloged);
+    m_forgotten = m_trusting && nothing_cataloged ? std::make_unique<hash::DigestFilter>() : nullptr;
+}
+
+bool ObjectStore::cataloged(const hash::Digest& d) const {
+    // Ordering: forget_cataloged() adds d to the filter and drops it from m_good under m_mutex; a caller
+    // that found d neither staged nor good took m_mutex after that, so it sees the filter's bits.
+    if (m_forgotten && !m_forgotten->maybe_contains(d)) return false;
+    return m_cataloged(d);
 }
 
 void ObjectStore::forget_cataloged(const std::vector<hash::Digest>& digests) {
     std::lock_guard lk(m_mutex);
     if (!m_trusting) return; // nothing else would answer for them
     for (const auto& d : digests) {
+        if (m_forgotten) m_forgotten->add(d); // cataloged now, whether or not it is forgotten below
         if (m_staged.count(d)) continue;
         m_good.erase(d);
         m_stored.erase(d);
@@ -711,7 +720,7 @@ bool ObjectStore::place(const hash::Digest& d, const std::string& tmpname, int a
             known = m_good.count(d) > 0;
             trusting = m_trusting;
         }
-        if (!known && trusting) known = m_cataloged(d);
+        if (!known && trusting) known = cataloged(d);
         // Trusted only when the catalog (or this process) vouches for it; otherwise its content decides.
         std::optional<std::string> why = known ? std::string() : check_on_disk(d, size, form);
         if (!why) continue; // gone meanwhile: place ours

@@ -488,6 +488,11 @@ bool Catalog::has_object(const hash::Digest& d) {
     return r;
 }
 
+bool Catalog::has_any_object() {
+    Stmt q(m_db, "SELECT 1 FROM objects LIMIT 1");
+    return q.step();
+}
+
 static std::vector<ObjectRow> read_objects(Stmt& s) {
     std::vector<ObjectRow> out;
     while (s.step()) out.push_back({hash::Digest::from_raw(s.str(0)), s.i64(1), s.i64(2)});

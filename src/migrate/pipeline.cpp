@@ -1234,10 +1234,12 @@ Result migrate(store::Store& store, const Options& opts, const ProgressSink& pro
     // The ingest threads ask through read-only connections of their own (WAL: readers never wait for
     // the writer), never through the writer's, whose mutex the commit stage holds for every row it
     // writes. A reader sees committed rows only; what this run placed and has not committed yet the
-    // ObjectStore itself remembers until forget_cataloged().
+    // ObjectStore itself remembers until forget_cataloged(). A first migration (no object cataloged
+    // yet, the store locked) skips the lookup for a content no batch of this run has committed.
+    const bool nothing_cataloged = !cat.has_any_object();
     store.objects().trust_catalog([pool = std::make_shared<catalog::ReaderPool>(store.db_path())](const hash::Digest& d) {
         return pool->has_object(d);
-    });
+    }, nothing_cataloged);
     std::vector<std::int64_t> selected_ids;
     for (const auto& pk : selected) selected_ids.push_back(pk.id);
     Pipeline p(store, Mode::migrate, opts, std::move(selected), progress, problems);

@@ -1,6 +1,7 @@
 #include <doctest/doctest.h>
 
 #include <atomic>
+#include <thread>
 
 #include "../support/tempdir.hpp"
 #include "casmig/cas/object_store.hpp"
@@ -322,6 +323,47 @@ TEST_SUITE("cas::ObjectStore") {
         CHECK(asked == 1);
         listed = false;     // a catalog that no longer lists it: nothing in memory vouches for it
         CHECK_FALSE(s.exists(d));
+    }
+
+    TEST_CASE("a first migration's trusted catalog is asked only about what this run has cataloged") {
+        test::TempDir t;
+        std::string data = "published, then cataloged by this run";
+        auto d = hash::hash_bytes(data);
+        make_layout(t, d);
+        cas::ObjectStore s(t / "objects", t / "temp");
+        std::atomic<int> asked{0};
+        bool listed = false;
+        s.trust_catalog([&](const hash::Digest& q) {
+            ++asked;
+            return listed && q == d;
+        }, /*nothing_cataloged=*/true);
+        CHECK_FALSE(s.exists(hash::hash_bytes("never stored"))); // nothing cataloged: no question
+        CHECK(asked == 0);
+        CHECK(s.stage_bytes(d, data) == cas::StageResult::staged);
+        s.publish();
+        CHECK(s.exists(d));
+        listed = true;
+        s.forget_cataloged({d});
+        CHECK(s.exists(d)); // cataloged by this run: the catalog answers
+        CHECK(asked == 1);
+        for (int i = 0; i < 1000; ++i) CHECK_FALSE(s.exists(hash::hash_bytes("new " + std::to_string(i))));
+        CHECK(asked <= 2); // a filter's rare "maybe" goes to the catalog
+    }
+
+    TEST_CASE("DigestFilter: never a false no, few false maybes, from several threads") {
+        hash::DigestFilter f(1 << 16); // 512k bits
+        std::vector<hash::Digest> in, out;
+        for (int i = 0; i < 20000; ++i) in.push_back(hash::hash_bytes("in " + std::to_string(i)));
+        for (int i = 0; i < 20000; ++i) out.push_back(hash::hash_bytes("out " + std::to_string(i)));
+        std::thread a([&] { for (size_t i = 0; i < in.size(); i += 2) f.add(in[i]); });
+        std::thread b([&] { for (size_t i = 1; i < in.size(); i += 2) f.add(in[i]); });
+        a.join();
+        b.join();
+        size_t missing = 0, maybes = 0;
+        for (const auto& d : in) missing += !f.maybe_contains(d);
+        for (const auto& d : out) maybes += f.maybe_contains(d);
+        CHECK(missing == 0);
+        CHECK(maybes < out.size() / 100); // 4 probes, 26 bits per digest: ~0.3%
     }
 
     TEST_CASE("an object found at its name with the right content is kept, read-only") {

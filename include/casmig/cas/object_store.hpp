@@ -79,6 +79,7 @@
 
 #include "casmig/cas/compression.hpp"
 #include "casmig/hash/blake3.hpp"
+#include "casmig/hash/digest_filter.hpp"
 #include "casmig/util/fd.hpp"
 
 namespace casmig::cas {
@@ -225,7 +226,14 @@ public:
     /// the store (issue 9: no command loads the whole objects table). An object deleted behind the
     /// catalog's back is then not rewritten: verify finds it missing and drops its catalog row, so the
     /// next migrate of a package that holds the content writes it again.
-    void trust_catalog(std::function<bool(const hash::Digest&)> cataloged);
+    ///
+    /// nothing_cataloged: the catalog's objects table was empty when this run began (a first migration)
+    /// and only this process adds to it. Then a digest forget_cataloged() was never told about is not
+    /// in the catalog, and exists() says so without asking `cataloged` (a DigestFilter of 1 MiB holds
+    /// what was forgotten; its "maybe" is asked of the catalog as before). Wrong only towards "absent"
+    /// if someone else catalogs objects meanwhile: the content is staged again and publish() keeps the
+    /// copy it finds, after checking it.
+    void trust_catalog(std::function<bool(const hash::Digest&)> cataloged, bool nothing_cataloged = false);
     /// Drops what this process remembers of objects the catalog now lists (their rows are committed):
     /// after trust_catalog() the catalog answers for them, so memory stays bounded by what is in flight.
     void forget_cataloged(const std::vector<hash::Digest>& digests);
@@ -368,6 +376,9 @@ private:
     std::once_flag m_anonymous_once;                    // the budget below computed, linking probed
     std::atomic<size_t> m_anonymous_budget{SIZE_MAX};   // at most this many unnamed staged files
     std::function<bool(const hash::Digest&)> m_cataloged; // set by trust_catalog()
+    std::unique_ptr<hash::DigestFilter> m_forgotten;      // trust_catalog(..., true): what forget_cataloged() dropped
+    /// m_cataloged(d), unless m_forgotten says this run never cataloged d.
+    bool cataloged(const hash::Digest& d) const;
     // Placed by publish() (once durable) or found on disk and checked by this process; m_mutex.
     mutable std::unordered_set<hash::Digest, hash::DigestHash> m_good;
     std::uint64_t m_staged_bytes = 0;

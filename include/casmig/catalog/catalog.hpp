@@ -164,6 +164,8 @@ public:
     /// old one gone). No-op for a digest without a row.
     void set_stored_size(const hash::Digest& d, std::int64_t stored_size);
     bool has_object(const hash::Digest& d);
+    /// True if the objects table has any row (one index probe, whatever the store's size).
+    bool has_any_object();
     std::vector<ObjectRow> objects();
     /// Calls f for every row of the objects table, one at a time (memory does not grow with the
     /// store). f must not change the catalog.
