@@ -441,12 +441,14 @@ std::optional<std::string> ObjectStore::check_on_disk(const hash::Digest& d, std
 
 bool ObjectStore::exists(const hash::Digest& d, std::optional<std::uint64_t> size) const {
     bool trusting;
+    std::shared_ptr<const hash::DigestFilter> forgotten;
     {
         std::lock_guard lk(m_mutex);
         if (m_staged.count(d) || m_good.count(d)) return true;
         trusting = m_trusting;
+        forgotten = m_forgotten; // trust_catalog() may replace it: this lookup keeps the one it read
     }
-    if (trusting) return cataloged(d);
+    if (trusting) return cataloged(d, forgotten.get());
     // Not trusted by name: a file at the name is the object only if its content says so. A bad one
     // answers "absent"; publish() then moves it aside and puts the object in its place.
     auto why = check_on_disk(d, size, Form::raw);
@@ -462,13 +464,13 @@ void ObjectStore::trust_catalog(std::function<bool(const hash::Digest&)> catalog
     std::lock_guard lk(m_mutex);
     m_cataloged = std::move(cataloged);
     m_trusting = static_cast<bool>(m_cataloged);
-    m_forgotten = m_trusting && nothing_cataloged ? std::make_unique<hash::DigestFilter>() : nullptr;
+    m_forgotten = m_trusting && nothing_cataloged ? std::make_shared<hash::DigestFilter>() : nullptr;
 }
 
-bool ObjectStore::cataloged(const hash::Digest& d) const {
+bool ObjectStore::cataloged(const hash::Digest& d, const hash::DigestFilter* forgotten) const {
     // Ordering: forget_cataloged() adds d to the filter and drops it from m_good under m_mutex; a caller
     // that found d neither staged nor good took m_mutex after that, so it sees the filter's bits.
-    if (m_forgotten && !m_forgotten->maybe_contains(d)) return false;
+    if (forgotten && !forgotten->maybe_contains(d)) return false;
     return m_cataloged(d);
 }
 
@@ -534,14 +536,15 @@ TempFile ObjectStore::create_temp(std::uint64_t size_hint) {
     return TempFile(own, std::move(name), util::Fd(fd), direct);
 }
 
-bool ObjectStore::probe_unnamed_link() {
+bool ObjectStore::probe_unnamed_link(int own) noexcept {
     // linkat() by fd (AT_EMPTY_PATH) needs CAP_DAC_READ_SEARCH; through /proc/self/fd/N it needs /proc
     // (and may be refused by a security module). If neither gives an unnamed file a name here, staged
     // files are named ones from the start: a publish that cannot place its batch would fail the run.
+    // Only a refusal decides that (EPERM, EACCES, ENOENT, EOPNOTSUPP, EXDEV, ENOSYS): a full disk or an
+    // I/O error is publish()'s to report, and does not turn unnamed files off for the store's life.
     // The probe's name is in this process's own staging directory: a crash leaves an empty file there,
     // which the next run removes with the directory. A file system without O_TMPFILE is found out by
     // create_staging_temp() itself.
-    const int own = own_temp_dirfd();
     util::Fd fd(io::open_tmpfile(own, O_WRONLY | O_CLOEXEC, 0444));
     if (!fd) return true;
     const char* probe = "link-probe";
@@ -551,13 +554,18 @@ bool ObjectStore::probe_unnamed_link() {
         std::snprintf(self, sizeof self, "/proc/self/fd/%d", fd.get());
         ok = io::linkat(AT_FDCWD, self, own, probe, AT_SYMLINK_FOLLOW) == 0;
         if (ok) m_no_empty_path.store(true, std::memory_order_relaxed);
+        else if (errno != EPERM && errno != EACCES && errno != ENOENT && errno != EOPNOTSUPP && errno != EXDEV &&
+                 errno != ENOSYS)
+            return true;
     }
     if (ok) io::unlinkat(own, probe, 0);
     return ok;
 }
 
 TempFile ObjectStore::create_staging_temp(std::uint64_t size_hint) {
-    std::call_once(m_anonymous_once, [this] {
+    // Its own staging directory first: creating it may throw, which a call_once callable must not.
+    const int own = own_temp_dirfd();
+    std::call_once(m_anonymous_once, [this, own]() noexcept {
         // An eighth of the open-file limit (read-ahead takes at most half, see ingest::read_ahead_files(),
         // directories an eighth per holder of them), read once: the pipeline raised the soft limit
         // before it staged anything.
@@ -570,13 +578,12 @@ TempFile ObjectStore::create_staging_temp(std::uint64_t size_hint) {
             if (const char* v = std::getenv("CASMIG_ANON_BUDGET"); v && *v) budget = std::strtoull(v, nullptr, 10);
         // An unnamed file is of use only if publish() can give it a name (asked once, before any is
         // staged) and TempFile::reopen_read() can open it again (through /proc/self/fd).
-        if (budget > 0 && (::access("/proc/self/fd", X_OK) != 0 || !probe_unnamed_link())) m_no_anonymous.store(true);
+        if (budget > 0 && (::access("/proc/self/fd", X_OK) != 0 || !probe_unnamed_link(own))) m_no_anonymous.store(true);
         m_anonymous_budget.store(budget, std::memory_order_relaxed);
     });
     const size_t budget = m_anonymous_budget.load(std::memory_order_relaxed);
     if (m_no_anonymous.load(std::memory_order_relaxed) || m_staged_anonymous.load(std::memory_order_relaxed) >= budget)
         return create_temp(size_hint);
-    const int own = own_temp_dirfd();
     bool direct = size_hint >= k_direct_min && !m_no_direct.load(std::memory_order_relaxed);
     int fd = io::open_tmpfile(own, O_WRONLY | O_CLOEXEC | (direct ? O_DIRECT : 0), 0444);
     if (fd < 0 && errno == EINVAL && direct) {
@@ -715,12 +722,14 @@ bool ObjectStore::place(const hash::Digest& d, const std::string& tmpname, int a
         }
         if (errno != EEXIST) break;
         bool known, trusting;
+        std::shared_ptr<const hash::DigestFilter> forgotten;
         {
             std::lock_guard lk(m_mutex);
             known = m_good.count(d) > 0;
             trusting = m_trusting;
+            forgotten = m_forgotten;
         }
-        if (!known && trusting) known = cataloged(d);
+        if (!known && trusting) known = cataloged(d, forgotten.get());
         // Trusted only when the catalog (or this process) vouches for it; otherwise its content decides.
         std::optional<std::string> why = known ? std::string() : check_on_disk(d, size, form);
         if (!why) continue; // gone meanwhile: place ours

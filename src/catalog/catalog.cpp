@@ -493,6 +493,14 @@ bool Catalog::has_any_object() {
     return q.step();
 }
 
+std::optional<std::string> Catalog::last_outcome(const std::string& command, const std::string& package) {
+    Stmt q(m_db, "SELECT COALESCE(detail,'') FROM journal WHERE command=? AND package=? AND "
+                 "COALESCE(detail,'') NOT LIKE 'intent:%' ORDER BY id DESC LIMIT 1");
+    q.bind(1, command).bind(2, package);
+    if (!q.step()) return std::nullopt;
+    return q.str(0);
+}
+
 static std::vector<ObjectRow> read_objects(Stmt& s) {
     std::vector<ObjectRow> out;
     while (s.step()) out.push_back({hash::Digest::from_raw(s.str(0)), s.i64(1), s.i64(2)});

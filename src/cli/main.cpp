@@ -3,6 +3,7 @@
 // unchanged); 4 store busy; 128 + signal (130, 143) stopped by SIGINT/SIGTERM at a safe point.
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cctype>
 #include <array>
 #include <cerrno>
 #include <chrono>
@@ -17,7 +18,6 @@
 #include <ctime>
 #include <optional>
 #include <set>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "casmig/catalog/catalog.hpp"
@@ -1077,20 +1077,24 @@ int casmig_main(int argc, char** argv) {
     // else /opt/pm/store. The environment beats the file, so that a runbook's `export CASMIG_STORE`
     // never acts on the store /etc/casmig.conf names (CLI11 alone would let the file win).
     if (!from_argv("--store") && env_store && *env_store) g.store = env_store;
-    // Package ids are typed as list, status and every error print them: a byte that is not printable
-    // UTF-8 as \xNN, a backslash as \x5c (util::printable()). An argument whose backslashes do not all
-    // start such an escape, or that names a legacy directory in the store exactly, is taken as it is.
-    // `add` names a new package: its id is taken as typed.
-    const std::string store_for_ids = g.store.empty() ? "/opt/pm/store" : g.store;
-    auto typed_id = [&](std::string& id) {
+    // Package ids are typed as list, status and every error print them (util::printable()): a byte
+    // that is not printable UTF-8 as \xNN, a backslash as \x5c. An argument is read that way only if it
+    // is exactly such a spelling (printable() of what it decodes to gives it back, hex digits in either
+    // case): "foo\x2d1" is not ("-" is printed as itself), so it names the package "foo\x2d1" literally,
+    // whose list spelling is "foo\x5cx2d1". The same text names the same package in every command, add
+    // and remove included.
+    auto typed_id = [](std::string& id) {
         if (id.find('\\') == std::string::npos) return;
-        struct stat st {};
-        if (id.find('/') == std::string::npos && ::lstat((store_for_ids + "/" + id).c_str(), &st) == 0) return;
-        if (auto bytes = util::unprintable(id)) id = std::move(*bytes);
+        auto bytes = util::unprintable(id);
+        if (!bytes) return;
+        std::string back = util::printable(*bytes), typed = id;
+        for (auto* t : {&back, &typed})
+            for (auto& ch : *t) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+        if (back == typed) id = std::move(*bytes);
     };
     for (auto* ids : {&plan_sel.packages, &mig_sel.packages, &verify_pkgs})
         for (auto& id : *ids) typed_id(id);
-    for (auto* id : {&mat_pkg, &rem_pkg, &show_pkg}) typed_id(*id);
+    for (auto* id : {&mat_pkg, &rem_pkg, &show_pkg, &add_pkg}) typed_id(*id);
     if (!g.metrics_file.empty()) { // from here on every exit is recorded, a bad option value's too
         for (auto* sub : app.get_subcommands()) g_metrics.command = sub->get_name();
         g_metrics.path = g.metrics_file;

@@ -524,10 +524,11 @@ CleanupResult cleanup(store::Store& s, DryRun dry, unsigned threads, const Progr
         catalog::Transaction tx(cat.db());
         for (const auto& c : todo) {
             if (!c.proven) {
-                // Kept: said once here, not only on this run's stderr (status --journal shows it).
-                if (!c.kept.empty())
-                    cat.journal("cleanup", util::printable(c.pkg.name), catalog::to_string(c.pkg.tree),
-                                catalog::to_string(c.pkg.tree), "kept: " + c.kept);
+                // Kept: said in the journal, not only on this run's stderr (status --journal shows it),
+                // once for as long as the reason stays the same (a nightly cleanup adds no row then).
+                const std::string pid = util::printable(c.pkg.name), why = "kept: " + c.kept;
+                if (!c.kept.empty() && cat.last_outcome("cleanup", pid) != why)
+                    cat.journal("cleanup", pid, catalog::to_string(c.pkg.tree), catalog::to_string(c.pkg.tree), why);
                 continue;
             }
             cat.set_tree(c.pkg.id, TreeState::removed);

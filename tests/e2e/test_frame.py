@@ -324,13 +324,28 @@ def a_package_id_that_is_not_utf8_is_typed_as_list_prints_it(t):
            f"show: {shown}")
     t.run(s, "verify", "odd-\\xff", "back\\x5cslash", code=0)
     t.run(s, "show", "back\\slash", code=0)  # not an escape: taken as typed
-    expect(t.json(s, "show", "lit\\x41")["package"] == "lit\\x5cx41", "a directory of that exact name is taken as typed")
+    expect(t.json(s, "show", "lit\\x41")["package"] == "lit\\x5cx41", "not list's spelling of anything: taken as typed")
     dest = os.path.join(t.work, "typed-ids-dest")
     t.run(s, "materialize", "odd-\\xff", dest, code=0)
     with open(os.path.join(dest, "file"), "rb") as f:
         expect(f.read() == b"content of odd-\xff", "materialized content")
     code, _, err = t.run(s, "show", "odd-\\xfe")
     expect(code != 0 and "odd-\\xfe" in err and len(err.strip().splitlines()) == 1, f"unknown id: {code} {err!r}")
+    # Only list's own spelling is read back: "lit\\x2d1" is not one ("-" prints as itself), so add and
+    # remove both take it literally and never touch "lit-1".
+    os.makedirs(os.path.join(s, "lit-1"))
+    put(os.path.join(s, "lit-1"), "file", b"lit-1's own")
+    t.run(s, "migrate", "lit-1", code=0)
+    staged = os.path.join(t.work, "typed-ids-staging")
+    put(staged, "file", b"added under a backslashed id")
+    t.run(s, "add", "lit\\x2d1", staged, code=0)
+    ids = [r["id"] for r in t.json(s, "list")["packages"]]
+    expect("lit\\x5cx2d1" in ids and "lit-1" in ids, f"ids after add: {ids}")
+    t.run(s, "remove", "lit\\x2d1", code=0)
+    ids = [r["id"] for r in t.json(s, "list")["packages"]]
+    expect("lit\\x5cx2d1" not in ids and "lit-1" in ids, f"remove took the wrong package: {ids}")
+    with open(os.path.join(s, "lit-1", "file"), "rb") as f:
+        expect(f.read() == b"lit-1's own", "lit-1's tree was touched")
 
 
 # ------------------------------------------------------------------ show

@@ -151,6 +151,10 @@ def cleanup_keeps_trees_that_changed_after_cutover(t):
     t.run(s, "cleanup", code=1)
     for p, snap in edited.items():
         expect(snapshot(os.path.join(s, p)) == snap, f"{p} was touched by the second cleanup")
+    # ... and says so once: the same reason again adds no row (a nightly cleanup would fill the journal).
+    rows = t.json(s, "status", "--journal", "100")["journal"]
+    again = [r["package"] for r in rows if r["command"] == "cleanup" and r["detail"].startswith("kept: ")]
+    expect(sorted(again) == ["pkg00", "pkg01", "pkg02"], f"kept rows after two cleanups: {again}")
 
 
 @test

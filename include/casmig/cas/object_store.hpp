@@ -358,7 +358,7 @@ private:
     void remove_own_temp() noexcept;
     /// Whether an unnamed file made here can be given a name (linkat by fd, or by /proc/self/fd): tried
     /// once on a probe file; m_no_empty_path is set if only /proc works.
-    bool probe_unnamed_link();
+    bool probe_unnamed_link(int own) noexcept;
     std::string m_objects_path, m_temp_path, m_quarantine_path, m_packages_path;
     util::Fd m_objects, m_temp;
     mutable std::mutex m_own_mutex;
@@ -376,9 +376,9 @@ private:
     std::once_flag m_anonymous_once;                    // the budget below computed, linking probed
     std::atomic<size_t> m_anonymous_budget{SIZE_MAX};   // at most this many unnamed staged files
     std::function<bool(const hash::Digest&)> m_cataloged; // set by trust_catalog()
-    std::unique_ptr<hash::DigestFilter> m_forgotten;      // trust_catalog(..., true): what forget_cataloged() dropped
-    /// m_cataloged(d), unless m_forgotten says this run never cataloged d.
-    bool cataloged(const hash::Digest& d) const;
+    std::shared_ptr<hash::DigestFilter> m_forgotten;      // trust_catalog(..., true): what forget_cataloged() dropped
+    /// m_cataloged(d), unless forgotten (m_forgotten, read under m_mutex) says this run never cataloged d.
+    bool cataloged(const hash::Digest& d, const hash::DigestFilter* forgotten) const;
     // Placed by publish() (once durable) or found on disk and checked by this process; m_mutex.
     mutable std::unordered_set<hash::Digest, hash::DigestHash> m_good;
     std::uint64_t m_staged_bytes = 0;

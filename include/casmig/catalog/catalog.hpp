@@ -166,6 +166,9 @@ public:
     bool has_object(const hash::Digest& d);
     /// True if the objects table has any row (one index probe, whatever the store's size).
     bool has_any_object();
+    /// The detail of the newest journal row of command for package that is not an intent ("intent: …"
+    /// rows announce; the others say what happened), if any.
+    std::optional<std::string> last_outcome(const std::string& command, const std::string& package);
     std::vector<ObjectRow> objects();
     /// Calls f for every row of the objects table, one at a time (memory does not grow with the
     /// store). f must not change the catalog.
